@@ -1,0 +1,54 @@
+"""Load Idefics2 / Idefics3 and its processor from a hub id, a local folder, or the built-in tiny config."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from engine.errors import UsageError
+from models.tiny import build_tiny, tiny_processor
+
+SUPPORTED_TYPES = ("idefics2", "idefics3")
+
+
+def load(
+    spec: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """`spec` is "tiny", a local folder, or a Hugging Face id; weights land on `device` in `dtype`."""
+    if spec == "tiny":
+        model, processor = build_tiny(seed), tiny_processor()
+        model.config._attn_implementation = attn_implementation
+    else:
+        model, processor = _load_pretrained(spec, dtype, attn_implementation)
+    use_real_pad_token(processor, model)
+    return model.to(device=device, dtype=dtype), processor
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as error:
+        where = "local folder" if Path(spec).exists() else "Hugging Face id (is the hub reachable?)"
+        raise UsageError(f"cannot load a model config from {spec!r} as a {where}: {error}") from error
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UsageError(f"{spec!r} is a {config.model_type!r} model; this engine fine-tunes {' and '.join(SUPPORTED_TYPES)} only.")
+    processor = AutoProcessor.from_pretrained(spec)
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
+    return model, processor
+
+
+def use_real_pad_token(processor: ProcessorMixin, model: PreTrainedModel) -> None:
+    """Pad with a token the model has an embedding row for, reusing <unk> if need be.
+
+    Adding a fresh <pad> row would give it random weights that leak into every padded batch.
+    """
+    tokenizer = processor.tokenizer
+    rows = model.get_input_embeddings().num_embeddings
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= rows:
+        tokenizer.pad_token = tokenizer.unk_token
+    model.config.pad_token_id = tokenizer.pad_token_id

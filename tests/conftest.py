@@ -1,0 +1,28 @@
+"""Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.tiny import build_tiny, tiny_processor  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _processor():
+    return tiny_processor()
+
+
+@pytest.fixture
+def processor(_processor):
+    """A fresh copy per test, so a test that changes padding side or sizes affects no other."""
+    return copy.deepcopy(_processor)
+
+
+@pytest.fixture
+def tiny_model():
+    """The built-in tiny Idefics2 with seed 0, fp32, in eval mode."""
+    return build_tiny(seed=0)
