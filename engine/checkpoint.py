@@ -1,0 +1,107 @@
+"""Training checkpoints: atomic, rotated, verified on resume.
+
+A checkpoint is a folder `step-000123/` holding the trainable tensors (`model.safetensors`;
+only the adapter for LoRA), the optimizer/scheduler/RNG state (`train_state.pt`) and
+`meta.json`. It is written under a temporary name and renamed when complete, so a run killed
+mid-save leaves the previous checkpoints untouched, and resume never sees a half folder.
+Rotation keeps the newest `keep_last` plus the one with the best validation loss.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from engine.errors import UsageError
+
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+def save(
+    folder: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` into `folder` atomically, then rotate; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:06d}"
+    tmp = folder / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
+    torch.save(train_state, tmp / "train_state.pt")
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
+    _fsync_folder(tmp)
+    if final.exists():  # re-saving the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _rotate(folder, keep_last)
+    return final
+
+
+def complete(folder: Path) -> list[Path]:
+    """Checkpoints that finished writing, oldest first (temporary folders are never listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"checkpoint {checkpoint} is corrupt: cannot read meta.json ({error}).") from error
+
+
+def best(folder: Path) -> Path | None:
+    """The kept checkpoint with the lowest validation loss, if any recorded one."""
+    scored = [(read_meta(c).get("val_loss"), c) for c in complete(folder)]
+    scored = [(loss, c) for loss, c in scored if loss is not None]
+    return min(scored)[1] if scored else None
+
+
+def load(checkpoint: Path, expected: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, train_state, meta) of `checkpoint`, refusing one written by a different run setup."""
+    meta = read_meta(checkpoint)
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise UsageError(
+                f"checkpoint {checkpoint} does not match this run: its {key} is {meta.get(key)!r}, "
+                f"this run's is {value!r}; use a fresh --output-dir or the same settings."
+            )
+    try:
+        tensors = load_file(checkpoint / "model.safetensors")
+        train_state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, EOFError) as error:
+        raise UsageError(f"checkpoint {checkpoint} is corrupt: {error}") from error
+    return tensors, train_state, meta
+
+
+def _rotate(folder: Path, keep_last: int) -> None:
+    checkpoints = complete(folder)
+    keep = set(checkpoints[-keep_last:])
+    best_checkpoint = best(folder)
+    if best_checkpoint is not None:
+        keep.add(best_checkpoint)
+    for checkpoint in checkpoints:
+        if checkpoint not in keep:
+            shutil.rmtree(checkpoint)
+    for leftover in folder.glob(f"{TMP_PREFIX}*"):  # from a run killed mid-save
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush file contents before the rename publishes them, so a power cut can't expose empty files."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,46 @@
+"""What a run reports: TensorBoard scalars on the main rank, and per-rank memory bytes."""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class Scalars:
+    """TensorBoard scalars, on the optimizer-step axis, written by the main rank only."""
+
+    def __init__(self, folder: Path, enabled: bool, resume_step: int):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops points a killed run logged past its last checkpoint.
+            self.writer = SummaryWriter(str(folder), purge_step=resume_step or None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def text(self, step: int, name: str, value: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds in parameters, gradients and optimizer state (call while grads exist)."""
+    params = list(model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return {
+        "param_bytes": _bytes(params),
+        "grad_bytes": _bytes(p.grad for p in params if p.grad is not None),
+        "optimizer_bytes": _bytes(state),
+    }

@@ -1,0 +1,64 @@
+"""Device, dtype and process facts, chosen in exactly one place.
+
+CUDA runs keep frozen weights in bf16 and compute under bf16 autocast; CPU runs are fp32
+throughout. Everything else asks the Runtime instead of looking at the hardware itself.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import UsageError
+
+REAL_MODEL = "HuggingFaceM4/idefics2-8b"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def peak_memory_bytes(self) -> int:
+        """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def pick_device(flag: str, gpus: int) -> torch.device:
+    """`auto` takes CUDA when present; asking for more GPUs than exist is an error, not a fallback."""
+    if flag not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {flag!r}.")
+    has_cuda = torch.cuda.is_available()
+    if flag == "cuda" and not has_cuda:
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is visible on this machine.")
+    if flag == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    present = torch.cuda.device_count()
+    if gpus > present:
+        raise UsageError(f"--gpus {gpus} asks for more GPUs than the {present} present on this machine.")
+    return torch.device("cuda", 0)
+
+
+def resolve_model(spec: str, device: torch.device) -> str:
+    """`auto` means the built-in tiny model on CPU and the real Idefics2-8B on a GPU."""
+    if spec != "auto":
+        return spec
+    return REAL_MODEL if device.type == "cuda" else "tiny"

@@ -1,0 +1,212 @@
+"""The training loop: one readable function from config to OUT/final and OUT/summary.json.
+
+Per optimizer step: collate this rank's micro-batches, count the answer tokens of the whole
+global batch, accumulate summed losses divided by that count (so the gradient is the exact
+global mean), clip, step. Every `eval_every` of the run: validation loss, TensorBoard point,
+atomic checkpoint. Resume restores model, optimizer, scheduler and RNG; the data position is
+the step number itself (see BatchPlan).
+"""
+
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine import checkpoint
+from engine.batches import BatchPlan
+from engine.build import build
+from engine.collate import Collator
+from engine.config import TrainConfig
+from engine.data_sources import load_splits
+from engine.errors import UsageError
+from engine.export import export_pretrained
+from engine.loss import answer_token_count, summed_token_loss
+from engine.metrics import Scalars, memory_breakdown
+from engine.optim import adamw, cosine_with_warmup
+from engine.runtime import Runtime, pick_device, resolve_model
+from engine.tensorboard_server import check_port_free, serve
+
+
+def train(config: TrainConfig) -> dict:
+    runtime = Runtime(device=pick_device(config.device, config.gpus))
+    out = config.out
+    if config.tensorboard and runtime.is_main:
+        check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
+    splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
+    model, processor = build(config, runtime)
+    collator = Collator(processor, config.max_length)
+    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
+    if plan.steps_per_epoch == 0:
+        raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
+    total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
+    eval_interval = max(1, round(total_steps * config.eval_every))
+    optimizer = adamw(model, config.lr, config.betas, config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
+    fingerprint = {
+        "approach": config.approach, "model": resolve_model(config.model, runtime.device),
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "total_steps": total_steps, "global_batch": plan.global_batch,
+    }
+    start_step = resume(out / "checkpoints", model, optimizer, scheduler, fingerprint) if config.resume else 0
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json())
+        if resolve_model(config.model, runtime.device) == "tiny" and not (out / "base").exists():
+            export_pretrained(model, processor, out / "base", runtime.weight_dtype)
+
+    scalars = Scalars(out / "tensorboard", runtime.is_main, start_step)
+    server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
+        else contextlib.nullcontext()
+    history = {"train_loss": [], "val_loss": []}
+    memory, step_times, samples, tokens = {}, [], 0, 0
+    started = time.perf_counter()
+    with server as url:
+        if url:
+            print(f"TensorBoard: {url}")
+        bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main, desc=config.approach)
+        step = start_step
+        while step < total_steps:
+            tick = time.perf_counter()
+            rows = [[splits["train"][i] for i in batch] for batch in plan.micro_batches(step, runtime.rank)]
+            loss, grad_norm, step_tokens = train_step(model, optimizer, [collator(r) for r in rows], runtime,
+                                                      config.max_grad_norm)
+            memory = memory or memory_breakdown(model, optimizer)  # grads still exist: measured once
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_times.append(time.perf_counter() - tick)
+            samples, tokens = samples + plan.global_batch, tokens + step_tokens
+            history["train_loss"].append((step, loss))
+            lr = scheduler.get_last_lr()[0]
+            throughput = {"throughput/samples_per_s": plan.global_batch / step_times[-1],
+                          "throughput/tokens_per_s": step_tokens / step_times[-1]}
+            scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                               **throughput, "memory/peak_bytes": runtime.peak_memory_bytes()})
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{throughput['throughput/samples_per_s']:.1f}")
+            bar.update()
+            stopping = config.stop_after_steps is not None and step - start_step >= config.stop_after_steps
+            val_loss = None
+            if step % eval_interval == 0 or step == total_steps:
+                val_loss = evaluate(model, splits["validation"], collator, runtime, config.batch_size)
+                history["val_loss"].append((step, val_loss))
+                scalars.log(step, {"eval/loss": val_loss})
+            if runtime.is_main and (val_loss is not None or stopping):
+                save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, fingerprint, val_loss,
+                                config.keep_last)
+            if stopping:
+                break
+        bar.close()
+    scalars.close()
+    wall = time.perf_counter() - started
+
+    completed = step == total_steps
+    if completed and runtime.is_main:
+        export_final(out, model, processor, config.final, fingerprint, runtime)
+    summary = {
+        "approach": config.approach, "model": fingerprint["model"], "world_size": runtime.world_size,
+        "completed": completed, "steps": step, "total_steps": total_steps,
+        "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+        "final_val_loss": history["val_loss"][-1][1] if history["val_loss"] else None,
+        "wall_time_s": wall, "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
+        "samples_per_s": samples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "ranks": [{"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}],
+        "history": history,
+    }
+    if runtime.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_step(model, optimizer, batches: list[dict], runtime: Runtime, max_grad_norm: float) -> tuple[float, float, int]:
+    """Forward/backward every micro-batch, clip, step. Returns (loss, grad norm, answer tokens)."""
+    model.train()
+    answer_tokens = sum(answer_token_count(b["labels"]) for b in batches)
+    total_loss = 0.0
+    for batch in batches:
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with runtime.autocast():
+            logits = model(**batch, use_cache=False).logits
+        loss = summed_token_loss(logits, labels) / answer_tokens
+        loss.backward()
+        total_loss += loss.item()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return total_loss, float(grad_norm), answer_tokens
+
+
+@torch.no_grad()
+def evaluate(model, split, collator: Collator, runtime: Runtime, batch_size: int) -> float:
+    """Validation loss averaged over every answer token of the split (not over batches)."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
+        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with runtime.autocast():
+            logits = model(**batch, use_cache=False).logits
+        loss_sum += float(summed_token_loss(logits, labels))
+        count += answer_token_count(labels)
+    return loss_sum / max(1, count)
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict,
+                    val_loss: float | None, keep_last: int) -> None:
+    train_state = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    checkpoint.save(folder, step, _trainable_state(model), train_state, dict(fingerprint, val_loss=val_loss), keep_last)
+
+
+def load_trainable(model, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    expected = _trainable_state(model)
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))[:3]
+        raise UsageError(f"checkpoint {source} does not hold this model's trainable tensors (missing {missing}).")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if tensors[name].shape != param.shape:
+                raise UsageError(f"checkpoint {source}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"the model's is {tuple(param.shape)}.")
+            param.copy_(tensors[name])
+
+
+def resume(folder: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
+    """Restore the newest complete checkpoint; returns the step to continue from (0 if none)."""
+    saved = checkpoint.complete(folder)
+    if not saved:
+        print(f"--resume: no checkpoint in {folder}; starting from step 0.")
+        return 0
+    tensors, state, meta = checkpoint.load(saved[-1], fingerprint)
+    load_trainable(model, tensors, saved[-1])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"--resume: continuing from {saved[-1]} (step {meta['step']}).")
+    return meta["step"]
+
+
+def export_final(out: Path, model, processor, which: str, fingerprint: dict, runtime: Runtime) -> None:
+    """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones."""
+    best = checkpoint.best(out / "checkpoints") if which == "best" else None
+    if best is not None:
+        tensors, _, _ = checkpoint.load(best, fingerprint)
+        load_trainable(model, tensors, best)
+    export_pretrained(model, processor, out / "final", runtime.weight_dtype)

@@ -1,0 +1,84 @@
+"""Command line: parse flags into a TrainConfig and hand over to the engine.
+
+    python run.py --approach full                 # tiny model on CPU, Idefics2-8B on a GPU
+    python run.py --approach full --model ./dir --dataset ./musequest_imagefolder
+"""
+
+import argparse
+import sys
+
+from engine.config import APPROACHES, TrainConfig, from_approach
+from engine.errors import UsageError
+
+DEFAULTS = TrainConfig()
+
+
+def approach_help() -> str:
+    return "approaches:\n" + "\n".join(f"  {name:<10} {line}" for name, (*_, line) in APPROACHES.items())
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
+        epilog=approach_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--approach", default=DEFAULTS.approach, help="one of the approaches listed below (default: %(default)s)")
+    add("--model", help="'tiny', a local folder or a Hugging Face id (default: tiny on CPU, "
+                        "HuggingFaceM4/idefics2-8b on CUDA)")
+    add("--dataset", help="'musequest' (built in), a Hugging Face id, a save_to_disk folder or an imagefolder "
+                          "(default: %(default)s)", default=DEFAULTS.dataset)
+    add("--limit-exhibits", type=int, help="keep only the first K exhibits (small demos and tests)")
+    add("--output-dir", help="where checkpoints, logs and the final model go (default: runs/<approach>)")
+    add("--epochs", type=int, help=f"passes over the train split (default: {DEFAULTS.epochs})")
+    add("--max-steps", type=int, help="total optimizer steps; overrides --epochs and sets the lr schedule")
+    add("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps of this invocation; "
+                                             "continue later with --resume")
+    add("--batch-size", type=int, help=f"rows per micro-batch per device (default: {DEFAULTS.batch_size})")
+    add("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {DEFAULTS.grad_accum})")
+    add("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS.lr})")
+    add("--weight-decay", type=float, help=f"AdamW weight decay (default: {DEFAULTS.weight_decay})")
+    add("--warmup-ratio", type=float, help=f"fraction of steps of linear warm-up (default: {DEFAULTS.warmup_ratio})")
+    add("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {DEFAULTS.max_grad_norm})")
+    add("--train-modules", nargs="+", help="what full fine-tuning trains: 'all', presets (projections, text, "
+                                           "connector, vision, all-linear) or regexes over module paths "
+                                           "(default: projections)")
+    add("--activation-checkpointing", action="store_true", default=None,
+        help="recompute decoder-layer activations in backward to save memory")
+    add("--max-length", type=int, help="truncate each answer so the sequence fits this many tokens")
+    add("--image-splitting", action="store_true", default=None, help="split images into crops (more memory)")
+    add("--image-shortest-edge", type=int, help="processor resize: shortest image edge in pixels")
+    add("--image-longest-edge", type=int, help="processor resize: longest image edge in pixels")
+    add("--seed", type=int, help=f"seed for the tiny model, data order and dropout (default: {DEFAULTS.seed})")
+    add("--device", help="auto (CUDA if present), cpu or cuda (default: auto)")
+    add("--gpus", type=int, help="number of ranks (default: 1)")
+    add("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
+    add("--eval-every", type=float, help="validation + checkpoint every this fraction of steps (default: 0.05)")
+    add("--keep-last", type=int, help="checkpoints kept besides the best one (default: 2)")
+    add("--final", choices=("best", "last"), help="which weights go to OUT/final (default: best)")
+    add("--resume", action="store_true", default=None, help="continue from the last complete checkpoint")
+    add("--tensorboard", action="store_true", default=None, help="serve TensorBoard for this run")
+    add("--tensorboard-port", type=int, help="port for --tensorboard (default: 6006)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = vars(train_parser().parse_args(argv))
+    approach = args.pop("approach")
+    if args.get("train_modules"):
+        args["train_modules"] = tuple(args["train_modules"])
+    try:
+        config = from_approach(approach, **args)
+        from engine.trainer import train  # heavy imports only once the flags are known to be good
+
+        summary = train(config)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
+          f"validation loss {summary['final_val_loss']}, outputs in {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

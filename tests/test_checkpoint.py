@@ -1,0 +1,68 @@
+"""Checkpoints: rotation keeps the newest K and the best; a save killed midway loses nothing."""
+
+import json
+
+import pytest
+import torch
+
+from engine import checkpoint
+from engine.errors import UsageError
+
+META = {"approach": "full", "model": "tiny"}
+
+
+def _save(folder, step, val_loss, keep_last=2, value=None):
+    tensors = {"w": torch.full((3,), float(step if value is None else value))}
+    return checkpoint.save(folder, step, tensors, {"step": step}, dict(META, val_loss=val_loss), keep_last)
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path):
+    for step, val_loss in zip(range(1, 6), [5.0, 3.0, 4.0, 6.0, None]):
+        _save(tmp_path, step, val_loss)
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
+    assert checkpoint.best(tmp_path).name == "step-000002"
+
+
+def test_load_round_trips_and_checks_the_run(tmp_path):
+    path = _save(tmp_path, 7, 1.5)
+    tensors, state, meta = checkpoint.load(path, META)
+    assert torch.equal(tensors["w"], torch.full((3,), 7.0)) and state == {"step": 7} and meta["step"] == 7
+    with pytest.raises(UsageError, match="does not match this run: its model is 'tiny'"):
+        checkpoint.load(path, {"model": "HuggingFaceM4/idefics2-8b"})
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    _save(tmp_path, 1, 2.0)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while train_state.pt is being written
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, 1.0)
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-000001"]
+    tensors, _, _ = checkpoint.load(checkpoint.complete(tmp_path)[-1], META)
+    assert torch.equal(tensors["w"], torch.full((3,), 1.0))
+    # The next save (by a later process) clears the half-written folder.
+    leftovers = list(tmp_path.glob(".tmp-*"))
+    assert leftovers
+    for leftover in leftovers:
+        leftover.rename(leftover.with_name(leftover.name.rsplit("-", 1)[0] + "-999999"))
+    _save(tmp_path, 3, 0.5)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_corrupt_checkpoints_are_refused_clearly(tmp_path):
+    path = _save(tmp_path, 1, 2.0)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="is corrupt"):
+        checkpoint.load(path, META)
+    (path / "meta.json").write_text("{")
+    with pytest.raises(UsageError, match="cannot read meta.json"):
+        checkpoint.load(path, META)
+
+
+def test_meta_records_step_and_validation_loss(tmp_path):
+    path = _save(tmp_path, 4, 0.25)
+    assert json.loads((path / "meta.json").read_text()) == dict(META, val_loss=0.25, step=4)

@@ -1,0 +1,61 @@
+"""Bad input: one clear sentence on stderr and exit status 2, before any work is done."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import from_approach
+from engine.errors import UsageError
+from engine.runtime import pick_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--approach", "bogus"], "unknown approach 'bogus'"),
+    (["--approach", "full", "--gpus", "2"], "runs on one device; --gpus 2 needs a parallel approach"),
+    (["--approach", "full", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--approach", "full", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
+    (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no Linear"),
+])
+def test_bad_flags_fail_with_one_sentence(args, message, tmp_path):
+    result = run_cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_help_lists_all_six_approaches(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for name in ("lora", "qlora", "lora_ddp", "full", "full_mp", "full_fsdp"):
+        assert f"  {name} " in result.stdout
+
+
+def test_unbuilt_approaches_are_refused_not_substituted():
+    with pytest.raises(UsageError, match="not available yet"):
+        from_approach("full_fsdp", gpus=2)
+
+
+def test_more_gpus_than_present_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match="--gpus 4 asks for more GPUs than the 2 present"):
+        pick_device("auto", 4)
+    assert pick_device("cpu", 4) == torch.device("cpu")
+
+
+def test_cuda_without_a_gpu_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU is visible"):
+        pick_device("cuda", 1)
