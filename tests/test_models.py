@@ -1,0 +1,81 @@
+"""Model loading: tiny is deterministic; Idefics2 and Idefics3 folders load through one path."""
+
+import pytest
+import torch
+from PIL import Image
+
+import models
+from engine.activation_checkpoint import apply_activation_checkpointing
+from engine.errors import UsageError
+from models.parts import decoder_layers
+
+CPU = torch.device("cpu")
+
+
+def _inputs(processor, size=(70, 50)):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.new("RGB", size, (200, 40, 90))
+    return processor(text=[text], images=[[image]], return_tensors="pt")
+
+
+def test_tiny_is_deterministic_per_seed_and_small():
+    first, again, other = models.build_tiny(5), models.build_tiny(5), models.build_tiny(6)
+    params = sum(p.numel() for p in first.parameters())
+    assert 1e6 < params < 1e7
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
+    for part in ("vision_model", "connector", "text_model"):
+        assert hasattr(first.model, part)
+
+
+@pytest.mark.parametrize("family", ["idefics2", "idefics3"])
+def test_a_saved_folder_loads_back_with_equal_logits(family, tmp_path, processor):
+    model, processor = (models.build_tiny(0), processor) if family == "idefics2" else models.tiny_idefics3(0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = models.load(str(tmp_path), torch.float32, CPU)
+    assert loaded.config.model_type == family and type(loaded) is type(model)
+    inputs = _inputs(processor)
+    assert torch.equal(inputs["input_ids"], _inputs(loaded_processor)["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, loaded.eval()(**inputs).logits, atol=1e-6)
+
+
+def test_attention_implementation_is_selectable():
+    model, _ = models.load("tiny", torch.float32, CPU, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_non_idefics_models_and_unreachable_ids_are_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="is a 'llama' model"):
+        models.load(str(tmp_path), torch.float32, CPU)
+    with pytest.raises(UsageError, match="cannot load a model config"):
+        models.load(str(tmp_path / "missing"), torch.float32, CPU)
+
+
+def test_pad_token_without_an_embedding_row_falls_back_to_unk(processor):
+    model = models.build_tiny(0)
+    model.resize_token_embeddings(32003)  # a vocabulary without the shipped <pad> (id 32003)
+    models.use_real_pad_token(processor, model)
+    assert processor.tokenizer.pad_token == "<unk>" and model.config.pad_token_id == processor.tokenizer.unk_token_id
+
+
+def test_activation_checkpointing_keeps_gradients_even_with_frozen_inputs(processor):
+    inputs = _inputs(processor)
+    grads = []
+    for checkpointed in (False, True):
+        model = models.build_tiny(0).train()
+        for name, param in model.named_parameters():  # only a late layer trains: its inputs are frozen
+            param.requires_grad_(name.startswith("model.text_model.layers.3."))
+        if checkpointed:
+            apply_activation_checkpointing(decoder_layers(model))
+        model(**inputs).logits.float().square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert grads[0][name].abs().sum() > 0
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
