@@ -1,0 +1,116 @@
+"""Load a train/validation/test data set from any of the places a user may keep one, and check it.
+
+Sources: "musequest" (the real MuseQuest text shipped in the package, with stand-in images), a
+folder written by `DatasetDict.save_to_disk`, an imagefolder (`<split>/metadata.csv` naming the
+image files, which is how MuseQuest was built), or a Hugging Face hub id. Every row's dialog is
+checked at load, text only, so a bad data set fails before a model is loaded, not mid-run.
+"""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pyarrow.compute as pc
+
+from engine.errors import UsageError
+from engine.standin_images import standin_image
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
+MUSEQUEST_DIR = Path(__file__).parent / "musequest"
+
+
+def load_splits(source: str, *, limit_exhibits: int | None = None, image_size: int = 224) -> datasets.DatasetDict:
+    """The three splits of `source`; with `limit_exhibits=K`, only rows of the first K item names (sorted)."""
+    if source == "musequest":
+        splits = _musequest()
+        _validate(splits, images_per_row={name: [1] * len(split) for name, split in splits.items()},
+                  columns={name: [*split.column_names, "image"] for name, split in splits.items()})
+    else:
+        splits = _load(source)
+        _validate(splits, images_per_row={name: _images_per_row(split) for name, split in splits.items()},
+                  columns={name: split.column_names for name, split in splits.items()})
+    splits = datasets.DatasetDict({name: splits[name] for name in SPLITS})
+    if limit_exhibits is not None:
+        splits = _first_exhibits(splits, limit_exhibits)
+    if source == "musequest":
+        # Pictures are drawn when a row is read, so loading costs no image work at all; a partial,
+        # not a lambda, so the splits still pickle into spawned worker processes.
+        splits.set_transform(partial(_with_standin_images, size=image_size))
+    return splits
+
+
+def _musequest() -> datasets.DatasetDict:
+    return datasets.DatasetDict({
+        name: datasets.Dataset.from_pandas(pd.read_csv(MUSEQUEST_DIR / name / "metadata.csv", keep_default_na=False))
+        for name in SPLITS
+    })
+
+
+def _with_standin_images(batch: dict[str, list], size: int) -> dict[str, list]:
+    return {**batch, "image": [standin_image(name, size) for name in batch["image_name"]]}
+
+
+def _load(source: str) -> datasets.DatasetDict:
+    folder = Path(source)
+    if (folder / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(folder))
+    if (folder / "train" / "metadata.csv").is_file():
+        return datasets.load_dataset("imagefolder", data_dir=str(folder))
+    if folder.is_dir():
+        raise UsageError(f"folder {source!r} is neither a save_to_disk data set (no dataset_dict.json) "
+                         "nor an imagefolder (no train/metadata.csv).")
+    try:
+        return datasets.load_dataset(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load dataset {source!r} from the Hugging Face hub: {error}") from error
+
+
+def _images_per_row(split: datasets.Dataset) -> list[int]:
+    """1 per row with an image, 0 where it is null, read from Arrow without decoding any picture."""
+    if "image" not in split.column_names:
+        return [0] * len(split)  # the column check reports this split
+    return [0 if null else 1 for null in pc.is_null(split.with_format("arrow")["image"]).to_pylist()]
+
+
+def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]], columns: dict[str, list[str]]) -> None:
+    for name in SPLITS:
+        if name not in splits:
+            raise UsageError(f"the data set has no {name!r} split (it has {sorted(splits)}).")
+        missing = [column for column in COLUMNS if column not in columns[name]]
+        if missing:
+            raise UsageError(f"the {name!r} split lacks the column(s) {missing}; every split needs {list(COLUMNS)}.")
+        for data_id, dialog, images in zip(splits[name]["data_id"], splits[name]["dialog"], images_per_row[name]):
+            problem = dialog_problem(dialog, images)
+            if problem:
+                raise UsageError(f"row data_id={data_id} of the {name!r} split: {problem}.")
+
+
+def dialog_problem(dialog: str, images: int) -> str | None:
+    """What is wrong with a dialog JSON string for a row holding `images` images, or None."""
+    try:
+        messages = json.loads(dialog)["messages"]
+        roles = [message["role"] for message in messages]
+        images_in_dialog = image_entries(messages)
+    except (json.JSONDecodeError, TypeError, KeyError) as error:
+        return f'the dialog is not JSON of the form {{"messages": [{{"role", "content": [...]}}]}} ({error!r})'
+    if "assistant" not in roles:
+        return "the dialog has no assistant turn to learn from"
+    if images_in_dialog != images:
+        return f"the dialog has {images_in_dialog} image entries but the row holds {images} image(s)"
+    return None
+
+
+def image_entries(messages: list[dict]) -> int:
+    return sum(part["type"] == "image" for message in messages for part in message["content"])
+
+
+def _first_exhibits(splits: datasets.DatasetDict, count: int) -> datasets.DatasetDict:
+    names = sorted({name for split in splits.values() for name in split["item_name"]})
+    keep = set(names[:count])
+    return datasets.DatasetDict({
+        split_name: split.select([i for i, name in enumerate(split["item_name"]) if name in keep])
+        for split_name, split in splits.items()
+    })
