@@ -1,0 +1,6 @@
+"""NF4 (4-bit NormalFloat) frozen linear layers for QLoRA, on bitsandbytes.functional."""
+
+from quant.linear4bit import Linear4bit
+from quant.quantize import quantize, quantized_bytes
+
+__all__ = ["Linear4bit", "quantize", "quantized_bytes"]

@@ -1,0 +1,58 @@
+"""Swap a model's nn.Linear layers for NF4 Linear4bit layers, and measure what that saves."""
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from quant.linear4bit import Linear4bit
+
+
+def _skip_predicate(model: nn.Module, skip: Callable[[str], bool] | list[str] | None) -> Callable[[str], bool]:
+    """A list is regular expressions searched in module paths; each must match some linear."""
+    if skip is None:
+        return lambda path: False
+    if callable(skip):
+        return skip
+    regexes = [re.compile(pattern) for pattern in skip]
+    paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for pattern, regex in zip(skip, regexes):
+        if not any(regex.search(path) for path in paths):
+            raise ValueError(f"skip pattern {pattern!r} matches no nn.Linear in the model")
+    return lambda path: any(regex.search(path) for regex in regexes)
+
+
+def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = None,
+             device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None) -> int:
+    """Replace every nn.Linear not skipped by a Linear4bit, in place; returns how many were replaced.
+
+    Each linear is moved to `device` just before it is quantized, so a model loaded on the CPU
+    never has more than one full-precision layer on the accelerator. On a meta-device model the
+    layers are empty Linear4bit shells, ready for `load_state_dict(..., assign=True)` from a
+    cached quantized state dict. The compute dtype defaults to bf16 on CUDA, fp32 elsewhere.
+    """
+    is_skipped = _skip_predicate(model, skip)
+    # Exactly nn.Linear: subclasses such as nn.MultiheadAttention's out_proj are read by weight
+    # elsewhere, which a packed weight would break.
+    # Paths, not modules: holding the replaced linears would keep every moved copy alive.
+    paths = [path for path, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(path)]
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        linear = getattr(parent, name)
+        if device is not None:
+            linear.to(device)
+        setattr(parent, name, Linear4bit.from_linear(linear, compute_dtype))
+    return len(paths)
+
+
+def quantized_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of every NF4 weight with its quant state, bytes the same weights take in bf16)."""
+    stored = bf16 = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            stored += sum(t.numel() * t.element_size() for t in
+                          (module.weight, module.absmax, module.nested_absmax, module.offset))
+            bf16 += module.in_features * module.out_features * 2
+    return stored, bf16

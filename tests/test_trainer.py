@@ -1,0 +1,116 @@
+"""The training loop against independent references: HF's own loss, one big batch, an unbroken run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import models
+from engine import checkpoint
+from engine.collate import Collator
+from engine.config import from_approach
+from engine.data_sources import load_splits
+from engine.runtime import Runtime
+from engine.trainer import train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = Runtime(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    train_split = load_splits("musequest", limit_exhibits=2)["train"]
+    return [train_split[i] for i in range(4)]
+
+
+def _step(rows, processor, micro_batch: int) -> tuple[float, float, dict]:
+    model = models.build_tiny(0)
+    collator = Collator(processor)
+    batches = [collator(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss, grad_norm, _ = train_step(model, optimizer, batches, CPU, max_grad_norm=1e9)
+    return loss, grad_norm, model.state_dict()
+
+
+def test_loss_is_the_token_mean_of_the_whole_batch_however_it_is_cut(rows, processor):
+    batch = Collator(processor)(rows)
+    with torch.no_grad():  # transformers' own loss: mean over every labelled token of one batch
+        reference = models.build_tiny(0)(**batch).loss.item()
+    whole, whole_norm, whole_weights = _step(rows, processor, micro_batch=4)
+    split, split_norm, split_weights = _step(rows, processor, micro_batch=1)
+    assert whole == pytest.approx(reference, rel=1e-5)
+    assert split == pytest.approx(reference, rel=1e-5)
+    assert split_norm == pytest.approx(whole_norm, rel=1e-4)  # a sum-vs-mean error would scale this by 4
+    for name in whole_weights:
+        assert torch.allclose(whole_weights[name], split_weights[name], atol=1e-6), name
+
+
+def _config(out: Path, **overrides):
+    settings = dict(model="tiny", limit_exhibits=2, batch_size=2, max_steps=6, eval_every=1 / 3, lr=1e-3,
+                    train_modules=("all",), output_dir=str(out), device="cpu")
+    return from_approach("full", **dict(settings, **overrides))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return out, train(_config(out))
+
+
+def test_resume_continues_with_exactly_the_same_losses(straight_run, tmp_path):
+    _, straight = straight_run
+    first = train(_config(tmp_path, stop_after_steps=3))
+    assert not first["completed"] and first["steps"] == 3 and not (tmp_path / "final").exists()
+    second = train(_config(tmp_path, resume=True))
+    assert second["completed"] and second["steps"] == 6
+    resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
+    assert [step for step, _ in resumed] == list(range(1, 7))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight["history"]["train_loss"]],
+                                                          rel=1e-6)
+    assert second["history"]["val_loss"] == pytest.approx(straight["history"]["val_loss"][-2:], rel=1e-6)
+
+
+def test_base_and_final_reload_with_transformers(straight_run, processor):
+    out, summary = straight_run
+    base = AutoModelForImageTextToText.from_pretrained(out / "base")
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), models.build_tiny(0).state_dict().values()))
+    final = AutoModelForImageTextToText.from_pretrained(out / "final")
+    # --final best: the final weights are the base plus the best checkpoint's trainable tensors.
+    best = checkpoint.best(out / "checkpoints")
+    assert json.loads((best / "meta.json").read_text())["val_loss"] == min(v for _, v in summary["history"]["val_loss"])
+    tensors, _, _ = checkpoint.load(best, {})
+    base.load_state_dict(tensors, strict=False)
+    batch = Collator(AutoProcessor.from_pretrained(out / "final"))([load_splits("musequest", limit_exhibits=1)["test"][0]])
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(final(**batch).logits, base(**batch).logits)
+
+
+def test_summary_reports_what_the_issue_lists(straight_run):
+    out, summary = straight_run
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("approach", "world_size", "steps", "final_train_loss", "final_val_loss", "wall_time_s",
+                "samples_per_s", "tokens_per_s"):
+        assert saved[key] is not None, key
+    rank = saved["ranks"][0]
+    trainable_fp32 = 4 * saved["trainable_params"]
+    assert rank["grad_bytes"] == trainable_fp32 and rank["optimizer_bytes"] >= 2 * trainable_fp32
+    assert rank["param_bytes"] == 4 * saved["total_params"]
+    assert json.loads((out / "config.json").read_text())["approach"] == "full"
+
+
+@pytest.mark.slow
+def test_readme_demo_lowers_the_validation_loss(tmp_path):
+    """The README's first command, as a user runs it."""
+    readme = (ROOT / "README.md").read_text()
+    demo = next(line for line in readme.splitlines() if "python run.py" in line and "--approach full" in line)
+    args = demo.split("python run.py", 1)[1].split()
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    val_losses = [v for _, v in json.loads((tmp_path / "summary.json").read_text())["history"]["val_loss"]]
+    assert val_losses[-1] < val_losses[0] - 1.0
