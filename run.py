@@ -69,8 +69,11 @@ def main(argv: list[str]) -> int:
         args["train_modules"] = tuple(args["train_modules"])
     try:
         config = from_approach(approach, **args)
+        from transformers.utils import logging as hf_logging
+
         from engine.trainer import train  # heavy imports only once the flags are known to be good
 
+        hf_logging.disable_progress_bar()  # one progress bar, the trainer's
         summary = train(config)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
