@@ -5,6 +5,7 @@
 """
 
 import argparse
+import os
 import sys
 
 from engine.config import APPROACHES, TrainConfig, from_approach
@@ -29,6 +30,9 @@ def train_parser() -> argparse.ArgumentParser:
     add("--dataset", help="'musequest' (built in), a Hugging Face id, a save_to_disk folder or an imagefolder "
                           "(default: %(default)s)", default=DEFAULTS.dataset)
     add("--limit-exhibits", type=int, help="keep only the first K exhibits (small demos and tests)")
+    add("--adapter", choices=("none", "lora"), help="override the approach's adapter (hybrids)")
+    add("--quant", choices=("none", "nf4"), help="override the approach's base-weight format")
+    add("--parallel", choices=("none", "ddp", "fsdp", "pipeline"), help="override the approach's parallelism")
     add("--output-dir", help="where checkpoints, logs and the final model go (default: runs/<approach>)")
     add("--epochs", type=int, help=f"passes over the train split (default: {DEFAULTS.epochs})")
     add("--max-steps", type=int, help="total optimizer steps; overrides --epochs and sets the lr schedule")
@@ -51,7 +55,8 @@ def train_parser() -> argparse.ArgumentParser:
     add("--image-longest-edge", type=int, help="processor resize: longest image edge in pixels")
     add("--seed", type=int, help=f"seed for the tiny model, data order and dropout (default: {DEFAULTS.seed})")
     add("--device", help="auto (CUDA if present), cpu or cuda (default: auto)")
-    add("--gpus", type=int, help="number of ranks (default: 1)")
+    add("--gpus", type=int, help="number of ranks (default: what torchrun started, else 1); on a machine "
+                                 "without CUDA the ranks are CPU processes on gloo")
     add("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
     add("--eval-every", type=float, help="validation + checkpoint every this fraction of steps (default: 0.05)")
     add("--keep-last", type=int, help="checkpoints kept besides the best one (default: 2)")
@@ -71,15 +76,17 @@ def main(argv: list[str]) -> int:
         config = from_approach(approach, **args)
         from transformers.utils import logging as hf_logging
 
+        from engine.launch import launch
         from engine.trainer import train  # heavy imports only once the flags are known to be good
 
         hf_logging.disable_progress_bar()  # one progress bar, the trainer's
-        summary = train(config)
+        summary = launch(config, train)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
-          f"validation loss {summary['final_val_loss']}, outputs in {config.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here
+        print(f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
+              f"validation loss {summary['final_val_loss']}, outputs in {config.out}")
     return 0
 
 

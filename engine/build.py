@@ -5,6 +5,7 @@ model; the training loop never asks which approach it runs.
 """
 
 import torch
+import torch.nn as nn
 from transformers import PreTrainedModel, ProcessorMixin
 
 import models
@@ -25,6 +26,15 @@ def build(config: TrainConfig, runtime: Runtime) -> tuple[PreTrainedModel, Proce
     if config.activation_checkpointing:
         apply_activation_checkpointing(decoder_layers(model))
     return model, processor
+
+
+def wrap_parallel(model: nn.Module, parallel: str) -> nn.Module:
+    """The module that runs forward/backward: the model itself, or a parallel wrapper around it."""
+    if parallel == "ddp":
+        from parallel.ddp import DataParallel
+
+        return DataParallel(model)
+    return model
 
 
 def configure_processor(processor: ProcessorMixin, config: TrainConfig) -> None:

@@ -56,7 +56,7 @@ class TrainConfig:
     # runtime
     seed: int = 0
     device: str = "auto"
-    gpus: int = 1
+    gpus: int | None = None  # ranks; None: what torchrun started, else 1
     attn_implementation: str = "sdpa"
     # evaluation, checkpoints, outputs
     eval_every: float = 0.05  # fraction of the total steps
@@ -93,12 +93,12 @@ def validate(config: TrainConfig) -> None:
     if choice not in AVAILABLE:
         raise UsageError(f"approach {config.approach!r} is not available yet in this build; available: "
                          f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}.")
-    if config.gpus > 1 and config.parallel == "none":
+    if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
     if config.final not in ("best", "last"):
         raise UsageError(f"--final must be 'best' or 'last', not {config.final!r}.")
     for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if config.max_steps is not None and config.max_steps < 1:
         raise UsageError("--max-steps must be at least 1.")

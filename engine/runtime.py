@@ -8,6 +8,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from engine.errors import UsageError
 
@@ -32,6 +33,22 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def sum_over_ranks(self, value: float) -> float:
+        """The sum of a per-rank number over all ranks (the number itself on one rank)."""
+        if self.world_size == 1:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def gather(self, value: object) -> list[object]:
+        """Every rank's `value`, in rank order."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def peak_memory_bytes(self) -> int:
         """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from engine import checkpoint
 from engine.batches import BatchPlan
-from engine.build import build
+from engine.build import build, wrap_parallel
 from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
@@ -27,18 +28,21 @@ from engine.export import export_pretrained
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import Scalars, memory_breakdown
 from engine.optim import adamw, cosine_with_warmup
-from engine.runtime import Runtime, pick_device, resolve_model
+from engine.launch import setup_runtime
+from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
 
 
+@record  # a rank's exception reaches the launching process's report
 def train(config: TrainConfig) -> dict:
-    runtime = Runtime(device=pick_device(config.device, config.gpus))
+    runtime = setup_runtime(config)
     out = config.out
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
     model, processor = build(config, runtime)
     collator = Collator(processor, config.max_length)
+    trained = wrap_parallel(model, config.parallel)  # what runs forward/backward; `model` is what gets saved
     plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
     if plan.steps_per_epoch == 0:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
@@ -72,7 +76,7 @@ def train(config: TrainConfig) -> dict:
         while step < total_steps:
             tick = time.perf_counter()
             rows = [[splits["train"][i] for i in batch] for batch in plan.micro_batches(step, runtime.rank)]
-            loss, grad_norm, step_tokens = train_step(model, optimizer, [collator(r) for r in rows], runtime,
+            loss, grad_norm, step_tokens = train_step(trained, optimizer, [collator(r) for r in rows], runtime,
                                                       config.max_grad_norm)
             memory = memory or memory_breakdown(model, optimizer)  # grads still exist: measured once
             scheduler.step()
@@ -91,7 +95,7 @@ def train(config: TrainConfig) -> dict:
             stopping = config.stop_after_steps is not None and step - start_step >= config.stop_after_steps
             val_loss = None
             if step % eval_interval == 0 or step == total_steps:
-                val_loss = evaluate(model, splits["validation"], collator, runtime, config.batch_size)
+                val_loss = evaluate(trained, splits["validation"], collator, runtime, config.batch_size)
                 history["val_loss"].append((step, val_loss))
                 scalars.log(step, {"eval/loss": val_loss})
             if runtime.is_main and (val_loss is not None or stopping):
@@ -115,7 +119,7 @@ def train(config: TrainConfig) -> dict:
         "samples_per_s": samples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "ranks": [{"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}],
+        "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}),
         "history": history,
     }
     if runtime.is_main:
@@ -124,30 +128,37 @@ def train(config: TrainConfig) -> dict:
 
 
 def train_step(model, optimizer, batches: list[dict], runtime: Runtime, max_grad_norm: float) -> tuple[float, float, int]:
-    """Forward/backward every micro-batch, clip, step. Returns (loss, grad norm, answer tokens)."""
+    """Forward/backward this rank's micro-batches, clip, step. Returns (global loss, grad norm, global tokens).
+
+    Each micro-batch's summed loss is divided by the answer tokens of the whole global batch, so
+    summing gradients over micro-batches and ranks gives exactly the global token mean.
+    """
     model.train()
-    answer_tokens = sum(answer_token_count(b["labels"]) for b in batches)
-    total_loss = 0.0
-    for batch in batches:
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        with runtime.autocast():
-            logits = model(**batch, use_cache=False).logits
-        loss = summed_token_loss(logits, labels) / answer_tokens
-        loss.backward()
-        total_loss += loss.item()
+    answer_tokens = int(runtime.sum_over_ranks(sum(answer_token_count(b["labels"]) for b in batches)))
+    local_loss = 0.0
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        # Gradients are reduced across ranks once, after the last micro-batch.
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with runtime.autocast():
+                logits = model(**batch, use_cache=False).logits
+            loss = summed_token_loss(logits, labels) / answer_tokens
+            loss.backward()
+        local_loss += loss.item()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return total_loss, float(grad_norm), answer_tokens
+    return runtime.sum_over_ranks(local_loss), float(grad_norm), answer_tokens
 
 
 @torch.no_grad()
 def evaluate(model, split, collator: Collator, runtime: Runtime, batch_size: int) -> float:
-    """Validation loss averaged over every answer token of the split (not over batches)."""
+    """Validation loss averaged over every answer token of the split (not over batches or ranks)."""
     model.eval()
     loss_sum, count = 0.0, 0
-    for start in range(0, len(split), batch_size):
+    for start in range(runtime.rank * batch_size, len(split), batch_size * runtime.world_size):
         batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
         batch = {k: v.to(runtime.device) for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -155,7 +166,7 @@ def evaluate(model, split, collator: Collator, runtime: Runtime, batch_size: int
             logits = model(**batch, use_cache=False).logits
         loss_sum += float(summed_token_loss(logits, labels))
         count += answer_token_count(labels)
-    return loss_sum / max(1, count)
+    return runtime.sum_over_ranks(loss_sum) / max(1, runtime.sum_over_ranks(count))
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
