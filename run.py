@@ -1,12 +1,14 @@
 """Command line: parse flags into a TrainConfig and hand over to the engine.
 
-    python run.py --approach full                 # tiny model on CPU, Idefics2-8B on a GPU
+    python run.py --approach lora                 # tiny model on CPU, Idefics2-8B on a GPU
     python run.py --approach full --model ./dir --dataset ./musequest_imagefolder
+    python run.py merge --adapter runs/lora/final --output merged/
 """
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from engine.config import APPROACHES, TrainConfig, from_approach
 from engine.errors import UsageError
@@ -21,7 +23,8 @@ def approach_help() -> str:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
-        epilog=approach_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=approach_help() + "\n\nsubcommands:\n  merge      fold an adapter into its base (run.py merge --help)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
     add("--approach", default=DEFAULTS.approach, help="one of the approaches listed below (default: %(default)s)")
@@ -47,6 +50,16 @@ def train_parser() -> argparse.ArgumentParser:
     add("--train-modules", nargs="+", help="what full fine-tuning trains: 'all', presets (projections, text, "
                                            "connector, vision, all-linear) or regexes over module paths "
                                            "(default: projections)")
+    add("--lora-target", nargs="+", help="modules that get LoRA: presets (projections, text, connector, vision, "
+                                         "all-linear) or regexes over module paths (default: projections)")
+    add("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS.lora_r})")
+    add("--lora-alpha", type=float, help=f"LoRA alpha (default: {DEFAULTS.lora_alpha:g})")
+    add("--lora-dropout", type=float, help=f"dropout on the LoRA input (default: {DEFAULTS.lora_dropout})")
+    add("--no-rslora", dest="lora_rslora", action="store_false", default=None,
+        help="scale LoRA by alpha/r instead of rsLoRA's alpha/sqrt(r)")
+    add("--lora-init", choices=("gaussian", "kaiming"), help="init of LoRA's A matrix (default: gaussian)")
+    add("--quant-keep-vision", action="store_true", default=None,
+        help="qlora: keep the vision encoder in bf16 (default: NF4, as the original)")
     add("--activation-checkpointing", action="store_true", default=None,
         help="recompute decoder-layer activations in backward to save memory")
     add("--max-length", type=int, help="truncate each answer so the sequence fits this many tokens")
@@ -67,19 +80,45 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py merge", description="Fold a LoRA/QLoRA adapter into its base "
+                                     "and write a standalone Hugging Face model folder.")
+    parser.add_argument("--adapter", required=True, type=Path, help="adapter folder (e.g. runs/lora/final)")
+    parser.add_argument("--output", required=True, type=Path, help="where the merged model goes")
+    parser.add_argument("--model", help="the base (default: base_model_name_or_path of adapter_config.json)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    return parser
+
+
+def merge(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    try:
+        from engine.merge import merge_adapter
+
+        output = merge_adapter(args.adapter, args.output, args.model, args.device)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {output}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar, the trainer's
+    if argv[:1] == ["merge"]:
+        return merge(argv[1:])
     args = vars(train_parser().parse_args(argv))
     approach = args.pop("approach")
-    if args.get("train_modules"):
-        args["train_modules"] = tuple(args["train_modules"])
+    for name in ("train_modules", "lora_target"):
+        if args.get(name):
+            args[name] = tuple(args[name])
     try:
         config = from_approach(approach, **args)
-        from transformers.utils import logging as hf_logging
-
         from engine.launch import launch
         from engine.trainer import train  # heavy imports only once the flags are known to be good
 
-        hf_logging.disable_progress_bar()  # one progress bar, the trainer's
         summary = launch(config, train)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,31 +1,64 @@
-"""Turn a TrainConfig into a model ready to train: load, pick what trains, precision, checkpointing.
+"""Turn a TrainConfig into a model ready to train: load, quantize, add adapters or pick what
+trains, precision, activation checkpointing, parallel wrapping.
 
-This is where an approach's adapter and base-weight choices are applied to the loaded
-model; the training loop never asks which approach it runs.
+This is where an approach's three choices are applied to the loaded model; the training loop
+never asks which approach it runs.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel, ProcessorMixin
 
+import lora
 import models
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.config import TrainConfig
+from engine.export import export_pretrained
 from engine.runtime import Runtime, resolve_model
 from models.parts import decoder_layers
+from models.targets import QUANT_SKIP, VISION_ENCODER
+from quant import Linear4bit, quantize, quantized_bytes
+
+LINEAR_LAYERS = (nn.Linear, Linear4bit)
 
 
-def build(config: TrainConfig, runtime: Runtime) -> tuple[PreTrainedModel, ProcessorMixin]:
+def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model to train and its processor; with `base_copy`, the untouched starting weights and
+    processor are first written there (before quantization or adapters change the modules)."""
+    # An NF4 base is loaded on the CPU and quantized layer by layer onto the device, so the
+    # accelerator never holds the whole bf16 model.
+    load_device = torch.device("cpu") if config.quant == "nf4" else runtime.device
     model, processor = models.load(
-        resolve_model(config.model, runtime.device), runtime.weight_dtype, runtime.device,
+        resolve_model(config.model, runtime.device), runtime.weight_dtype, load_device,
         attn_implementation=config.attn_implementation, seed=config.seed,
     )
     configure_processor(processor, config)
-    mark_trainable(model, config.train_modules)
+    if base_copy is not None:
+        export_pretrained(model, processor, base_copy, runtime.weight_dtype)
+    if config.quant == "nf4":
+        quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if config.quant_keep_vision else []), device=runtime.device)
+        model.to(runtime.device)
+    if config.adapter == "lora":
+        add_lora(model, config)
+    else:
+        mark_trainable(model, config.train_modules)
     keep_trainable_in_fp32(model)
     if config.activation_checkpointing:
         apply_activation_checkpointing(decoder_layers(model))
+    if runtime.is_main:
+        trainable, total = lora.trainable_parameter_count(model)
+        total += quantized_bytes(model)[1] // 2  # NF4 weights are buffers, not parameters
+        print(f"{config.approach}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model, processor
+
+
+def add_lora(model: PreTrainedModel, config: TrainConfig) -> list[str]:
+    """Wrap the target linears (quantized or not) in LoRA and freeze everything else."""
+    paths = models.matching_modules(model, list(config.lora_target), kind=LINEAR_LAYERS)
+    return lora.inject(model, paths, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                       rslora=config.lora_rslora, init=config.lora_init)
 
 
 def wrap_parallel(model: nn.Module, parallel: str) -> nn.Module:

@@ -22,12 +22,12 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
 }
 
 # What this build can run; the rest are listed in --help and refused, never run as something else.
-AVAILABLE = {("none", "none", "none")}
+AVAILABLE = {("none", "none", "none"), ("lora", "none", "none"), ("lora", "nf4", "none")}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    approach: str = "full"
+    approach: str = "lora"
     adapter: str = "none"
     quant: str = "none"
     parallel: str = "none"
@@ -48,6 +48,15 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     train_modules: tuple[str, ...] = ("projections",)
     activation_checkpointing: bool = False
+    # LoRA: the original project's settings
+    lora_target: tuple[str, ...] = ("projections",)
+    lora_r: int = 8
+    lora_alpha: float = 64
+    lora_dropout: float = 0.1
+    lora_rslora: bool = True
+    lora_init: str = "gaussian"
+    # QLoRA
+    quant_keep_vision: bool = False  # keep the vision encoder in bf16 instead of NF4
     # data and processor
     max_length: int | None = None
     image_splitting: bool = False
@@ -95,6 +104,10 @@ def validate(config: TrainConfig) -> None:
                          f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
+    if config.lora_init not in ("gaussian", "kaiming"):
+        raise UsageError(f"--lora-init must be gaussian or kaiming, not {config.lora_init!r}.")
+    if config.lora_r < 1:
+        raise UsageError("--lora-r must be at least 1.")
     if config.final not in ("best", "last"):
         raise UsageError(f"--final must be 'best' or 'last', not {config.final!r}.")
     for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus"):

@@ -24,13 +24,14 @@ from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
 from engine.errors import UsageError
-from engine.export import export_pretrained
+from engine.export import export_adapter, export_pretrained
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import Scalars, memory_breakdown
 from engine.optim import adamw, cosine_with_warmup
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
+from quant import quantized_bytes
 
 
 @record  # a rank's exception reaches the launching process's report
@@ -40,7 +41,9 @@ def train(config: TrainConfig) -> dict:
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
-    model, processor = build(config, runtime)
+    # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
+    write_base = runtime.is_main and resolve_model(config.model, runtime.device) == "tiny" and not (out / "base").exists()
+    model, processor = build(config, runtime, base_copy=out / "base" if write_base else None)
     collator = Collator(processor, config.max_length)
     trained = wrap_parallel(model, config.parallel)  # what runs forward/backward; `model` is what gets saved
     plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
@@ -59,8 +62,6 @@ def train(config: TrainConfig) -> dict:
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
-        if resolve_model(config.model, runtime.device) == "tiny" and not (out / "base").exists():
-            export_pretrained(model, processor, out / "base", runtime.weight_dtype)
 
     scalars = Scalars(out / "tensorboard", runtime.is_main, start_step)
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
@@ -109,7 +110,7 @@ def train(config: TrainConfig) -> dict:
 
     completed = step == total_steps
     if completed and runtime.is_main:
-        export_final(out, model, processor, config.final, fingerprint, runtime)
+        export_final(out, model, processor, config, fingerprint, runtime)
     summary = {
         "approach": config.approach, "model": fingerprint["model"], "world_size": runtime.world_size,
         "completed": completed, "steps": step, "total_steps": total_steps,
@@ -119,6 +120,7 @@ def train(config: TrainConfig) -> dict:
         "samples_per_s": samples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
+        **quantized_summary(model),
         "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}),
         "history": history,
     }
@@ -214,10 +216,23 @@ def resume(folder: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
     return meta["step"]
 
 
-def export_final(out: Path, model, processor, which: str, fingerprint: dict, runtime: Runtime) -> None:
-    """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones."""
-    best = checkpoint.best(out / "checkpoints") if which == "best" else None
+def export_final(out: Path, model, processor, config: TrainConfig, fingerprint: dict, runtime: Runtime) -> None:
+    """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
+    adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id/folder."""
+    best = checkpoint.best(out / "checkpoints") if config.final == "best" else None
     if best is not None:
         tensors, _, _ = checkpoint.load(best, fingerprint)
         load_trainable(model, tensors, best)
-    export_pretrained(model, processor, out / "final", runtime.weight_dtype)
+    if config.adapter == "lora":
+        base = fingerprint["model"]
+        base = str((out / "base").resolve()) if base == "tiny" else str(Path(base).resolve()) if Path(base).exists() else base
+        export_adapter(model, processor, out / "final", base, config.to_json())
+    else:
+        export_pretrained(model, processor, out / "final", runtime.weight_dtype)
+
+
+def quantized_summary(model) -> dict:
+    """NF4 bytes against the bf16 bytes of the same weights (QLoRA runs only)."""
+    stored, bf16 = quantized_bytes(model)
+    return {"quantized_weight_bytes": stored, "quantized_weight_bf16_bytes": bf16,
+            "quantized_ratio": stored / bf16} if bf16 else {}

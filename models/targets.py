@@ -20,7 +20,9 @@ PRESETS: dict[str, str] = {
     "text": rf"^model\.text_model\..*\.{_PROJECTIONS}$",
     "connector": rf"^model\.connector\..*\.{_PROJECTIONS}$",
     "vision": r"^model\.vision_model\.encoder\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)$",
-    "all-linear": r"^model\..*",  # every nn.Linear except lm_head (see matching_modules)
+    "all-linear": r"^model\..*",  # every linear layer except lm_head
+    # The output head: on a random-weight tiny model it is what must learn the vocabulary first.
+    "lm_head": r"^lm_head$",
 }
 
 
@@ -29,8 +31,15 @@ def resolve(patterns: list[str]) -> list[str]:
     return [PRESETS.get(p, p) for p in patterns]
 
 
-def matching_modules(model: nn.Module, patterns: list[str], kind: type[nn.Module] = nn.Linear) -> list[str]:
-    """Paths of `kind` modules that match any pattern; a pattern that matches nothing is an error."""
+# What QLoRA leaves in bf16 besides the embeddings (which are not linear layers): the output head,
+# and on request the vision encoder.
+QUANT_SKIP = [r"^lm_head$"]
+VISION_ENCODER = r"^model\.vision_model\."
+
+
+def matching_modules(model: nn.Module, patterns: list[str],
+                     kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Linear) -> list[str]:
+    """Paths of `kind` modules (linear layers) that match any pattern; a pattern that matches nothing is an error."""
     compiled = []
     for pattern in resolve(patterns):
         try:
@@ -41,7 +50,7 @@ def matching_modules(model: nn.Module, patterns: list[str], kind: type[nn.Module
     for pattern, regex in zip(patterns, compiled):
         if not any(regex.search(path) for path in paths):
             raise UsageError(
-                f"target {pattern!r} matches no {kind.__name__} in the model; "
+                f"target {pattern!r} matches no linear layer in the model; "
                 f"presets are {', '.join(PRESETS)}, or give a regular expression over paths like {paths[0]!r}."
             )
     return [path for path in paths if any(regex.search(path) for regex in compiled)]

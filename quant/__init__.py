@@ -1,6 +1,13 @@
 """NF4 (4-bit NormalFloat) frozen linear layers for QLoRA, on bitsandbytes.functional."""
 
-from quant.linear4bit import Linear4bit
-from quant.quantize import quantize, quantized_bytes
+import logging
 
-__all__ = ["Linear4bit", "quantize", "quantized_bytes"]
+# On CPUs with AVX512-BF16, importing bitsandbytes warns that an optional fused kernel package
+# (`kernels`) is missing. We never call that kernel (we dequantize, then multiply), so the
+# warning would only alarm users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from quant.linear4bit import Linear4bit  # noqa: E402
+from quant.quantize import dequantize, quantize, quantized_bytes  # noqa: E402
+
+__all__ = ["Linear4bit", "dequantize", "quantize", "quantized_bytes"]

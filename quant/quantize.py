@@ -38,21 +38,47 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
     # Paths, not modules: holding the replaced linears would keep every moved copy alive.
     paths = [path for path, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(path)]
     for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        linear = getattr(parent, name)
+        linear = model.get_submodule(path)
         if device is not None:
             linear.to(device)
-        setattr(parent, name, Linear4bit.from_linear(linear, compute_dtype))
+        _replace(model, path, Linear4bit.from_linear(linear, compute_dtype))
     return len(paths)
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of every NF4 weight with its quant state, bytes the same weights take in bf16)."""
+    """(bytes of every NF4 weight with its quant state, bytes the same weights take in bf16).
+
+    Also counts a Linear4bit held as `.base` by a wrapper that is not its parent module (LoRA).
+    """
     stored = bf16 = 0
     for module in model.modules():
+        module = getattr(module, "base", module)
         if isinstance(module, Linear4bit):
             stored += sum(t.numel() * t.element_size() for t in
                           (module.weight, module.absmax, module.nested_absmax, module.offset))
             bf16 += module.in_features * module.out_features * 2
     return stored, bf16
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every Linear4bit by an nn.Linear holding its dequantized weight; returns the count.
+
+    Merging a QLoRA adapter goes through this: the adapter was trained against the NF4 weights,
+    so it is folded into their dequantized values, not into the original bf16 ones.
+    """
+    paths = [path for path, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for path in paths:
+        quantized = model.get_submodule(path)
+        linear = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                           device=quantized.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(quantized.dequantize())
+            if quantized.bias is not None:
+                linear.bias.copy_(quantized.bias)
+        _replace(model, path, linear)
+    return len(paths)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)

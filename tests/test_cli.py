@@ -28,7 +28,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--approach", "full", "--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--approach", "full", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
-    (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no Linear"),
+    (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
 ])
 def test_bad_flags_fail_with_one_sentence(args, message, tmp_path):
     result = run_cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
