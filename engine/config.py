@@ -22,7 +22,8 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
 }
 
 # What this build can run; the rest are listed in --help and refused, never run as something else.
-AVAILABLE = {("none", "none", "none"), ("lora", "none", "none"), ("lora", "nf4", "none")}
+AVAILABLE = {(adapter, quant, parallel) for adapter, quant in (("none", "none"), ("lora", "none"), ("lora", "nf4"))
+             for parallel in ("none", "ddp")}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-5
+    lr_scaling: str = "none"  # none | sqrt | linear in the number of ranks (the original's DDP choices)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
@@ -104,6 +106,8 @@ def validate(config: TrainConfig) -> None:
                          f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
+    if config.lr_scaling not in ("none", "sqrt", "linear"):
+        raise UsageError(f"--lr-scaling must be none, sqrt or linear, not {config.lr_scaling!r}.")
     if config.lora_init not in ("gaussian", "kaiming"):
         raise UsageError(f"--lora-init must be gaussian or kaiming, not {config.lora_init!r}.")
     if config.lora_r < 1:

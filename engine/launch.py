@@ -62,9 +62,9 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
     try:
         results = elastic_launch(launch_config, worker)(config)
     except ChildFailedError as failure:
-        _, error = failure.get_first_failure()
+        rank, error = failure.get_first_failure()
         message = error.message.get("message", "") if isinstance(error.message, dict) else error.message
-        raise UsageError(f"rank {error.rank} failed, so every rank was stopped: {message}".strip()) from failure
+        raise UsageError(f"rank {rank} failed, so every rank was stopped: {message}".strip()) from failure
     return results[0]
 
 

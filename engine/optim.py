@@ -22,6 +22,11 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return LambdaLR(optimizer, factor)
 
 
+def scaled_lr(lr: float, scaling: str, world_size: int) -> float:
+    """The original scaled the learning rate with the number of GPUs in some runs; none by default."""
+    return lr * {"none": 1.0, "sqrt": math.sqrt(world_size), "linear": float(world_size)}[scaling]
+
+
 def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW over trainable parameters; biases and norm scales (1-D) are not decayed, as in HF Trainer."""
     trainable = [p for p in model.parameters() if p.requires_grad]

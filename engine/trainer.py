@@ -27,7 +27,7 @@ from engine.errors import UsageError
 from engine.export import export_adapter, export_pretrained
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import Scalars, memory_breakdown
-from engine.optim import adamw, cosine_with_warmup
+from engine.optim import adamw, cosine_with_warmup, scaled_lr
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
@@ -51,7 +51,8 @@ def train(config: TrainConfig) -> dict:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     eval_interval = max(1, round(total_steps * config.eval_every))
-    optimizer = adamw(model, config.lr, config.betas, config.weight_decay)
+    optimizer = adamw(model, scaled_lr(config.lr, config.lr_scaling, runtime.world_size), config.betas,
+                      config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {
         "approach": config.approach, "model": resolve_model(config.model, runtime.device),
@@ -66,7 +67,7 @@ def train(config: TrainConfig) -> dict:
     scalars = Scalars(out / "tensorboard", runtime.is_main, start_step)
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
         else contextlib.nullcontext()
-    history = {"train_loss": [], "val_loss": []}
+    history = {"train_loss": [], "grad_norm": [], "val_loss": []}
     memory, step_times, samples, tokens = {}, [], 0, 0
     started = time.perf_counter()
     with server as url:
@@ -86,6 +87,7 @@ def train(config: TrainConfig) -> dict:
             step_times.append(time.perf_counter() - tick)
             samples, tokens = samples + plan.global_batch, tokens + step_tokens
             history["train_loss"].append((step, loss))
+            history["grad_norm"].append((step, grad_norm))
             lr = scheduler.get_last_lr()[0]
             throughput = {"throughput/samples_per_s": plan.global_batch / step_times[-1],
                           "throughput/tokens_per_s": step_tokens / step_times[-1]}

@@ -2,11 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from engine.loss import IGNORE, answer_token_count, summed_token_loss
-from engine.optim import adamw, cosine_with_warmup, warmup_steps
+from engine.optim import adamw, cosine_with_warmup, scaled_lr, warmup_steps
 
 
 def test_summed_loss_matches_a_hand_computation():
@@ -45,3 +46,9 @@ def test_adamw_does_not_decay_biases_or_norm_scales():
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.01 and [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 2  # linear bias + norm bias; frozen scale left out
+
+
+def test_lr_scaling_by_rank_count():
+    assert scaled_lr(1e-5, "none", 4) == 1e-5
+    assert scaled_lr(1e-5, "sqrt", 4) == pytest.approx(2e-5)
+    assert scaled_lr(1e-5, "linear", 4) == pytest.approx(4e-5)
