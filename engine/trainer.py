@@ -37,6 +37,9 @@ from quant import quantized_bytes
 @record  # a rank's exception reaches the launching process's report
 def train(config: TrainConfig) -> dict:
     runtime = setup_runtime(config)
+    # Same seed on every rank and in every world size: adapters start identical, dropout matches.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
     out = config.out
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights

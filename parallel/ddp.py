@@ -1,0 +1,140 @@
+"""Data parallelism by hand on torch.distributed: every rank holds the whole model, gradients are summed.
+
+The gradients are SUMMED over ranks, not averaged as torch's DistributedDataParallel does: the
+engine divides every rank's loss by the answer-token count of the whole global batch, so the sum
+over ranks is already the exact global mean gradient, however unevenly tokens fall on ranks.
+
+Only trainable parameters are synchronised, so a frozen base (LoRA, QLoRA) costs nothing. Their
+gradients are packed, in reverse registration order (the order backward produces them), into
+buckets of about `bucket_cap_mb`; each bucket's all-reduce is launched as soon as its last gradient
+is accumulated, so communication overlaps the rest of backward. At the end of backward the
+stragglers are launched, everything is awaited and the sums are copied back into `.grad`.
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+class _Bucket:
+    """One flat buffer: the gradients of `params`, then one "used" flag per parameter.
+
+    The flags travel in the same all-reduce, so a parameter no rank used keeps `grad=None`
+    (as in a single process, where the optimizer then skips it) at no extra communication.
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        sizes = [p.numel() for p in params]
+        self.flat = torch.zeros(sum(sizes) + len(params), dtype=params[0].dtype, device=params[0].device)
+        *chunks, self.used = self.flat.split([*sizes, len(params)])
+        self.views = [chunk.view_as(p) for chunk, p in zip(chunks, params)]
+        self.ready: set[int] = set()
+        self.work: dist.Work | None = None
+
+    def launch(self, group: dist.ProcessGroup | None) -> None:
+        # A parameter without a gradient (unused in every local backward) contributes zeros.
+        for index, (param, view) in enumerate(zip(self.params, self.views)):
+            if param.grad is None:
+                view.zero_()
+            else:
+                view.copy_(param.grad)
+            self.used[index] = param.grad is not None
+        self.work = dist.all_reduce(self.flat, group=group, async_op=True)
+
+    def finish(self) -> None:
+        self.work.wait()
+        for param, view, used in zip(self.params, self.views, self.used.tolist()):
+            if not used:
+                continue
+            if param.grad is None:
+                param.grad = view.clone()
+            else:
+                param.grad.copy_(view)
+        self.ready.clear()
+        self.work = None
+
+
+def _buckets(params: list[nn.Parameter], cap_bytes: float) -> list[_Bucket]:
+    """Consecutive parameters up to `cap_bytes` each; a dtype or device change starts a new bucket."""
+    groups: list[list[nn.Parameter]] = []
+    size = 0
+    for param in params:
+        if not groups or size >= cap_bytes or (param.dtype, param.device) != (groups[-1][0].dtype, groups[-1][0].device):
+            groups.append([])
+            size = 0
+        groups[-1].append(param)
+        size += param.numel() * param.element_size()
+    return [_Bucket(group) for group in groups]
+
+
+class DataParallel(nn.Module):
+    """Replicates `module` across the ranks of `process_group` and sums trainable gradients in backward.
+
+    Usage is that of torch's DDP: forward through the wrapper, `loss.backward()`, step the
+    optimizer on `wrapper.module`'s parameters. Wrap the backward of every micro-batch but the
+    last in `no_sync()`. One synchronised backward per optimizer step: a second one would sum
+    the already-summed gradients again.
+    """
+
+    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25, process_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.module = module
+        self.process_group = process_group
+        self._sync = True
+        self._finish_queued = False
+        self._broadcast_from_first_rank()
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        self._buckets = _buckets(trainable[::-1], bucket_cap_mb * 2**20)
+        self._bucket_of = {id(p): bucket for bucket in self._buckets for p in bucket.params}
+        for param in trainable:
+            param.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside accumulates gradients locally; the next backward outside reduces the total."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    @torch.no_grad()
+    def _broadcast_from_first_rank(self) -> None:
+        # Ranks may have initialised differently (random seeds, LoRA's random A): rank 0's copy wins.
+        source = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
+        for tensor in [*self.module.parameters(), *self.module.buffers()]:
+            dist.broadcast(tensor.data, src=source, group=self.process_group)
+
+    @torch.no_grad()
+    def _grad_ready(self, param: nn.Parameter) -> None:
+        if not self._sync:
+            return
+        if not self._finish_queued:
+            # Runs once the whole backward is done, including parameters whose hook never fires.
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._finish_queued = True
+        bucket = self._bucket_of[id(param)]
+        if bucket.work is not None:
+            raise RuntimeError(
+                f"a parameter of shape {tuple(param.shape)} received a second gradient after its bucket was "
+                "reduced in the same backward; use non-reentrant activation checkpointing."
+            )
+        bucket.ready.add(id(param))
+        if len(bucket.ready) == len(bucket.params):
+            bucket.launch(self.process_group)
+
+    @torch.no_grad()
+    def _finish_backward(self) -> None:
+        self._finish_queued = False
+        for bucket in self._buckets:
+            if bucket.work is None:
+                bucket.launch(self.process_group)
+        for bucket in self._buckets:
+            bucket.finish()
