@@ -27,4 +27,6 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
     reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     for name in ours:
-        assert torch.allclose(ours[name], reference[name], atol=1e-5), name
+        # Adam turns float-rounding differences of the summed gradients into ~1e-5 weight differences
+        # (0.2% of one lr=5e-3 step); a real error would be a whole step.
+        assert torch.allclose(ours[name], reference[name], atol=5e-5), name
