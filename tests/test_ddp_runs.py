@@ -9,10 +9,10 @@ from engine.launch import launch
 from engine.trainer import train
 
 
-def _run(out, approach: str, batch_size: int, gpus: int | None) -> dict:
+def _run(out, approach: str, batch_size: int, gpus: int | None, **overrides) -> dict:
     config = from_approach(approach, model="tiny", limit_exhibits=2, batch_size=batch_size, max_steps=3,
                            eval_every=1.0, lr=5e-3, lora_dropout=0.0, lora_target=("projections", "lm_head"),
-                           output_dir=str(out), device="cpu", gpus=gpus, final="last")
+                           output_dir=str(out), device="cpu", gpus=gpus, final="last", **overrides)
     return launch(config, train)
 
 
@@ -26,6 +26,13 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
     ours = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
     reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
+    # Resume with 2 ranks: stop after 2 steps, continue, and land on the same curve and weights.
+    first = _run(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, stop_after_steps=2)
+    second = _run(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, resume=True)
+    resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in ddp["history"]["train_loss"]], rel=1e-6)
+    again = load_file(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
+    assert all(torch.allclose(again[name], ours[name], atol=1e-6) for name in ours)
     for name in ours:
         # Adam turns float-rounding differences of the summed gradients into ~1e-5 weight differences
         # (0.2% of one lr=5e-3 step); a real error would be a whole step.

@@ -1,0 +1,69 @@
+"""The three ways to start N ranks run the same thing, and a crash on one rank ends them all."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from engine.config import from_approach
+from engine.errors import UsageError
+from engine.launch import launch, setup_runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--approach", "lora_ddp", "--limit-exhibits", "2", "--batch-size", "1", "--max-steps", "2",
+            "--eval-every", "1", "--lr", "5e-3", "--lora-dropout", "0"]
+
+
+@record
+def _crash_on_rank_one(config):
+    runtime = setup_runtime(config)
+    if runtime.rank == 1:
+        raise RuntimeError("rank one broke on purpose")
+    dist.barrier()  # rank 0 would wait here forever if a crash did not end every rank
+
+
+def test_a_crash_on_one_rank_ends_all_ranks_and_names_it():
+    config = from_approach("lora_ddp", gpus=2, device="cpu")
+    started = time.monotonic()
+    with pytest.raises(UsageError, match="rank 1 failed.*rank one broke on purpose"):
+        launch(config, _crash_on_rank_one)
+    assert time.monotonic() - started < 120
+
+
+def test_torchrun_world_and_gpus_must_agree(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError, match="torchrun started 4 ranks but --gpus asks for 2"):
+        launch(from_approach("lora_ddp", gpus=2), _crash_on_rank_one)
+    with pytest.raises(UsageError, match="runs on one device, but torchrun started 4 ranks"):
+        launch(from_approach("lora"), _crash_on_rank_one)
+
+
+def _losses(out: Path) -> list[float]:
+    return [loss for _, loss in json.loads((out / "summary.json").read_text())["history"]["train_loss"]]
+
+
+@pytest.mark.slow
+def test_python_torchrun_and_a_torchrun_worker_asking_for_two_agree(tmp_path):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    commands = {
+        "python": [sys.executable, str(ROOT / "run.py"), *TINY_RUN, "--gpus", "2"],
+        "torchrun": [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "run.py"), *TINY_RUN],
+        "torchrun_asks": [torchrun, "--standalone", "--nproc_per_node", "1", str(ROOT / "run.py"), *TINY_RUN,
+                          "--gpus", "2"],
+    }
+    for name, command in commands.items():
+        result = subprocess.run([*command, "--output-dir", str(tmp_path / name)], capture_output=True, text=True,
+                                timeout=300, env=env, cwd=tmp_path)
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["world_size"] == 2 and len(summary["ranks"]) == 2, name
+    assert _losses(tmp_path / "torchrun") == pytest.approx(_losses(tmp_path / "python"), rel=1e-6)
+    assert _losses(tmp_path / "torchrun_asks") == pytest.approx(_losses(tmp_path / "python"), rel=1e-6)
