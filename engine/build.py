@@ -16,10 +16,11 @@ import models
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.config import TrainConfig
 from engine.export import export_pretrained
+from engine.metrics import parameter_counts
 from engine.runtime import Runtime, resolve_model
 from models.parts import decoder_layers
 from models.targets import QUANT_SKIP, VISION_ENCODER
-from quant import Linear4bit, quantize, quantized_bytes
+from quant import Linear4bit, quantize
 
 LINEAR_LAYERS = (nn.Linear, Linear4bit)
 
@@ -48,8 +49,7 @@ def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) 
     if config.activation_checkpointing:
         apply_activation_checkpointing(decoder_layers(model))
     if runtime.is_main:
-        trainable, total = lora.trainable_parameter_count(model)
-        total += quantized_bytes(model)[1] // 2  # NF4 weights are buffers, not parameters
+        trainable, total = parameter_counts(model)
         print(f"{config.approach}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model, processor
 

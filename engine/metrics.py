@@ -31,6 +31,15 @@ class Scalars:
             self.writer.close()
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) weights; NF4 weights are buffers, not parameters, but count as weights."""
+    from quant import quantized_bytes
+
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) + quantized_bytes(model)[1] // 2
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -26,7 +26,7 @@ from engine.data_sources import load_splits
 from engine.errors import UsageError
 from engine.export import export_adapter, export_pretrained
 from engine.loss import answer_token_count, summed_token_loss
-from engine.metrics import Scalars, memory_breakdown
+from engine.metrics import Scalars, memory_breakdown, parameter_counts
 from engine.optim import adamw, cosine_with_warmup, scaled_lr
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
@@ -68,6 +68,8 @@ def train(config: TrainConfig) -> dict:
         (out / "config.json").write_text(config.to_json())
 
     scalars = Scalars(out / "tensorboard", runtime.is_main, start_step)
+    trainable, total = parameter_counts(model)
+    scalars.text(start_step, "model/trainable_parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
         else contextlib.nullcontext()
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
@@ -123,8 +125,7 @@ def train(config: TrainConfig) -> dict:
         "final_val_loss": history["val_loss"][-1][1] if history["val_loss"] else None,
         "wall_time_s": wall, "mean_step_time_s": sum(step_times) / max(1, len(step_times)),
         "samples_per_s": samples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": trainable, "total_params": total,
         **quantized_summary(model),
         "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}),
         "history": history,

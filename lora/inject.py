@@ -54,12 +54,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for name, tensor in (("lora_A.weight", module.lora_A.weight), ("lora_B.weight", module.lora_B.weight))}
 
 
-def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, for "trainable 1.2M of 4.3M (2.9%)"."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, module)

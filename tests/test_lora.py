@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 from engine.errors import UsageError
+from engine.metrics import parameter_counts
 from models.targets import matching_modules
 from models.tiny import build_tiny
 
@@ -170,7 +171,7 @@ def test_only_adapter_parameters_get_gradients(batch):
         is_adapter = ".lora_A." in name or ".lora_B." in name
         assert param.requires_grad == is_adapter, name
         assert (param.grad is not None and param.grad.abs().sum() > 0) == is_adapter, name
-    trainable, total = lora.trainable_parameter_count(model)
+    trainable, total = parameter_counts(model)
     assert trainable == sum(R * (m.in_features + m.out_features) for m in lora.lora_modules(model).values())
     assert total == sum(p.numel() for p in build_tiny(0).parameters()) + trainable
 
