@@ -102,8 +102,10 @@ def validate(config: TrainConfig) -> None:
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
     if choice not in AVAILABLE:
-        raise UsageError(f"approach {config.approach!r} is not available yet in this build; available: "
-                         f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}.")
+        what = f"approach {config.approach!r}" if choice == APPROACHES[config.approach][:3] else \
+            f"--adapter {config.adapter} --quant {config.quant} --parallel {config.parallel}"
+        raise UsageError(f"{what} is not available yet in this build; available approaches: "
+                         f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}, each also with --parallel ddp.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
     if config.lr_scaling not in ("none", "sqrt", "linear"):

@@ -37,3 +37,12 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
         # Adam turns float-rounding differences of the summed gradients into ~1e-5 weight differences
         # (0.2% of one lr=5e-3 step); a real error would be a whole step.
         assert torch.allclose(ours[name], reference[name], atol=5e-5), name
+
+
+@pytest.mark.slow
+def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path):
+    single = _run(tmp_path / "single", "qlora", batch_size=4, gpus=None)
+    hybrid = _run(tmp_path / "hybrid", "qlora", batch_size=2, gpus=2, parallel="ddp")
+    assert hybrid["world_size"] == 2 and hybrid["quantized_ratio"] == single["quantized_ratio"]
+    for key in ("train_loss", "grad_norm"):
+        assert [v for _, v in hybrid["history"][key]] == pytest.approx([v for _, v in single["history"][key]], rel=1e-4)
