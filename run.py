@@ -88,7 +88,7 @@ def merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, type=Path, help="adapter folder (e.g. runs/lora/final)")
     parser.add_argument("--output", required=True, type=Path, help="where the merged model goes")
     parser.add_argument("--model", help="the base (default: base_model_name_or_path of adapter_config.json)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     return parser
 
 

@@ -108,6 +108,8 @@ def validate(config: TrainConfig) -> None:
                          f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}, each also with --parallel ddp.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {config.device!r}.")
     if config.lr_scaling not in ("none", "sqrt", "linear"):
         raise UsageError(f"--lr-scaling must be none, sqrt or linear, not {config.lr_scaling!r}.")
     if config.lora_init not in ("gaussian", "kaiming"):
