@@ -45,7 +45,10 @@ def train_parser() -> argparse.ArgumentParser:
     add("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {DEFAULTS.grad_accum})")
     add("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS.lr})")
     add("--lr-scaling", choices=("none", "sqrt", "linear"),
-        help="scale --lr by sqrt(ranks) or ranks, as some of the original's multi-GPU runs did (default: none)")
+        help="scale --lr by the square root of (or linearly in) global batch / --lr-reference-batch, as some of "
+             "the original's multi-GPU runs did (default: none)")
+    add("--lr-reference-batch", type=int, help="the global batch --lr was tuned for "
+                                               f"(default: {DEFAULTS.lr_reference_batch}, the original's one-GPU batch)")
     add("--weight-decay", type=float, help=f"AdamW weight decay (default: {DEFAULTS.weight_decay})")
     add("--warmup-ratio", type=float, help=f"fraction of steps of linear warm-up (default: {DEFAULTS.warmup_ratio})")
     add("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {DEFAULTS.max_grad_norm})")

@@ -12,6 +12,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ WORLD = 2
 SEQ_LEN = 64
 
 
-def _batch(rows: int, seed: int) -> dict[str, torch.Tensor]:
+def random_batch(rows: int, seed: int) -> dict[str, torch.Tensor]:
     """Random tokens after one image's <image> slots, and random pixels: the tiny model's real path."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, 32000, (rows, SEQ_LEN), generator=generator)
@@ -49,7 +50,7 @@ def _median_step_s(wrapper: str, frozen_base: bool, args: argparse.Namespace, ra
         model.model.text_model.embed_tokens.requires_grad_(False)
     trained = DataParallel(model) if wrapper == "ours" else DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = _batch(args.batch, seed=rank)
+    batch = random_batch(args.batch, seed=rank)
     times = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -81,11 +82,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
+    spawn(_rank_main, parser.parse_args())
+
+
+def spawn(rank_main: Callable[[int, int, argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Runs `rank_main(rank, port, args)` in WORLD fresh processes that meet on a free local port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, args), nprocs=WORLD)
+    mp.spawn(rank_main, args=(port, args), nprocs=WORLD)
 
 
 if __name__ == "__main__":

@@ -18,26 +18,30 @@ from engine.config import TrainConfig
 from engine.export import export_pretrained
 from engine.metrics import parameter_counts
 from engine.runtime import Runtime, resolve_model
+from models.lazy import SliceReader, load_on_meta, local_folder
 from models.parts import decoder_layers
 from models.targets import QUANT_SKIP, VISION_ENCODER
+from parallel.fsdp import fully_shard
 from quant import Linear4bit, quantize
 
 LINEAR_LAYERS = (nn.Linear, Linear4bit)
 
 
 def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model to train and its processor; with `base_copy`, the untouched starting weights and
-    processor are first written there (before quantization or adapters change the modules)."""
-    # An NF4 base is loaded on the CPU and quantized layer by layer onto the device, so the
-    # accelerator never holds the whole bf16 model.
-    load_device = torch.device("cpu") if config.quant == "nf4" else runtime.device
-    model, processor = models.load(
-        resolve_model(config.model, runtime.device), runtime.weight_dtype, load_device,
-        attn_implementation=config.attn_implementation, seed=config.seed,
-    )
-    configure_processor(processor, config)
-    if base_copy is not None:
-        export_pretrained(model, processor, base_copy, runtime.weight_dtype)
+    """The model to train and its processor. `base_copy` is where the tiny model's untouched starting
+    weights and processor go (written once, by the main rank, before quantization or adapters)."""
+    spec = resolve_model(config.model, runtime.device)
+    if config.parallel == "fsdp":
+        model, processor, read = load_without_weights(spec, config, runtime, base_copy)
+    else:
+        # An NF4 base is loaded on the CPU and quantized layer by layer onto the device, so the
+        # accelerator never holds the whole bf16 model.
+        load_device = torch.device("cpu") if config.quant == "nf4" else runtime.device
+        model, processor = models.load(spec, runtime.weight_dtype, load_device,
+                                       attn_implementation=config.attn_implementation, seed=config.seed)
+        configure_processor(processor, config)
+        if base_copy is not None and runtime.is_main and not base_copy.exists():
+            export_pretrained(model, processor, base_copy, runtime.weight_dtype)
     if config.quant == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if config.quant_keep_vision else []), device=runtime.device)
         model.to(runtime.device)
@@ -46,16 +50,43 @@ def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) 
     else:
         mark_trainable(model, config.train_modules)
     keep_trainable_in_fp32(model)
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(decoder_layers(model))
     if runtime.is_main:
         trainable, total = parameter_counts(model)
         print(f"{config.approach}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if config.parallel == "fsdp":
+        # Every block is recomputed in backward by FSDP itself, which is activation checkpointing.
+        fully_shard(model, models.blocks(model), runtime.weight_dtype, read=read, device=runtime.device)
+    elif config.activation_checkpointing:
+        apply_activation_checkpointing(decoder_layers(model))
     return model, processor
+
+
+def load_without_weights(spec: str, config: TrainConfig, runtime: Runtime, base_copy: Path | None) \
+        -> tuple[PreTrainedModel, ProcessorMixin, SliceReader]:
+    """FSDP's start: the model with parameters on the meta device, and a reader of its weight files
+    from which each rank takes only its shard. The main rank first fetches the files (or, for the
+    tiny model, writes them to `base_copy`); the others wait for it."""
+    folder = None
+    if runtime.is_main:
+        if base_copy is not None:
+            if not base_copy.exists():
+                model, processor = models.load(spec, runtime.weight_dtype, torch.device("cpu"), seed=config.seed)
+                configure_processor(processor, config)
+                export_pretrained(model, processor, base_copy, runtime.weight_dtype)
+                del model
+            folder = base_copy
+        else:
+            folder = local_folder(spec)
+    folder = Path(runtime.gather(str(folder))[0])  # also the barrier: the files are complete now
+    model, processor, read = load_on_meta(folder, runtime.weight_dtype, config.attn_implementation)
+    configure_processor(processor, config)
+    return model, processor, read
 
 
 def add_lora(model: PreTrainedModel, config: TrainConfig) -> list[str]:
     """Wrap the target linears (quantized or not) in LoRA and freeze everything else."""
+    # Adapters start from the seed alone, whatever loading drew from the RNG (FSDP draws nothing).
+    torch.manual_seed(config.seed)
     paths = models.matching_modules(model, list(config.lora_target), kind=LINEAR_LAYERS)
     return lora.inject(model, paths, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                        rslora=config.lora_rslora, init=config.lora_init)
@@ -67,7 +98,7 @@ def wrap_parallel(model: nn.Module, parallel: str) -> nn.Module:
         from parallel.ddp import DataParallel
 
         return DataParallel(model)
-    return model
+    return model  # FSDP shards the model itself, in build
 
 
 def configure_processor(processor: ProcessorMixin, config: TrainConfig) -> None:

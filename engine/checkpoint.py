@@ -5,15 +5,20 @@ only the adapter for LoRA), the optimizer/scheduler/RNG state (`train_state.pt`)
 `meta.json`. It is written under a temporary name and renamed when complete, so a run killed
 mid-save leaves the previous checkpoints untouched, and resume never sees a half folder.
 Rotation keeps the newest `keep_last` plus the one with the best validation loss.
+
+Under FSDP every rank writes its own pair of files (`model-rank00001-of-00004.safetensors`, ...)
+into the same temporary folder, and the main rank publishes it once all of them are complete.
 """
 
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -23,6 +28,21 @@ PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which piece of a checkpoint this process writes and reads: one of `count` ranks, or the whole."""
+
+    rank: int = 0
+    count: int = 1
+
+    def file(self, stem: str, extension: str) -> str:
+        return f"{stem}.{extension}" if self.count == 1 else f"{stem}-rank{self.rank:05d}-of-{self.count:05d}.{extension}"
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            dist.barrier()
+
+
 def save(
     folder: Path,
     step: int,
@@ -30,21 +50,30 @@ def save(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    shard: Shard = Shard(),
 ) -> Path:
-    """Write checkpoint `step` into `folder` atomically, then rotate; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` into `folder` atomically, then rotate; returns its path.
+
+    With a `shard` of several ranks, every rank calls this with its own tensors and state.
+    """
     final = folder / f"{PREFIX}{step:06d}"
-    tmp = folder / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors")
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
-    _fsync_folder(tmp)
-    if final.exists():  # re-saving the same step after a resume: replace it whole
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _rotate(folder, keep_last)
+    tmp = folder / f"{TMP_PREFIX}{final.name}"
+    if shard.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
+        tmp.mkdir()
+    shard.barrier()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / shard.file("model", "safetensors"))
+    torch.save(train_state, tmp / shard.file("train_state", "pt"))
+    shard.barrier()
+    if shard.rank == 0:
+        (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
+        _fsync_folder(tmp)
+        if final.exists():  # re-saving the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _rotate(folder, keep_last)
+    shard.barrier()
     return final
 
 
@@ -69,8 +98,9 @@ def best(folder: Path) -> Path | None:
     return min(scored)[1] if scored else None
 
 
-def load(checkpoint: Path, expected: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(tensors, train_state, meta) of `checkpoint`, refusing one written by a different run setup."""
+def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
+        -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, train_state, meta) of `checkpoint` (this `shard`'s), refusing one written by a different run setup."""
     meta = read_meta(checkpoint)
     for key, value in expected.items():
         if meta.get(key) != value:
@@ -79,8 +109,8 @@ def load(checkpoint: Path, expected: dict[str, Any]) -> tuple[dict[str, torch.Te
                 f"this run's is {value!r}; use a fresh --output-dir or the same settings."
             )
     try:
-        tensors = load_file(checkpoint / "model.safetensors")
-        train_state = torch.load(checkpoint / "train_state.pt", weights_only=True)
+        tensors = load_file(checkpoint / shard.file("model", "safetensors"))
+        train_state = torch.load(checkpoint / shard.file("train_state", "pt"), weights_only=True)
     except (OSError, SafetensorError, RuntimeError, EOFError) as error:
         raise UsageError(f"checkpoint {checkpoint} is corrupt: {error}") from error
     return tensors, train_state, meta
@@ -96,8 +126,7 @@ def _rotate(folder: Path, keep_last: int) -> None:
         if checkpoint not in keep:
             shutil.rmtree(checkpoint)
     for leftover in folder.glob(f"{TMP_PREFIX}*"):  # from a run killed mid-save
-        if not leftover.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -23,7 +23,7 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
 
 # What this build can run; the rest are listed in --help and refused, never run as something else.
 AVAILABLE = {(adapter, quant, parallel) for adapter, quant in (("none", "none"), ("lora", "none"), ("lora", "nf4"))
-             for parallel in ("none", "ddp")}
+             for parallel in ("none", "ddp")} | {("none", "none", "fsdp"), ("lora", "none", "fsdp")}
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-5
-    lr_scaling: str = "none"  # none | sqrt | linear in the number of ranks (the original's DDP choices)
+    lr_scaling: str = "none"  # none | sqrt | linear in global batch / lr_reference_batch (the original's DDP choices)
+    lr_reference_batch: int = 4  # the global batch --lr was tuned for: the original's one-GPU batch
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
@@ -101,11 +102,15 @@ def validate(config: TrainConfig) -> None:
     choice = (config.adapter, config.quant, config.parallel)
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
+    if config.quant == "nf4" and config.parallel == "fsdp":
+        raise UsageError("an NF4 base cannot be sharded by FSDP (its packed weights and quant state are not "
+                         "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
     if choice not in AVAILABLE:
         what = f"approach {config.approach!r}" if choice == APPROACHES[config.approach][:3] else \
             f"--adapter {config.adapter} --quant {config.quant} --parallel {config.parallel}"
         raise UsageError(f"{what} is not available yet in this build; available approaches: "
-                         f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}, each also with --parallel ddp.")
+                         f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}, each also with --parallel ddp, "
+                         "and lora with --parallel fsdp.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
     if config.device not in ("auto", "cpu", "cuda"):
@@ -118,7 +123,7 @@ def validate(config: TrainConfig) -> None:
         raise UsageError("--lora-r must be at least 1.")
     if config.final not in ("best", "last"):
         raise UsageError(f"--final must be 'best' or 'last', not {config.final!r}.")
-    for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus"):
+    for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus", "lr_reference_batch"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
     if config.max_steps is not None and config.max_steps < 1:

@@ -1,20 +1,22 @@
 """Hugging Face-format model folders, written atomically so `from_pretrained` never sees half a model."""
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
 import lora
+from parallel import fsdp
 
 
 def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype) -> Path:
     """Save config, sharded safetensors (in `dtype`: fp32 masters go out in the run's weight dtype)
     and the processor files to `folder`, replacing it only once the new copy is complete."""
-    state = {name: tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
-             for name, tensor in model.state_dict().items()}
+    state = {name: _cast(tensor, dtype) for name, tensor in model.state_dict().items()}
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state, max_shard_size="2GB")
@@ -23,13 +25,52 @@ def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder:
     return _publish(folder, write)
 
 
+def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
+                              write: bool) -> Path | None:
+    """`export_pretrained` for an FSDP-sharded model: one safetensors file per FSDP unit, gathered
+    one at a time, so no rank ever holds the whole model. A collective: every rank calls it, the
+    `write` one saves."""
+    units = fsdp.unit_state_dicts(model)
+    if not write:
+        for _ in units:  # this rank's part of each gather
+            pass
+        return None
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {name: tensor for name, tensor in model.state_dict().items() if name not in params}
+
+    def write_files(tmp: Path) -> None:
+        pieces = [*units, buffers] if buffers else units
+        count = len(model.fsdp_units) + bool(buffers)
+        weight_map, total = {}, 0
+        for index, piece in enumerate(pieces, start=1):
+            file = f"model-{index:05d}-of-{count:05d}.safetensors"
+            piece = {name: _cast(tensor, dtype).contiguous() for name, tensor in piece.items()}
+            save_file(piece, tmp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(piece, file))
+            total += sum(t.numel() * t.element_size() for t in piece.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return _publish(folder, write_files)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
+
+
 def export_adapter(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, base_model_name_or_path: str,
-                   training_config: str) -> Path:
+                   training_config: str, adapter: dict[str, torch.Tensor] | None = None) -> Path:
     """A PEFT-format adapter folder (megabytes), plus the processor and the run's config, which
-    evaluation and `run.py merge` read (the base's quantization, the image size)."""
+    evaluation and `run.py merge` read (the base's quantization, the image size). `adapter`: the
+    adapter tensors when the model holds only shards of them (FSDP)."""
 
     def write(tmp: Path) -> None:
-        lora.save(model, tmp, base_model_name_or_path=base_model_name_or_path)
+        lora.save(model, tmp, base_model_name_or_path=base_model_name_or_path, adapter=adapter)
         processor.save_pretrained(tmp)
         (tmp / TRAINING_CONFIG).write_text(training_config)
 

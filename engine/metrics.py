@@ -32,12 +32,13 @@ class Scalars:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) weights; NF4 weights are buffers, not parameters, but count as weights."""
+    """(trainable, total) weights of the whole model; NF4 weights are buffers, not parameters, but
+    count as weights, and an FSDP shard counts as the weights it stands for."""
     from quant import quantized_bytes
 
-    params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, sum(p.numel() for p in params) + quantized_bytes(model)[1] // 2
+    sizes = [(getattr(p, "unsharded_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    trainable = sum(size for size, requires_grad in sizes if requires_grad)
+    return trainable, sum(size for size, _ in sizes) + quantized_bytes(model)[1] // 2
 
 
 def _bytes(tensors) -> int:

@@ -22,9 +22,11 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return LambdaLR(optimizer, factor)
 
 
-def scaled_lr(lr: float, scaling: str, world_size: int) -> float:
-    """The original scaled the learning rate with the number of GPUs in some runs; none by default."""
-    return lr * {"none": 1.0, "sqrt": math.sqrt(world_size), "linear": float(world_size)}[scaling]
+def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) -> float:
+    """`lr` was tuned for `reference_batch` rows a step; the original scaled it for bigger global
+    batches by the square root (or linearly) of the ratio in some multi-GPU runs. None by default."""
+    ratio = global_batch / reference_batch
+    return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[scaling]
 
 
 def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:

@@ -24,13 +24,14 @@ from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
 from engine.errors import UsageError
-from engine.export import export_adapter, export_pretrained
+from engine.export import export_adapter, export_pretrained, export_pretrained_by_unit
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import Scalars, memory_breakdown, parameter_counts
 from engine.optim import adamw, cosine_with_warmup, scaled_lr
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
+from parallel import fsdp
 from quant import quantized_bytes
 
 
@@ -45,8 +46,9 @@ def train(config: TrainConfig) -> dict:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
     # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
-    write_base = runtime.is_main and resolve_model(config.model, runtime.device) == "tiny" and not (out / "base").exists()
-    model, processor = build(config, runtime, base_copy=out / "base" if write_base else None)
+    model, processor = build(config, runtime, out / "base" if resolve_model(config.model, runtime.device) == "tiny" else None)
+    # FSDP ranks each save and load their own shard; everything else is saved by the main rank.
+    shard = checkpoint.Shard(runtime.rank, runtime.world_size) if config.parallel == "fsdp" else checkpoint.Shard()
     collator = Collator(processor, config.max_length)
     trained = wrap_parallel(model, config.parallel)  # what runs forward/backward; `model` is what gets saved
     plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
@@ -54,15 +56,15 @@ def train(config: TrainConfig) -> dict:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     eval_interval = max(1, round(total_steps * config.eval_every))
-    optimizer = adamw(model, scaled_lr(config.lr, config.lr_scaling, runtime.world_size), config.betas,
+    optimizer = adamw(model, scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch), config.betas,
                       config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {
         "approach": config.approach, "model": resolve_model(config.model, runtime.device),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "total_steps": total_steps, "global_batch": plan.global_batch,
+        "total_steps": total_steps, "global_batch": plan.global_batch, "shards": shard.count,
     }
-    start_step = resume(out / "checkpoints", model, optimizer, scheduler, fingerprint) if config.resume else 0
+    start_step = resume(out / "checkpoints", model, optimizer, scheduler, fingerprint, shard) if config.resume else 0
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json())
@@ -106,9 +108,9 @@ def train(config: TrainConfig) -> dict:
                 val_loss = evaluate(trained, splits["validation"], collator, runtime, config.batch_size)
                 history["val_loss"].append((step, val_loss))
                 scalars.log(step, {"eval/loss": val_loss})
-            if runtime.is_main and (val_loss is not None or stopping):
+            if (runtime.is_main or shard.count > 1) and (val_loss is not None or stopping):
                 save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, fingerprint, val_loss,
-                                config.keep_last)
+                                config.keep_last, shard)
             if stopping:
                 break
         bar.close()
@@ -116,8 +118,8 @@ def train(config: TrainConfig) -> dict:
     wall = time.perf_counter() - started
 
     completed = step == total_steps
-    if completed and runtime.is_main:
-        export_final(out, model, processor, config, fingerprint, runtime)
+    if completed and (runtime.is_main or shard.count > 1):
+        export_final(out, model, processor, config, fingerprint, runtime, shard)
     summary = {
         "approach": config.approach, "model": fingerprint["model"], "world_size": runtime.world_size,
         "completed": completed, "steps": step, "total_steps": total_steps,
@@ -155,25 +157,38 @@ def train_step(model, optimizer, batches: list[dict], runtime: Runtime, max_grad
             loss = summed_token_loss(logits, labels) / answer_tokens
             loss.backward()
         local_loss += loss.item()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = clip_gradients(model, max_grad_norm)
     optimizer.step()
-    return runtime.sum_over_ranks(local_loss), float(grad_norm), answer_tokens
+    return runtime.sum_over_ranks(local_loss), grad_norm, answer_tokens
+
+
+def clip_gradients(model, max_norm: float) -> float:
+    """Clip to the global gradient norm and return it; FSDP's shards sum their squares over ranks."""
+    if hasattr(model, "fsdp_units"):
+        return fsdp.clip_grad_norm_(model, max_norm)
+    return float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
 
 
 @torch.no_grad()
 def evaluate(model, split, collator: Collator, runtime: Runtime, batch_size: int) -> float:
-    """Validation loss averaged over every answer token of the split (not over batches or ranks)."""
+    """Validation loss averaged over every answer token of the split (not over batches or ranks).
+
+    Every rank runs the same number of forwards, since an FSDP forward is a collective: a rank
+    whose rows have run out repeats the split's first batch and does not count it.
+    """
     model.eval()
     loss_sum, count = 0.0, 0
-    for start in range(runtime.rank * batch_size, len(split), batch_size * runtime.world_size):
-        batch = collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
-        batch = {k: v.to(runtime.device) for k, v in batch.items()}
+    stride = batch_size * runtime.world_size
+    for start in range(runtime.rank * batch_size, -(-len(split) // stride) * stride, stride):
+        counted = start < len(split)
+        rows = range(start, min(start + batch_size, len(split))) if counted else range(min(batch_size, len(split)))
+        batch = {k: v.to(runtime.device) for k, v in collator([split[i] for i in rows]).items()}
         labels = batch.pop("labels")
         with runtime.autocast():
             logits = model(**batch, use_cache=False).logits
-        loss_sum += float(summed_token_loss(logits, labels))
-        count += answer_token_count(labels)
+        if counted:
+            loss_sum += float(summed_token_loss(logits, labels))
+            count += answer_token_count(labels)
     return runtime.sum_over_ranks(loss_sum) / max(1, runtime.sum_over_ranks(count))
 
 
@@ -182,13 +197,14 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict,
-                    val_loss: float | None, keep_last: int) -> None:
+                    val_loss: float | None, keep_last: int, shard: checkpoint.Shard) -> None:
     train_state = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    checkpoint.save(folder, step, _trainable_state(model), train_state, dict(fingerprint, val_loss=val_loss), keep_last)
+    checkpoint.save(folder, step, _trainable_state(model), train_state, dict(fingerprint, val_loss=val_loss), keep_last,
+                    shard)
 
 
 def load_trainable(model, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -204,13 +220,13 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], source: Path) -> Non
             param.copy_(tensors[name])
 
 
-def resume(folder: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
+def resume(folder: Path, model, optimizer, scheduler, fingerprint: dict, shard: checkpoint.Shard) -> int:
     """Restore the newest complete checkpoint; returns the step to continue from (0 if none)."""
     saved = checkpoint.complete(folder)
     if not saved:
         print(f"--resume: no checkpoint in {folder}; starting from step 0.")
         return 0
-    tensors, state, meta = checkpoint.load(saved[-1], fingerprint)
+    tensors, state, meta = checkpoint.load(saved[-1], fingerprint, shard)
     load_trainable(model, tensors, saved[-1])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -222,17 +238,25 @@ def resume(folder: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
     return meta["step"]
 
 
-def export_final(out: Path, model, processor, config: TrainConfig, fingerprint: dict, runtime: Runtime) -> None:
+def export_final(out: Path, model, processor, config: TrainConfig, fingerprint: dict, runtime: Runtime,
+                 shard: checkpoint.Shard) -> None:
     """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
-    adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id/folder."""
+    adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id/folder. Under FSDP every
+    rank takes part (the weights are gathered unit by unit) and the main rank writes."""
     best = checkpoint.best(out / "checkpoints") if config.final == "best" else None
     if best is not None:
-        tensors, _, _ = checkpoint.load(best, fingerprint)
+        tensors, _, _ = checkpoint.load(best, fingerprint, shard)
         load_trainable(model, tensors, best)
+    sharded = hasattr(model, "fsdp_units")
     if config.adapter == "lora":
+        adapter = {k: v for unit in fsdp.unit_state_dicts(model, trainable_only=True) for k, v in unit.items()} \
+            if sharded else None
         base = fingerprint["model"]
         base = str((out / "base").resolve()) if base == "tiny" else str(Path(base).resolve()) if Path(base).exists() else base
-        export_adapter(model, processor, out / "final", base, config.to_json())
+        if runtime.is_main:
+            export_adapter(model, processor, out / "final", base, config.to_json(), adapter)
+    elif sharded:
+        export_pretrained_by_unit(model, processor, out / "final", runtime.weight_dtype, write=runtime.is_main)
     else:
         export_pretrained(model, processor, out / "final", runtime.weight_dtype)
 

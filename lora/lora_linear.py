@@ -38,7 +38,10 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # fp32 on the base's device, whatever the base's dtype (as PEFT's autocast_adapter_dtype).
+        # A base without weights yet (meta, FSDP loads them later) gets a real adapter on the CPU:
+        # no checkpoint holds a fresh adapter, so it must be initialised here.
         device = next(iter(base.state_dict().values())).device
+        device = torch.device("cpu") if device.type == "meta" else device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device)
         self.merged = False

@@ -30,8 +30,10 @@ PLAIN_INITS = {True: "kaiming", False: "gaussian", "gaussian": "gaussian"}
 
 
 def save(model: nn.Module, directory: str | Path, *, base_model_name_or_path: str,
-         target_modules: list[str] | str | None = None) -> Path:
+         target_modules: list[str] | str | None = None, adapter: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters; r, alpha, dropout, rsLoRA and init are read from its LoRALinears.
+    `adapter` gives the tensors (`<path>.lora_A.weight`, ...) when the modules do not hold them whole,
+    as under FSDP; by default they are the modules' own.
 
     `target_modules` goes into the config as PEFT would read it (a full-match regex, or path
     suffixes); by default the exact wrapped paths. It must select exactly the wrapped modules.
@@ -51,7 +53,8 @@ def save(model: nn.Module, directory: str | Path, *, base_model_name_or_path: st
         "init_lora_weights": True if init == "kaiming" else "gaussian",
         "inference_mode": True, "use_dora": False, "modules_to_save": None,
     }
-    tensors = {PREFIX + name: tensor.cpu().contiguous() for name, tensor in adapter_state_dict(model).items()}
+    adapter = adapter_state_dict(model) if adapter is None else adapter
+    tensors = {PREFIX + name: tensor.cpu().contiguous() for name, tensor in adapter.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomically(directory / WEIGHTS, lambda path: save_file(tensors, path, metadata={"format": "pt"}))

@@ -44,11 +44,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path, mo
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-000001"]
     tensors, _, _ = checkpoint.load(checkpoint.complete(tmp_path)[-1], META)
     assert torch.equal(tensors["w"], torch.full((3,), 1.0))
-    # The next save (by a later process) clears the half-written folder.
-    leftovers = list(tmp_path.glob(".tmp-*"))
-    assert leftovers
-    for leftover in leftovers:
-        leftover.rename(leftover.with_name(leftover.name.rsplit("-", 1)[0] + "-999999"))
+    # The next save clears the half-written folder.
+    assert list(tmp_path.glob(".tmp-*"))
     _save(tmp_path, 3, 0.5)
     assert not list(tmp_path.glob(".tmp-*"))
 

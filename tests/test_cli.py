@@ -46,8 +46,10 @@ def test_help_lists_all_six_approaches(tmp_path):
 
 
 def test_unbuilt_approaches_are_refused_not_substituted():
-    with pytest.raises(UsageError, match="not available yet"):
-        from_approach("full_fsdp", gpus=2)
+    with pytest.raises(UsageError, match="approach 'full_mp' is not available yet"):
+        from_approach("full_mp", gpus=2)
+    with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):
+        from_approach("qlora", gpus=2, parallel="fsdp")
 
 
 def test_more_gpus_than_present_is_an_error(monkeypatch):

@@ -48,7 +48,8 @@ def test_adamw_does_not_decay_biases_or_norm_scales():
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 2  # linear bias + norm bias; frozen scale left out
 
 
-def test_lr_scaling_by_rank_count():
-    assert scaled_lr(1e-5, "none", 4) == 1e-5
-    assert scaled_lr(1e-5, "sqrt", 4) == pytest.approx(2e-5)
-    assert scaled_lr(1e-5, "linear", 4) == pytest.approx(4e-5)
+def test_lr_scaling_by_global_batch_over_the_reference_batch():
+    assert scaled_lr(1e-5, "none", 16, 4) == 1e-5
+    assert scaled_lr(1e-5, "sqrt", 16, 4) == pytest.approx(2e-5)  # 4 ranks of the original's batch of 4
+    assert scaled_lr(1e-5, "linear", 16, 4) == pytest.approx(4e-5)
+    assert scaled_lr(1e-5, "sqrt", 8, 8) == 1e-5  # a global batch of the reference size needs no scaling

@@ -79,3 +79,30 @@ def test_activation_checkpointing_keeps_gradients_even_with_frozen_inputs(proces
     for name in grads[0]:
         assert grads[0][name].abs().sum() > 0
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_blocks_are_every_repeated_layer_in_forward_order(tiny_model):
+    inner = tiny_model.model
+    expected = [*inner.vision_model.encoder.layers, *inner.connector.perceiver_resampler.layers, *inner.text_model.layers]
+    assert models.blocks(tiny_model) == expected
+    idefics3, _ = models.tiny_idefics3(0)
+    assert models.blocks(idefics3)[-1] is idefics3.model.text_model.layers[-1]
+
+
+def test_a_weightless_model_has_real_buffers_and_reads_any_slice(tiny_model, processor, tmp_path):
+    from models.lazy import load_on_meta
+
+    tiny_model.save_pretrained(tmp_path, max_shard_size="5MB")  # several files and an index
+    processor.save_pretrained(tmp_path)
+    model, _, read = load_on_meta(tmp_path, torch.float32)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    for name, buffer in tiny_model.named_buffers():  # the rotary tables are not in the files
+        assert torch.equal(model.get_buffer(name), buffer), name
+    generator = torch.Generator().manual_seed(0)
+    for name, weight in tiny_model.state_dict().items():
+        flat = weight.reshape(-1)
+        start = int(torch.randint(0, flat.numel(), (1,), generator=generator))
+        stop = int(torch.randint(start, flat.numel() + 1, (1,), generator=generator))
+        assert torch.equal(read(name, start, stop), flat[start:stop]), name
+    with pytest.raises(UsageError, match="have no tensor 'lm_head.bias'"):
+        read("lm_head.bias", 0, 1)

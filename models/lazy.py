@@ -1,0 +1,96 @@
+"""A model without its weights, and a reader for slices of them: how FSDP ranks load only their shard.
+
+The model is built with every parameter on the meta device (no memory, no init) while buffers
+stay real: the rotary tables are computed in `__init__` and are not in the checkpoint. Each FSDP
+rank then asks `SliceReader` for the element ranges its shards cover; safetensors reads those
+rows from the memory-mapped files and nothing else.
+"""
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from engine.errors import UsageError
+from models.load import SUPPORTED_TYPES, use_real_pad_token
+
+INDEX = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device as it is registered; buffers do not."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class SliceReader:
+    """`reader(name, start, stop)`: elements [start, stop) of the flattened weight `name`, read
+    from a folder's safetensors files (one `model.safetensors` or shards with an index)."""
+
+    def __init__(self, folder: Path):
+        index = folder / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").exists():
+            with safe_open(folder / "model.safetensors", "pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
+        else:
+            raise UsageError(f"{folder} holds no safetensors weights (model.safetensors or {INDEX}).")
+        self.folder, self.weight_map, self.handles = folder, weight_map, {}
+
+    def __call__(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise UsageError(f"the weights in {self.folder} have no tensor {name!r}; is it the same model type?")
+        file = self.weight_map[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(self.folder / file, "pt")
+        rows = self.handles[file].get_slice(name)
+        shape = rows.get_shape()
+        if len(shape) == 0:
+            return rows[...].reshape(1)[start:stop]
+        # Read whole rows of the leading dimension around the range, then trim: at most two rows extra.
+        row = max(1, int(torch.Size(shape[1:]).numel()))
+        first, last = start // row, -(-stop // row)
+        return rows[first:last].reshape(-1)[start - first * row : stop - first * row]
+
+
+def load_on_meta(folder: Path, dtype: torch.dtype, attn_implementation: str = "sdpa") \
+        -> tuple[PreTrainedModel, ProcessorMixin, SliceReader]:
+    """The model of a local Hugging Face folder with parameters on meta, its processor, and its weights' reader."""
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UsageError(f"{folder} is a {config.model_type!r} model; this engine fine-tunes {' and '.join(SUPPORTED_TYPES)} only.")
+    config._attn_implementation = attn_implementation
+    with parameters_on_meta():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(folder)
+    use_real_pad_token(processor, model)
+    return model, processor, SliceReader(folder)
+
+
+def local_folder(spec: str) -> Path:
+    """A folder as is; a hub id downloaded (config, processor and safetensors only) into the HF cache."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as error:  # the hub's many error types; all mean the same thing to the user
+        raise UsageError(f"cannot fetch {spec!r} from the Hugging Face hub (is it reachable?): {error}") from error

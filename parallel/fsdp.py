@@ -1,0 +1,227 @@
+"""Fully sharded data parallelism by hand on torch.distributed: each rank keeps 1/N of every weight.
+
+`fully_shard(model, blocks)` turns every block, plus a root unit holding every parameter outside the
+blocks, into a unit. A unit's parameters are flattened into one buffer per kind (trainable in fp32,
+the master copy; frozen in its own dtype), padded to a multiple of the world size, and each rank
+keeps its 1/N slice as an `nn.Parameter`. Those shards are the model's only parameters afterwards:
+the optimizer, its state, `model.state_dict()` and the gradients are all 1/N per rank. A model
+built on the meta device is filled slice by slice from a `Read` function, so no rank ever holds
+more than its shards.
+
+A unit's forward all-gathers its shards (in `compute_dtype`) and points the original parameter names
+at views of the full buffer; the gather's backward reduce-scatters the full gradient into the shard,
+in fp32, as a SUM: the engine divides every rank's loss by the global token count (see
+parallel/ddp.py), so the summed gradient is the global mean. Frozen shards are gathered without
+autograd, so they cost no gradient communication. Gradient accumulation needs no `no_sync`: each
+micro-batch's backward reduce-scatters and the shard gradients accumulate.
+
+Memory: a block runs under non-reentrant activation checkpointing together with its gather, so its
+full weights and activations are dropped after its forward and rebuilt (re-gathered, recomputed) in
+its backward: at any moment a rank holds its shards, the root unit and one block in full, plus the
+blocks' inputs. The root unit is gathered for the whole forward (it encloses the blocks) and kept
+by autograd until backward. The price is one extra forward of each block, as with activation
+checkpointing, which this includes: do not checkpoint the blocks again.
+"""
+
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+# The *_single names replace the *_tensor ones in recent torch; the pinned range starts before them.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# (parameter name, start, stop) -> elements [start, stop) of that weight, flattened: how a rank
+# reads its slices of a model built on the meta device (models/lazy.py reads safetensors files).
+Read = Callable[[str, int, int], torch.Tensor]
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather in forward, reduce-scatter (a sum, in fp32) in backward.
+
+    A frozen shard builds no autograd node (no input requires grad), so it never reduce-scatters.
+    """
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        full = shard.new_empty(shard.numel() * dist.get_world_size(group), dtype=dtype)
+        _all_gather(full, shard.to(dtype), group=group)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Reduce in the fp32 master dtype: bf16 sums over many ranks lose the small gradients.
+        grad = grad.to(torch.float32).contiguous()
+        shard = grad.new_empty(grad.numel() // dist.get_world_size(ctx.group))
+        _reduce_scatter(shard, grad, group=ctx.group)
+        return shard, None, None
+
+
+class _Flat:
+    """Parameters of one unit sharing `requires_grad`, laid end to end; this rank keeps `shard`.
+
+    A parameter on the meta device is read from `read` (only the elements inside this rank's
+    slice); a real one is first broadcast from rank 0, since ranks may have initialised
+    differently (seeds, LoRA's random A).
+    """
+
+    def __init__(self, params: list[tuple[str, nn.Module, str, nn.Parameter]], group: dist.ProcessGroup | None,
+                 read: Read | None, device: torch.device):
+        self.names = [name for name, *_ in params]
+        self.owners = [(module, attr) for _, module, attr, _ in params]
+        self.shapes = [param.shape for *_, param in params]
+        self.sizes = [param.numel() for *_, param in params]
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        trainable = params[0][3].requires_grad
+        # Trainable weights keep an fp32 master; a frozen base keeps its own (first parameter's) dtype.
+        dtype = torch.float32 if trainable else params[0][3].dtype
+        per_rank = -(-sum(self.sizes) // world)
+        low, high = rank * per_rank, (rank + 1) * per_rank
+        pieces, offset = [], 0
+        with torch.no_grad():
+            for name, _, _, param in params:
+                start, stop = max(low, offset) - offset, min(high, offset + param.numel()) - offset
+                offset += param.numel()
+                if param.is_meta and read is None:
+                    raise ValueError(f"{name} is on the meta device and fully_shard was given nothing to read it from")
+                if not param.is_meta:  # on `device` first: NCCL broadcasts GPU tensors only
+                    param = param.detach().to(device)
+                    dist.broadcast(param, src=_first_rank(group), group=group)
+                if start < stop:
+                    piece = read(name, start, stop) if param.is_meta else param.reshape(-1)[start:stop]
+                    pieces.append(piece.to(device=device, dtype=dtype))
+            shard = torch.zeros(per_rank, dtype=dtype, device=device)  # the tail past the last weight is padding
+            if pieces:
+                torch.cat(pieces, out=shard[:sum(p.numel() for p in pieces)])
+        self.shard = nn.Parameter(shard, requires_grad=trainable)
+        self.shard.unsharded_numel = sum(self.sizes)  # what this shard stands for, for parameter counts
+
+    def gather(self, dtype: torch.dtype | None, group: dist.ProcessGroup | None) -> torch.Tensor:
+        return _Gather.apply(self.shard, dtype or self.shard.dtype, group)
+
+    def views(self, full: torch.Tensor) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+        for (module, attr), shape, chunk in zip(self.owners, self.shapes, full[:sum(self.sizes)].split(self.sizes)):
+            yield module, attr, chunk.view(shape)
+
+
+class _Unit:
+    """A module whose own parameters (those of no other unit) are gathered around its forward."""
+
+    def __init__(self, module: nn.Module, params: list[tuple[str, nn.Module, str, nn.Parameter]],
+                 compute_dtype: torch.dtype | None, group: dist.ProcessGroup | None, recompute: bool,
+                 read: Read | None, device: torch.device):
+        self.compute_dtype, self.group, self.recompute = compute_dtype, group, recompute
+        trainable = [p for p in params if p[3].requires_grad]
+        frozen = [p for p in params if not p[3].requires_grad]
+        self.flats = [_Flat(kind, group, read, device) for kind in (trainable, frozen) if kind]
+        for flat in self.flats:
+            for owner, attr in flat.owners:
+                del owner._parameters[attr]
+            module.register_parameter(f"fsdp_{'trainable' if flat.shard.requires_grad else 'frozen'}_shard", flat.shard)
+        self.forward = module.forward
+        # An instance attribute, so module names (and state dict keys) stay as they were.
+        module.forward = functools.update_wrapper(functools.partial(_Unit.sharded_forward, self), self.forward)
+
+    def sharded_forward(self, *args, **kwargs):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.gathered_forward, *args, use_reentrant=False, **kwargs)
+        return self.gathered_forward(*args, **kwargs)
+
+    def gathered_forward(self, *args, **kwargs):
+        # Plain tensors (not Parameters) stand in for the deleted names only while forward runs. They
+        # go into the parameter table itself, which a wrapper may share with the module it wraps
+        # (LoRALinear does), so both see them.
+        views = [v for flat in self.flats for v in flat.views(flat.gather(self.compute_dtype, self.group))]
+        for module, attr, view in views:
+            module._parameters[attr] = view
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            for module, attr, _ in views:
+                del module._parameters[attr]
+
+
+def _params(module: nn.Module, prefix: str, skip: set[int]) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
+    """(qualified name, owner, attribute, parameter) of every module under `module` not in `skip`."""
+    return [(f"{name}.{attr}" if name else attr, owner, attr, param)
+            for name, owner in module.named_modules(prefix=prefix) if id(owner) not in skip
+            for attr, param in owner._parameters.items() if param is not None]
+
+
+def _first_rank(group: dist.ProcessGroup | None) -> int:
+    return dist.get_global_rank(group, 0) if group else 0
+
+
+def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.dtype | None = None,
+                process_group: dist.ProcessGroup | None = None, read: Read | None = None,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Shards `model` in place across `process_group`, one unit per block plus the root; returns it.
+
+    Call on every rank with the same model structure; rank 0's real weights and buffers win.
+    Parameters left on the meta device (a model built without weights) are filled from `read`,
+    each rank reading only its own slices, so no rank ever holds the whole model. Shards land
+    on `device`. Afterwards `model.parameters()` are the shards: build the optimizer on them,
+    clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied parameters and nested
+    blocks are refused.
+    """
+    named = list(model.named_parameters(remove_duplicate=False))
+    if len({id(param) for _, param in named}) != len(named):
+        raise ValueError("fully_shard cannot shard a parameter shared between modules (tied weights)")
+    inside = [{id(m) for m in block.modules()} for block in blocks]
+    if sum(map(len, inside)) != len(set().union(*inside)):
+        raise ValueError("blocks overlap (one contains another or they share a submodule); pass disjoint blocks")
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer = buffer.to(device)
+                    dist.broadcast(buffer, src=_first_rank(process_group), group=process_group)
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    units = [(block, _params(block, prefixes[id(block)], set()), True) for block in blocks]
+    units.append((model, _params(model, "", set().union(*inside)), False))
+    model.fsdp_units = [_Unit(module, params, compute_dtype, process_group, recompute, read, torch.device(device))
+                        for module, params, recompute in units if params]
+    return model
+
+
+def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """{original name: full tensor} of one unit at a time (the root last), for exports that never
+    hold the whole model at once.
+
+    A collective: every rank must iterate to the end; usually only rank 0 keeps what it gets.
+    """
+    for unit in model.fsdp_units:
+        tensors = {}
+        for flat in unit.flats:
+            if trainable_only and not flat.shard.requires_grad:
+                continue
+            with torch.no_grad():
+                full = flat.gather(None, unit.group)
+            # Clones, so the unit's full buffer dies with this loop.
+            tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full)))
+        yield tensors
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
+    """Scales the shards' gradients so that the global norm is at most `max_norm`; returns the norm before.
+
+    Each rank holds disjoint slices (padding has zero gradient), so the global squared norm is the
+    sum of the local ones. Same scale rule as torch.nn.utils.clip_grad_norm_.
+    """
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for grad in grads:
+        squares += grad.float().pow(2).sum()
+    dist.all_reduce(squares, group=model.fsdp_units[0].group)
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return float(norm)

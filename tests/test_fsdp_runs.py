@@ -1,0 +1,95 @@
+"""full_fsdp and LoRA+FSDP end to end: 2 and 4 gloo ranks reproduce one process on the same global batches.
+
+Tolerances: the losses agree to float rounding. torch's clip_grad_norm_ (the one-process reference)
+is itself 1e-4 off the float64 norm on this model, ours 1e-7, hence rel=1e-3 on the norms: still
+a thousand times tighter than a sum-for-mean slip. Adam turns rounding differences of near-zero
+gradients into weight differences of a few percent of one step (lr=1e-3 here); a wrong gradient
+moves weights by whole steps.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from engine.errors import UsageError
+from models.tiny import build_tiny
+from test_ddp_runs import _run
+
+FULL = dict(train_modules=("all",), lr=1e-3)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
+
+
+def _logits(folder, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return AutoModelForImageTextToText.from_pretrained(folder).eval()(**batch, use_cache=False).logits
+
+
+def _assert_same_curves(got: dict, expected: dict) -> None:
+    for key, rel in (("train_loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
+        assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in expected["history"][key]], rel=rel), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp_path, processor):
+    single = _run(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
+    sharded = _run(tmp_path / "fsdp", "full_fsdp", batch_size=4 // world, gpus=world, **FULL)
+    assert sharded["world_size"] == world and sharded["total_params"] == single["total_params"]
+    _assert_same_curves(sharded, single)
+    ours, reference = _weights(tmp_path / "fsdp" / "final"), _weights(tmp_path / "single" / "final")
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)
+    # Parameters, gradients and AdamW state: 1/N each, plus at most the padding of a flat buffer
+    # (and less: AdamW keeps one 4-byte step count per tensor, and there are fewer shards than weights).
+    largest_block = max(sum(p.numel() for p in block.parameters()) for block in build_tiny(0).model.text_model.layers)
+    whole = single["ranks"][0]
+    for rank in sharded["ranks"]:
+        for kind in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+            assert 0.99 * whole[kind] / world <= rank[kind] <= whole[kind] / world + 4 * largest_block, (kind, rank)
+    # The export is a sharded Hugging Face folder that transformers loads, with the logits of the reference.
+    index = json.loads((tmp_path / "fsdp" / "final" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # written unit by unit, never as one piece
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Which exhibit is this?"}]}]
+    batch = dict(processor(text=[processor.apply_chat_template(messages)], return_tensors="pt"))
+    torch.testing.assert_close(_logits(tmp_path / "fsdp" / "final", batch), _logits(tmp_path / "single" / "final", batch),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_full_fsdp_resumes_from_per_rank_shards_on_the_same_world_size(tmp_path):
+    whole = _run(tmp_path / "whole", "full_fsdp", batch_size=2, gpus=2, **FULL)
+    first = _run(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, stop_after_steps=2, **FULL)
+    saved = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*/*"))
+    assert {p.name for p in saved} >= {"model-rank00000-of-00002.safetensors", "train_state-rank00001-of-00002.pt"}
+    with pytest.raises(UsageError, match="its shards is 2, this run's is 4"):
+        _run(tmp_path / "resumed", "full_fsdp", batch_size=1, gpus=4, resume=True, **FULL)
+    second = _run(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, resume=True, **FULL)
+    assert [s for s, _ in first["history"]["train_loss"] + second["history"]["train_loss"]] == [1, 2, 3]
+    resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in whole["history"]["train_loss"]], rel=1e-6)
+    again, reference = _weights(tmp_path / "resumed" / "final"), _weights(tmp_path / "whole" / "final")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_lora_with_fsdp_equals_one_process_lora(tmp_path):
+    single = _run(tmp_path / "single", "lora", batch_size=4, gpus=None)
+    sharded = _run(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp")
+    assert sharded["trainable_params"] == single["trainable_params"]
+    _assert_same_curves(sharded, single)
+    # Only the adapter's gradients and AdamW state exist; the frozen base is sharded too.
+    assert sharded["ranks"][0]["grad_bytes"] <= single["ranks"][0]["grad_bytes"] / 2 + 1024
+    assert sharded["ranks"][0]["param_bytes"] <= single["ranks"][0]["param_bytes"] / 2 + 1024 * 1024
+    ours = load_file(tmp_path / "fsdp" / "final" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-4, msg=name)  # lr=5e-3
