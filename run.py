@@ -35,7 +35,7 @@ def train_parser() -> argparse.ArgumentParser:
     add("--limit-exhibits", type=int, help="keep only the first K exhibits (small demos and tests)")
     add("--adapter", choices=("none", "lora"), help="override the approach's adapter (hybrids)")
     add("--quant", choices=("none", "nf4"), help="override the approach's base-weight format")
-    add("--parallel", choices=("none", "ddp", "fsdp", "pipeline"), help="override the approach's parallelism")
+    add("--parallel", choices=("none", "ddp", "fsdp", "pipeline", "pipeline+fsdp"), help="override the approach's parallelism")
     add("--output-dir", help="where checkpoints, logs and the final model go (default: runs/<approach>)")
     add("--epochs", type=int, help=f"passes over the train split (default: {DEFAULTS.epochs})")
     add("--max-steps", type=int, help="total optimizer steps; overrides --epochs and sets the lr schedule")
@@ -73,6 +73,12 @@ def train_parser() -> argparse.ArgumentParser:
     add("--image-longest-edge", type=int, help="processor resize: longest image edge in pixels")
     add("--seed", type=int, help=f"seed for the tiny model, data order and dropout (default: {DEFAULTS.seed})")
     add("--device", help="auto (CUDA if present), cpu or cuda (default: auto)")
+    add("--micro-batches", type=int, help="full_mp: micro-batches each batch is cut into so the stages work "
+                                          f"at once (default: {DEFAULTS.micro_batches}; 1 is the original's naive split)")
+    add("--schedule", choices=("gpipe", "1f1b"), help="full_mp: all forwards then all backwards (gpipe, default), "
+                                                      "or one forward one backward, fewer activations alive (1f1b)")
+    add("--split", type=int, nargs="+", help="full_mp: first decoder layer of every stage after the first "
+                                             "(default: balanced by parameters; the original's 4-GPU split is 5 14 23)")
     add("--gpus", type=int, help="number of ranks (default: what torchrun started, else 1); on a machine "
                                  "without CUDA the ranks are CPU processes on gloo")
     add("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
@@ -116,7 +122,7 @@ def main(argv: list[str]) -> int:
         return merge(argv[1:])
     args = vars(train_parser().parse_args(argv))
     approach = args.pop("approach")
-    for name in ("train_modules", "lora_target"):
+    for name in ("train_modules", "lora_target", "split"):
         if args.get(name):
             args[name] = tuple(args[name])
     try:

@@ -78,11 +78,16 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    spawn(_rank_main, parser.parse_args())
+    spawn(_rank_main, parse_args(__doc__, steps=20, warmup=5, batch=4))
+
+
+def parse_args(doc: str, steps: int, warmup: int, batch: int) -> argparse.Namespace:
+    """The flags every benchmark here takes, with its own defaults."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=batch, help="rows per rank")
+    return parser.parse_args()
 
 
 def spawn(rank_main: Callable[[int, int, argparse.Namespace], None], args: argparse.Namespace) -> None:

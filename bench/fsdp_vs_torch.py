@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from ddp_vs_torch import SEQ_LEN, WORLD, random_batch, spawn  # noqa: E402
+from ddp_vs_torch import SEQ_LEN, WORLD, parse_args, random_batch, spawn  # noqa: E402
 from engine.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
 from engine.loss import summed_token_loss  # noqa: E402
 from models.tiny import build_tiny  # noqa: E402
@@ -93,11 +93,7 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args(__doc__, steps=10, warmup=2, batch=2)
     args.results = multiprocessing.get_context("spawn").SimpleQueue()
     rows = {}
     for args.row in ROWS:

@@ -18,8 +18,9 @@ from engine.config import TrainConfig
 from engine.export import export_pretrained
 from engine.metrics import parameter_counts
 from engine.runtime import Runtime, resolve_model
-from models.lazy import SliceReader, load_on_meta, local_folder
+from models.lazy import SliceReader, load_on_meta, local_folder, materialize
 from models.parts import decoder_layers
+from models.stages import Stage, split_points, stage
 from models.targets import QUANT_SKIP, VISION_ENCODER
 from parallel.fsdp import fully_shard
 from quant import Linear4bit, quantize
@@ -31,7 +32,7 @@ def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) 
     """The model to train and its processor. `base_copy` is where the tiny model's untouched starting
     weights and processor go (written once, by the main rank, before quantization or adapters)."""
     spec = resolve_model(config.model, runtime.device)
-    if config.parallel == "fsdp":
+    if config.parallel in ("fsdp", "pipeline"):
         model, processor, read = load_without_weights(spec, config, runtime, base_copy)
     else:
         # An NF4 base is loaded on the CPU and quantized layer by layer onto the device, so the
@@ -56,9 +57,16 @@ def build(config: TrainConfig, runtime: Runtime, base_copy: Path | None = None) 
     if config.parallel == "fsdp":
         # Every block is recomputed in backward by FSDP itself, which is activation checkpointing.
         fully_shard(model, models.blocks(model), runtime.weight_dtype, read=read, device=runtime.device)
-    elif config.activation_checkpointing:
+    elif config.parallel == "pipeline":
+        materialize(model, pipeline_stage(model, config, runtime), read, runtime.device)  # the rest stays on meta
+    if config.activation_checkpointing and config.parallel != "fsdp":
         apply_activation_checkpointing(decoder_layers(model))
     return model, processor
+
+
+def pipeline_stage(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -> Stage:
+    """This rank's stage: the split of `--split`, or balanced by parameters over the ranks."""
+    return stage(model, split_points(model, runtime.world_size, config.split), runtime.rank)
 
 
 def load_without_weights(spec: str, config: TrainConfig, runtime: Runtime, base_copy: Path | None) \
@@ -92,13 +100,25 @@ def add_lora(model: PreTrainedModel, config: TrainConfig) -> list[str]:
                        rslora=config.lora_rslora, init=config.lora_init)
 
 
-def wrap_parallel(model: nn.Module, parallel: str) -> nn.Module:
-    """The module that runs forward/backward: the model itself, or a parallel wrapper around it."""
-    if parallel == "ddp":
+def wrap_parallel(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
+    """What runs forward/backward: the model itself (FSDP shards it in place, in build), a DDP
+    wrapper around it, or this rank's pipeline stage."""
+    if config.parallel == "ddp":
         from parallel.ddp import DataParallel
 
         return DataParallel(model)
-    return model  # FSDP shards the model itself, in build
+    if config.parallel == "pipeline":
+        from parallel.pipeline import Pipeline
+
+        hidden_size = model.config.get_text_config().hidden_size
+        # Every stage's output keeps the embeddings' dtype, as in the unsplit model's residual stream.
+        dtype = model.get_input_embeddings().weight.dtype
+
+        def activation_shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
+            return torch.Size((*batch["input_ids"].shape, hidden_size)), dtype
+
+        return Pipeline(pipeline_stage(model, config, runtime), activation_shape, config.schedule, device=runtime.device)
+    return model
 
 
 def configure_processor(processor: ProcessorMixin, config: TrainConfig) -> None:

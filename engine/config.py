@@ -23,7 +23,7 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
 
 # What this build can run; the rest are listed in --help and refused, never run as something else.
 AVAILABLE = {(adapter, quant, parallel) for adapter, quant in (("none", "none"), ("lora", "none"), ("lora", "nf4"))
-             for parallel in ("none", "ddp")} | {("none", "none", "fsdp"), ("lora", "none", "fsdp")}
+             for parallel in ("none", "ddp")} | {("none", "none", "fsdp"), ("lora", "none", "fsdp"), ("none", "none", "pipeline")}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     train_modules: tuple[str, ...] = ("projections",)
     activation_checkpointing: bool = False
+    # pipeline (full_mp)
+    micro_batches: int = 4
+    schedule: str = "gpipe"  # gpipe | 1f1b
+    split: tuple[int, ...] = ()  # first decoder layer of each stage after the first; () = balanced
     # LoRA: the original project's settings
     lora_target: tuple[str, ...] = ("projections",)
     lora_r: int = 8
@@ -105,6 +109,11 @@ def validate(config: TrainConfig) -> None:
     if config.quant == "nf4" and config.parallel == "fsdp":
         raise UsageError("an NF4 base cannot be sharded by FSDP (its packed weights and quant state are not "
                          "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
+    if config.parallel == "pipeline+fsdp":
+        raise UsageError("pipeline stages sharded with FSDP (--parallel pipeline+fsdp) are not built yet; "
+                         "use --parallel pipeline or --parallel fsdp.")
+    if config.parallel == "pipeline" and config.adapter != "none":
+        raise UsageError("the pipeline runs full fine-tuning only in this build; LoRA and QLoRA use --parallel ddp or fsdp.")
     if choice not in AVAILABLE:
         what = f"approach {config.approach!r}" if choice == APPROACHES[config.approach][:3] else \
             f"--adapter {config.adapter} --quant {config.quant} --parallel {config.parallel}"
@@ -126,6 +135,10 @@ def validate(config: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus", "lr_reference_batch"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
+    if config.schedule not in ("gpipe", "1f1b"):
+        raise UsageError(f"--schedule must be gpipe or 1f1b, not {config.schedule!r}.")
+    if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
+        raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
     if config.max_steps is not None and config.max_steps < 1:
         raise UsageError("--max-steps must be at least 1.")
     if not 0 < config.eval_every <= 1:

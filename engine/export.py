@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -35,28 +37,68 @@ def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin,
         for _ in units:  # this rank's part of each gather
             pass
         return None
-    params = {name for name, _ in model.named_parameters()}
-    buffers = {name: tensor for name, tensor in model.state_dict().items() if name not in params}
 
     def write_files(tmp: Path) -> None:
+        buffers = _persistent_buffers(model)
         pieces = [*units, buffers] if buffers else units
         count = len(model.fsdp_units) + bool(buffers)
         weight_map, total = {}, 0
         for index, piece in enumerate(pieces, start=1):
             file = f"model-{index:05d}-of-{count:05d}.safetensors"
-            piece = {name: _cast(tensor, dtype).contiguous() for name, tensor in piece.items()}
-            save_file(piece, tmp / file, metadata={"format": "pt"})
+            total += _save_piece(piece, tmp / file, dtype)
             weight_map.update(dict.fromkeys(piece, file))
-            total += sum(t.numel() * t.element_size() for t in piece.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
-        if model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        _write_index_and_config(tmp, model, processor, weight_map, total)
 
     return _publish(folder, write_files)
+
+
+def export_pretrained_by_rank(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
+                              rank: int, world: int) -> None:
+    """`export_pretrained` for a pipeline: every rank writes its own stage's weights (those not on
+    the meta device) as one safetensors file of a shared temporary folder, which the main rank
+    completes with the index, config and processor and publishes. Every rank calls it."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    piece = {name: param for name, param in model.named_parameters() if not param.is_meta}
+    piece.update(_persistent_buffers(model) if rank == 0 else {})
+    file = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
+    size = _save_piece(piece, tmp / file, dtype)
+    written = [None] * world
+    dist.all_gather_object(written, (file, sorted(piece), size))
+    if rank == 0:
+        weight_map = {name: file for file, names, _ in written for name in names}
+        _write_index_and_config(tmp, model, processor, weight_map, sum(size for *_, size in written))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    dist.barrier()
+
+
+def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    params = {name for name, _ in model.named_parameters()}
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in params}
+
+
+def _save_piece(piece: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> int:
+    """One safetensors file of a sharded Hugging Face folder; returns its tensor bytes."""
+    piece = {name: _cast(tensor, dtype).contiguous() for name, tensor in piece.items()}
+    save_file(piece, path, metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in piece.values())
+
+
+def _write_index_and_config(tmp: Path, model: PreTrainedModel, processor: ProcessorMixin, weight_map: dict[str, str],
+                            total: int) -> None:
+    """What `save_pretrained` writes besides the weights: the shard index, configs and processor."""
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    if model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

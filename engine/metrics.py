@@ -47,7 +47,7 @@ def _bytes(tensors) -> int:
 
 def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank holds in parameters, gradients and optimizer state (call while grads exist)."""
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if not p.is_meta]  # a pipeline rank holds only its stage
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return {
         "param_bytes": _bytes(params),

@@ -24,20 +24,23 @@ from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
 from engine.errors import UsageError
-from engine.export import export_adapter, export_pretrained, export_pretrained_by_unit
+from engine.export import export_adapter, export_pretrained, export_pretrained_by_rank, export_pretrained_by_unit
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import Scalars, memory_breakdown, parameter_counts
 from engine.optim import adamw, cosine_with_warmup, scaled_lr
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
-from parallel import fsdp
+from parallel import clip, fsdp
+from parallel.pipeline import Pipeline, bubble
 from quant import quantized_bytes
 
 
 @record  # a rank's exception reaches the launching process's report
 def train(config: TrainConfig) -> dict:
     runtime = setup_runtime(config)
+    if config.parallel in ("fsdp", "pipeline") and runtime.world_size < 2:
+        raise UsageError(f"--parallel {config.parallel} needs 2 or more ranks (--gpus N, or torchrun); this run has 1.")
     # Same seed on every rank and in every world size: adapters start identical, dropout matches.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -47,16 +50,20 @@ def train(config: TrainConfig) -> dict:
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
     # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
     model, processor = build(config, runtime, out / "base" if resolve_model(config.model, runtime.device) == "tiny" else None)
-    # FSDP ranks each save and load their own shard; everything else is saved by the main rank.
-    shard = checkpoint.Shard(runtime.rank, runtime.world_size) if config.parallel == "fsdp" else checkpoint.Shard()
+    pipelined = config.parallel == "pipeline"
+    # FSDP and pipeline ranks each save and load their own part; otherwise the main rank saves all.
+    sharded = config.parallel in ("fsdp", "pipeline")
+    shard = checkpoint.Shard(runtime.rank, runtime.world_size) if sharded else checkpoint.Shard()
+    # The ranks that split the data: every pipeline rank sees the whole batch.
+    data = Runtime(runtime.device) if pipelined else runtime
     collator = Collator(processor, config.max_length)
-    trained = wrap_parallel(model, config.parallel)  # what runs forward/backward; `model` is what gets saved
-    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, runtime.world_size, config.seed)
+    trained = wrap_parallel(model, config, runtime)  # what runs forward/backward; `model` is what gets saved
+    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, data.world_size, config.seed)
     if plan.steps_per_epoch == 0:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     eval_interval = max(1, round(total_steps * config.eval_every))
-    optimizer = adamw(model, scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch), config.betas,
+    optimizer = adamw(trained.stage if pipelined else model, scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch), config.betas,
                       config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {
@@ -75,7 +82,7 @@ def train(config: TrainConfig) -> dict:
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
         else contextlib.nullcontext()
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
-    memory, step_times, samples, tokens = {}, [], 0, 0
+    memory, step_times, samples, tokens, idle = {}, [], 0, 0, []
     started = time.perf_counter()
     with server as url:
         if url:
@@ -84,9 +91,12 @@ def train(config: TrainConfig) -> dict:
         step = start_step
         while step < total_steps:
             tick = time.perf_counter()
-            rows = [[splits["train"][i] for i in batch] for batch in plan.micro_batches(step, runtime.rank)]
-            loss, grad_norm, step_tokens = train_step(trained, optimizer, [collator(r) for r in rows], runtime,
-                                                      config.max_grad_norm)
+            batches = [collator([splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, data.rank)]
+            if pipelined:
+                loss, grad_norm, step_tokens = pipeline_step(trained, optimizer, batches, config, runtime.device)
+                idle.append(trained.last_idle_fraction)
+            else:
+                loss, grad_norm, step_tokens = train_step(trained, optimizer, batches, runtime, config.max_grad_norm)
             memory = memory or memory_breakdown(model, optimizer)  # grads still exist: measured once
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -105,10 +115,10 @@ def train(config: TrainConfig) -> dict:
             stopping = config.stop_after_steps is not None and step - start_step >= config.stop_after_steps
             val_loss = None
             if step % eval_interval == 0 or step == total_steps:
-                val_loss = evaluate(trained, splits["validation"], collator, runtime, config.batch_size)
+                val_loss = evaluate(trained, splits["validation"], collator, data, config.batch_size, config.micro_batches)
                 history["val_loss"].append((step, val_loss))
                 scalars.log(step, {"eval/loss": val_loss})
-            if (runtime.is_main or shard.count > 1) and (val_loss is not None or stopping):
+            if (runtime.is_main or sharded) and (val_loss is not None or stopping):
                 save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, fingerprint, val_loss,
                                 config.keep_last, shard)
             if stopping:
@@ -118,7 +128,7 @@ def train(config: TrainConfig) -> dict:
     wall = time.perf_counter() - started
 
     completed = step == total_steps
-    if completed and (runtime.is_main or shard.count > 1):
+    if completed and (runtime.is_main or sharded):
         export_final(out, model, processor, config, fingerprint, runtime, shard)
     summary = {
         "approach": config.approach, "model": fingerprint["model"], "world_size": runtime.world_size,
@@ -129,7 +139,9 @@ def train(config: TrainConfig) -> dict:
         "samples_per_s": samples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
         "trainable_params": trainable, "total_params": total,
         **quantized_summary(model),
-        "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory}),
+        "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(), **memory,
+                                 **(pipeline_report(trained, idle) if pipelined else {})}),
+        **({"theoretical_bubble": bubble(runtime.world_size, config.micro_batches * config.grad_accum)} if pipelined else {}),
         "history": history,
     }
     if runtime.is_main:
@@ -169,31 +181,61 @@ def clip_gradients(model, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
 
 
+def pipeline_step(pipeline: Pipeline, optimizer, batches: list[dict], config: TrainConfig,
+                  device: torch.device) -> tuple[float, float, int]:
+    """`train_step` for a pipeline stage: every rank has the whole batch, cut into micro-batches
+    that flow through the stages; each stage clips by the norm over all stages and steps its own part."""
+    pipeline.stage.train()
+    answer_tokens = sum(answer_token_count(b["labels"]) for b in batches)
+    micro = [piece for batch in batches for piece in micro_batches(batch, config.micro_batches, device)]
+    loss = pipeline.train_step(micro, answer_tokens)
+    grad_norm = clip.clip_grad_norm_([p for p in pipeline.stage.parameters() if p.requires_grad], config.max_grad_norm)
+    optimizer.step()
+    return loss, grad_norm, answer_tokens
+
+
+def micro_batches(batch: dict[str, torch.Tensor], count: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """`batch` cut into `count` micro-batches of rows (fewer if it has fewer rows)."""
+    pieces = {key: value.to(device).chunk(count) for key, value in batch.items()}
+    return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(len(pieces["input_ids"]))]
+
+
+def pipeline_report(pipeline: Pipeline, idle: list[float]) -> dict:
+    """This rank's stage (its decoder layers) and the measured fraction of its step time spent waiting."""
+    return {"decoder_layers": list(pipeline.stage.bounds), "idle_fraction": sum(idle) / max(1, len(idle))}
+
+
 @torch.no_grad()
-def evaluate(model, split, collator: Collator, runtime: Runtime, batch_size: int) -> float:
+def evaluate(model, split, collator: Collator, data: Runtime, batch_size: int, pipeline_micro_batches: int) -> float:
     """Validation loss averaged over every answer token of the split (not over batches or ranks).
 
     Every rank runs the same number of forwards, since an FSDP forward is a collective: a rank
-    whose rows have run out repeats the split's first batch and does not count it.
+    whose rows have run out repeats the split's first batch and does not count it. Pipeline ranks
+    (`data` of one rank) all run every batch, each stage its part.
     """
-    model.eval()
+    pipelined = isinstance(model, Pipeline)
+    (model.stage if pipelined else model).eval()
     loss_sum, count = 0.0, 0
-    stride = batch_size * runtime.world_size
-    for start in range(runtime.rank * batch_size, -(-len(split) // stride) * stride, stride):
+    stride = batch_size * data.world_size
+    for start in range(data.rank * batch_size, -(-len(split) // stride) * stride, stride):
         counted = start < len(split)
         rows = range(start, min(start + batch_size, len(split))) if counted else range(min(batch_size, len(split)))
-        batch = {k: v.to(runtime.device) for k, v in collator([split[i] for i in rows]).items()}
-        labels = batch.pop("labels")
-        with runtime.autocast():
-            logits = model(**batch, use_cache=False).logits
+        batch = {k: v.to(data.device) for k, v in collator([split[i] for i in rows]).items()}
+        if pipelined:
+            loss = model.evaluate(micro_batches(batch, pipeline_micro_batches, data.device))
+        else:
+            with data.autocast():
+                loss = float(summed_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"},
+                                                     use_cache=False).logits, batch["labels"]))
         if counted:
-            loss_sum += float(summed_token_loss(logits, labels))
-            count += answer_token_count(labels)
-    return runtime.sum_over_ranks(loss_sum) / max(1, runtime.sum_over_ranks(count))
+            loss_sum += loss
+            count += answer_token_count(batch["labels"])
+    return data.sum_over_ranks(loss_sum) / max(1, data.sum_over_ranks(count))
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """What a checkpoint holds: this rank's trainable tensors (a pipeline rank's others are on meta)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not p.is_meta}
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fingerprint: dict,
@@ -247,15 +289,16 @@ def export_final(out: Path, model, processor, config: TrainConfig, fingerprint: 
     if best is not None:
         tensors, _, _ = checkpoint.load(best, fingerprint, shard)
         load_trainable(model, tensors, best)
-    sharded = hasattr(model, "fsdp_units")
     if config.adapter == "lora":
         adapter = {k: v for unit in fsdp.unit_state_dicts(model, trainable_only=True) for k, v in unit.items()} \
-            if sharded else None
+            if config.parallel == "fsdp" else None
         base = fingerprint["model"]
         base = str((out / "base").resolve()) if base == "tiny" else str(Path(base).resolve()) if Path(base).exists() else base
         if runtime.is_main:
             export_adapter(model, processor, out / "final", base, config.to_json(), adapter)
-    elif sharded:
+    elif config.parallel == "pipeline":
+        export_pretrained_by_rank(model, processor, out / "final", runtime.weight_dtype, runtime.rank, runtime.world_size)
+    elif config.parallel == "fsdp":
         export_pretrained_by_unit(model, processor, out / "final", runtime.weight_dtype, write=runtime.is_main)
     else:
         export_pretrained(model, processor, out / "final", runtime.weight_dtype)

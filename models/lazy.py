@@ -94,3 +94,15 @@ def local_folder(spec: str) -> Path:
         return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as error:  # the hub's many error types; all mean the same thing to the user
         raise UsageError(f"cannot fetch {spec!r} from the Hugging Face hub (is it reachable?): {error}") from error
+
+
+def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: torch.device) -> None:
+    """Read the weights of `part` (a piece of the weightless `model`) whole, onto `device`: a
+    pipeline rank's own stage, while the other stages' parameters stay on meta."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    for module in part.modules():
+        for attr, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                weight = read(names[id(param)], 0, param.numel()).view(param.shape).to(device, param.dtype)
+                module._parameters[attr] = nn.Parameter(weight, requires_grad=param.requires_grad)
+    part.to(device)  # the buffers (rotary tables) too

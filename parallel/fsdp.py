@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from parallel import clip
+
 # The *_single names replace the *_tensor ones in recent torch; the pinned range starts before them.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -207,21 +209,6 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
         yield tensors
 
 
-@torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Scales the shards' gradients so that the global norm is at most `max_norm`; returns the norm before.
-
-    Each rank holds disjoint slices (padding has zero gradient), so the global squared norm is the
-    sum of the local ones. Same scale rule as torch.nn.utils.clip_grad_norm_.
-    """
-    params = list(model.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for grad in grads:
-        squares += grad.float().pow(2).sum()
-    dist.all_reduce(squares, group=model.fsdp_units[0].group)
-    norm = squares.sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
-    return float(norm)
+    """Scales the shards' gradients so that the global norm is at most `max_norm`; returns the norm before."""
+    return clip.clip_grad_norm_(model.parameters(), max_norm, model.fsdp_units[0].group)

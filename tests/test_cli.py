@@ -46,8 +46,12 @@ def test_help_lists_all_six_approaches(tmp_path):
 
 
 def test_unbuilt_approaches_are_refused_not_substituted():
-    with pytest.raises(UsageError, match="approach 'full_mp' is not available yet"):
-        from_approach("full_mp", gpus=2)
+    with pytest.raises(UsageError, match="pipeline stages sharded with FSDP .* are not built yet"):
+        from_approach("full_mp", gpus=2, parallel="pipeline+fsdp")
+    with pytest.raises(UsageError, match="the pipeline runs full fine-tuning only"):
+        from_approach("lora", gpus=2, parallel="pipeline")
+    with pytest.raises(UsageError, match="--micro-batches 3 must divide --batch-size 4"):
+        from_approach("full_mp", gpus=2, micro_batches=3)
     with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):
         from_approach("qlora", gpus=2, parallel="fsdp")
 

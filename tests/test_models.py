@@ -106,3 +106,38 @@ def test_a_weightless_model_has_real_buffers_and_reads_any_slice(tiny_model, pro
         assert torch.equal(read(name, start, stop), flat[start:stop]), name
     with pytest.raises(UsageError, match="have no tensor 'lm_head.bias'"):
         read("lm_head.bias", 0, 1)
+
+
+@pytest.mark.parametrize("family", ["idefics2", "idefics3"])
+def test_stages_chained_give_the_models_own_loss(family, processor, tiny_model):
+    from engine.loss import summed_token_loss
+    from models.stages import split_points, stage
+
+    model = tiny_model if family == "idefics2" else models.tiny_idefics3(0)[0].eval()
+    batch = dict(_inputs(processor)) if family == "idefics2" else dict(_inputs(models.tiny_idefics3(0)[1]))
+    batch["labels"] = batch["input_ids"].clone()
+    with torch.no_grad():
+        expected = summed_token_loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        for stages in (1, 2, 4):
+            points, hidden = split_points(model, stages), None
+            for rank in range(stages):
+                hidden = stage(model, points, rank)(hidden, batch)
+            torch.testing.assert_close(hidden, expected, msg=f"{stages} stages")
+
+
+def test_balanced_split_minimises_the_largest_stage_and_a_given_split_is_checked(tiny_model):
+    import itertools
+
+    from models.stages import split_points, stage
+
+    def largest(points: list[int]) -> int:
+        return max(sum(p.numel() for p in stage(tiny_model, points, r).parameters()) for r in range(len(points) + 1))
+
+    for stages in (2, 3):
+        best = min(largest(list(p)) for p in itertools.combinations(range(1, 4), stages - 1))
+        assert largest(split_points(tiny_model, stages)) == best
+    assert split_points(tiny_model, 2, (3,)) == [3]
+    with pytest.raises(UsageError, match="--split needs 1 increasing layer indices between 1 and 3"):
+        split_points(tiny_model, 2, (4,))
+    with pytest.raises(UsageError, match="5 pipeline stages need at least 5 decoder layers"):
+        split_points(tiny_model, 5)

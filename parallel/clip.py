@@ -1,0 +1,28 @@
+"""Gradient clipping by the global norm when each rank holds different parameters (FSDP shards, pipeline stages)."""
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, group: dist.ProcessGroup | None = None) -> float:
+    """Scales the gradients so that the norm over every rank's `params` is at most `max_norm`;
+    returns the norm before. Same scale rule as torch.nn.utils.clip_grad_norm_.
+
+    The ranks' parameters must be disjoint (FSDP padding has zero gradient), so the global squared
+    norm is the sum of the local ones. A rank without gradients still joins the all-reduce.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        squares += grad.float().pow(2).sum()
+    dist.all_reduce(squares, group=group)
+    norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+    return float(norm)

@@ -1,0 +1,184 @@
+"""Pipeline stages on real gloo groups of 2 and 4 processes, against one process on the whole batch.
+
+The harness, toy model and data are test_ddp's; here each rank keeps a contiguous slice of the
+toy. Spawning ranks costs seconds, so one spawn per world size runs every (micro-batches,
+schedule) configuration and the tests below share its results.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel.clip import clip_grad_norm_
+from parallel.pipeline import Pipeline, bubble
+from test_ddp import IGNORE, _assert_close, _data, _spawn, _Toy
+
+STEPS = 3
+MAX_NORM = 0.05  # below every step's norm, so clipping needs the right global norm
+MICRO = (1, 4, 8)
+SCHEDULES = ("gpipe", "1f1b")
+
+
+class _Stage(nn.Module):
+    """Blocks [rank, rank + 1) * len(blocks) / stages of the toy; the first also embeds, the last
+    also applies the head and returns the summed cross-entropy."""
+
+    def __init__(self, model: _Toy, rank: int, stages: int):
+        super().__init__()
+        per = len(model.blocks) // stages
+        self.blocks = model.blocks[rank * per:(rank + 1) * per]
+        self.embed = model.embed if rank == 0 else None
+        self.head = model.head if rank == stages - 1 else None
+        self.scale = model.scale
+
+    def forward(self, hidden: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        if self.embed is not None:
+            hidden = self.embed(batch["x"]) * self.scale
+        for block in self.blocks:
+            hidden = block(hidden)
+        if self.head is None:
+            return hidden
+        return F.cross_entropy(self.head(hidden), batch["y"], ignore_index=IGNORE, reduction="sum")
+
+
+def _shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
+    return torch.Size((len(batch["x"]), 16)), torch.float32
+
+
+def _micro_batches(step: int, micro: int) -> tuple[list[dict], int]:
+    """The global batch of `step` cut into `micro` micro-batches, and its label count."""
+    x, y = _data(step)
+    return [{"x": xb, "y": yb} for xb, yb in zip(x.chunk(micro), y.chunk(micro))], int((y != IGNORE).sum())
+
+
+def _train(rank: int, stages: int, micro: int, schedule: str, group: dist.ProcessGroup | None = None) -> dict:
+    """Clipped AdamW steps of stage `rank`; its losses, norms, weights, pipeline statistics, and
+    the evaluated loss of the next batch."""
+    model = _Toy(seed=0)  # every rank builds the whole toy alike and keeps its stage
+    stage = _Stage(model, rank, stages)
+    pipeline = Pipeline(stage, _shape, schedule, group)
+    params = list(stage.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    result = {"losses": [], "norms": [], "idle": [], "peaks": []}
+    for step in range(STEPS):
+        result["losses"].append(pipeline.train_step(*_micro_batches(step, micro)))
+        result["norms"].append(clip_grad_norm_(params, MAX_NORM, group))
+        result["idle"].append(pipeline.last_idle_fraction)
+        result["peaks"].append(pipeline.last_peak_in_flight)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    result["evaluated"] = pipeline.evaluate(_micro_batches(STEPS, micro)[0])
+    mine = {id(p) for p in params}
+    result["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
+    return result
+
+
+def _all_configurations(rank: int, world: int) -> dict:
+    """Every (micro-batches, schedule) on all ranks; with 4 ranks also two 2-stage pipelines on the
+    interleaved subgroups {0, 2} and {1, 3}, whose neighbours are not neighbouring global ranks."""
+    results = {(micro, schedule): _train(rank, world, micro, schedule) for micro in MICRO for schedule in SCHEDULES}
+    if world == 4:
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates every group
+        results["subgroup"] = _train(rank // 2, 2, 4, "1f1b", groups[rank % 2])
+    return results
+
+
+def _one_process() -> dict:
+    """The toy's clipped AdamW steps on the whole batch; the same keys as `_train`'s."""
+    model = _Toy(seed=0)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    result = {"losses": [], "norms": []}
+    for step in range(STEPS + 1):
+        x, y = _data(step)
+        summed = F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum")
+        if step == STEPS:
+            result["evaluated"] = summed.item()
+            break
+        loss = summed / (y != IGNORE).sum()
+        loss.backward()
+        result["losses"].append(loss.item())
+        result["norms"].append(float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    # `unused` never gets a gradient, so AdamW never moves it and no stage holds it.
+    result["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("unused.")}
+    return result
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return _one_process()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """`ranks(world)`: every rank's results of `_all_configurations`, spawned once per world size."""
+    spawned = {}
+
+    def get(world: int) -> list[dict]:
+        if world not in spawned:
+            spawned[world] = _spawn(world, _all_configurations, tmp_path_factory.mktemp(f"world{world}"))
+        return spawned[world]
+
+    return get
+
+
+def _assert_equals_one_process(stages: list[dict], expected: dict) -> None:
+    """Stages of one pipeline together hold each weight once, and match the one process everywhere."""
+    weights = {}
+    for result in stages:
+        assert result["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+        assert result["norms"] == pytest.approx(expected["norms"], rel=1e-5)
+        assert result["evaluated"] == pytest.approx(expected["evaluated"], rel=1e-5)
+        assert not weights.keys() & result["weights"].keys()
+        weights.update(result["weights"])
+    _assert_close(weights, expected["weights"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stages_reproduce_one_process_clipped_adamw_steps_under_every_schedule(world, ranks, expected):
+    assert min(expected["norms"]) > MAX_NORM  # the clip really scales, so its global norm must be right
+    results = ranks(world)
+    for configuration in [(micro, schedule) for micro in MICRO for schedule in SCHEDULES]:
+        try:
+            _assert_equals_one_process([result[configuration] for result in results], expected)
+        except AssertionError as error:
+            raise AssertionError(f"{world} stages, (micro-batches, schedule) = {configuration}") from error
+
+
+def test_a_subgroup_pipeline_addresses_its_neighbours_by_global_rank(ranks, expected):
+    results = ranks(4)
+    for members in ([0, 2], [1, 3]):
+        _assert_equals_one_process([results[rank]["subgroup"] for rank in members], expected)
+
+
+def test_1f1b_holds_at_most_as_many_micro_batches_as_stages_from_here_on(ranks):
+    results = ranks(4)
+    for rank, result in enumerate(results):
+        assert set(result[(8, "gpipe")]["peaks"]) == {8}
+        assert set(result[(8, "1f1b")]["peaks"]) == {4 - rank}
+        assert set(result[(1, "1f1b")]["peaks"]) == {1}
+
+
+def test_idle_fraction_is_measured_every_step(ranks):
+    for result in ranks(4):
+        for configuration in [(micro, schedule) for micro in MICRO for schedule in SCHEDULES]:
+            idle = result[configuration]["idle"]
+            assert len(idle) == STEPS and all(0 <= fraction < 1 for fraction in idle), (configuration, idle)
+
+
+def test_theoretical_bubble():
+    assert bubble(4, 4) == pytest.approx(3 / 7)
+    assert bubble(4, 1) == pytest.approx(3 / 4)  # the naive split: one stage busy at a time
+    assert bubble(1, 8) == 0
+    assert math.isclose(bubble(2, 8), 1 / 9)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="interleaved"):
+        Pipeline(nn.Identity(), _shape, "interleaved")

@@ -1,0 +1,77 @@
+"""full_mp end to end: 2 and 4 gloo ranks, GPipe and 1F1B, reproduce a one-process full run on the same batch.
+
+Tolerances as in test_fsdp_runs (which explains them): the pipeline computes the same sums in
+another order, micro-batch by micro-batch.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from models.tiny import build_tiny
+from test_ddp_runs import _run
+from test_fsdp_runs import FULL, _assert_same_curves, _logits, _weights
+from test_launch import ROOT
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[dict, dict]:
+    """One process, full fine-tuning, the same batch of 4: the reference of every test here."""
+    out = tmp_path_factory.mktemp("single")
+    return _run(out, "full", batch_size=4, gpus=None, **FULL), out / "final"
+
+
+def _assert_same_weights(folder, reference_folder, atol: float = 5e-5) -> None:
+    ours, reference = _weights(folder), _weights(reference_folder)
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, schedule, micro", [(2, "gpipe", 1), (2, "1f1b", 4), (4, "gpipe", 4), (4, "1f1b", 1)])
+def test_full_mp_equals_one_process_full_and_each_rank_holds_its_stage(world, schedule, micro, single, tmp_path, processor):
+    reference, reference_final = single
+    piped = _run(tmp_path, "full_mp", batch_size=4, gpus=world, micro_batches=micro, schedule=schedule, **FULL)
+    _assert_same_curves(piped, reference)
+    _assert_same_weights(tmp_path / "final", reference_final)
+    # Contiguous stages over all decoder layers; each rank's parameters are exactly its stage's.
+    layers = [rank["decoder_layers"] for rank in piped["ranks"]]
+    assert layers[0][0] == 0 and all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
+    assert layers[-1][1] == len(build_tiny(0).model.text_model.layers)
+    assert sum(rank["param_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["param_bytes"]
+    assert all(rank["param_bytes"] < reference["ranks"][0]["param_bytes"] for rank in piped["ranks"])
+    assert piped["theoretical_bubble"] == pytest.approx((world - 1) / (micro + world - 1))
+    assert all(0 <= rank["idle_fraction"] < 1 for rank in piped["ranks"])
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Which exhibit is this?"}]}]
+    batch = dict(processor(text=[processor.apply_chat_template(messages)], return_tensors="pt"))
+    torch.testing.assert_close(_logits(tmp_path / "final", batch), _logits(reference_final, batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_full_mp_resumes_from_per_stage_checkpoints(single, tmp_path):
+    reference, reference_final = single
+    first = _run(tmp_path, "full_mp", batch_size=4, gpus=2, stop_after_steps=2, **FULL)
+    saved = {p.name for p in (tmp_path / "checkpoints").glob("step-*/*")}
+    assert {"model-rank00000-of-00002.safetensors", "model-rank00001-of-00002.safetensors"} <= saved
+    second = _run(tmp_path, "full_mp", batch_size=4, gpus=2, resume=True, **FULL)
+    resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
+    assert [s for s, _ in resumed] == [1, 2, 3]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in reference["history"]["train_loss"]], rel=1e-5)
+    _assert_same_weights(tmp_path / "final", reference_final)
+
+
+@pytest.mark.slow
+def test_the_headline_command_runs_on_four_cpu_processes(tmp_path):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
+    command = [torchrun, str(ROOT / "run.py"), "--approach", "full_mp", "--gpus", "4",
+               "--limit-exhibits", "2", "--max-steps", "2", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["completed"] and len(summary["ranks"]) == 4
