@@ -63,13 +63,14 @@ def train(config: TrainConfig) -> dict:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     eval_interval = max(1, round(total_steps * config.eval_every))
-    optimizer = adamw(trained.stage if pipelined else model, scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch), config.betas,
-                      config.weight_decay)
+    peak_lr = scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch)
+    optimizer = adamw(trained.stage if pipelined else model, peak_lr, config.betas, config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {
         "approach": config.approach, "model": resolve_model(config.model, runtime.device),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "total_steps": total_steps, "global_batch": plan.global_batch, "shards": shard.count,
+        "stages": runtime.gather(list(trained.stage.bounds)) if pipelined else None,
     }
     start_step = resume(out / "checkpoints", model, optimizer, scheduler, fingerprint, shard) if config.resume else 0
     if runtime.is_main:

@@ -123,6 +123,7 @@ def _rank_main(rank: int, world: int, port: int, out: Path, scenario, kwargs: di
                             timeout=timedelta(seconds=60))  # a lost peer fails the collective, not hangs it
     try:
         torch.save(scenario(rank, world, **kwargs), out / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (that aborted once)
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,50 @@
+"""Per-row results in the original MuseQuest layout, so our files and its seed_results compare row for row.
+
+The original (Gefu-Xu/MuseQuest, `my_utils.py`, `batch_inference_model`) wrote them with pandas:
+one row per test row (`data_id, item_name, image_name, user_question, model_generated_answer,
+ground_truth_answer, semantic_similarity_score`), then a row whose `item_name` is
+`average_semantic_similarity_score`, whose score is the mean rounded to 3 places, and whose other
+cells are empty. pandas' `to_csv` is the csv module with "\\n" line ends and minimal quoting, which
+is what we write, so an original file read and written back comes out byte for byte the same.
+"""
+
+import csv
+from pathlib import Path
+
+from engine.errors import UsageError
+
+SCORE = "semantic_similarity_score"
+AVERAGE = "average_semantic_similarity_score"
+REQUIRED = ("item_name", "model_generated_answer", "ground_truth_answer")
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    """The per-row records of a results CSV, every column kept, the average row left out."""
+    with Path(path).open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = [column for column in REQUIRED if column not in (reader.fieldnames or [])]
+        if missing:
+            raise UsageError(f"{path} lacks the column(s) {missing} that a results file needs.")
+        return [row for row in reader if row["item_name"] != AVERAGE]
+
+
+def average_score(scores: list[float]) -> float:
+    """The run's score as the original reported it: the plain mean, rounded to 3 places."""
+    return round(sum(scores) / len(scores), 3)
+
+
+def write_results(path: Path, rows: list[dict], scores: list[float]) -> None:
+    """`rows` with `scores` as their last column (replacing any old one), then the average row.
+
+    Written beside `path` and renamed, so a crash never leaves a half-written results file.
+    """
+    if not rows or len(rows) != len(scores):
+        raise ValueError(f"need one score per row and at least one row, got {len(scores)} for {len(rows)}")
+    columns = [column for column in rows[0] if column != SCORE] + [SCORE]
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, SCORE: score} for row, score in zip(rows, scores))
+        writer.writerow({"item_name": AVERAGE, SCORE: average_score(scores)})
+    partial.replace(path)

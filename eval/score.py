@@ -1,0 +1,82 @@
+"""How far a generated answer is from the reference: 1 - cosine of contextual embeddings (0 same, 2 opposite).
+
+Faithful mode (`batched=False`) is the original MuseQuest score, `calculate_semantic_similarity_score`
+in Gefu-Xu/MuseQuest `my_utils.py`: each text alone, tokenized as the processor does for text only
+(BOS added; no image, no chat template), goes through the model being scored; its last hidden layer
+(`hidden_states[-1]`, which is after the final norm in transformers 4.46 and in 5.x alike) is
+averaged over all tokens, and the score is `1.0 - cosine` computed in the model's own dtype (bf16
+on a GPU, which is why the original's per-row scores are coarse binary fractions such as 0.0234375).
+We take that hidden state from the text decoder directly (`get_decoder()`), which is the same
+tensor without computing the vocabulary logits; a test checks the two agree.
+
+With `--scorer self` every approach is measured by its own fine-tuned weights, so two approaches'
+scores come from different rulers. Fair mode (`batched=True`) is meant for one fixed judge (the base
+model by default, loaded in fp32 by `load_scorer`): texts go in batches and pooling averages the
+real tokens only, in fp32, so neither padding nor which texts share a batch changes a score beyond
+float rounding.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.errors import UsageError
+from models import load
+
+
+@torch.no_grad()
+def similarity_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generated: list[str],
+                      truth: list[str], *, batched: bool, batch_size: int = 8,
+                      device: torch.device) -> list[float]:
+    """One score per (generated, truth) pair; `batched` picks fair mode, else the original's."""
+    if len(generated) != len(truth):
+        raise ValueError(f"{len(generated)} generated answers for {len(truth)} references")
+    if not batched:
+        return [_distance(_mean_embedding(model, tokenizer, answer, device),
+                          _mean_embedding(model, tokenizer, reference, device))
+                for answer, reference in zip(generated, truth)]
+    embeddings = _masked_mean_embeddings(model, tokenizer, [*generated, *truth], batch_size, device)
+    return [_distance(answer[None], reference[None])
+            for answer, reference in zip(embeddings[: len(generated)], embeddings[len(generated) :])]
+
+
+def load_scorer(spec: str, evaluated_model: PreTrainedModel, evaluated_tokenizer: PreTrainedTokenizerBase,
+                base_spec: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`--scorer`: "self" (the evaluated model, as the original scored), "base" (`base_spec`, the model every
+    approach starts from) or a local Hugging Face folder; the last two load in fp32."""
+    if spec == "self":
+        return evaluated_model, evaluated_tokenizer
+    if spec != "base" and not Path(spec).is_dir():
+        raise UsageError(f"--scorer {spec!r} is neither self, base nor a local model folder.")
+    model, processor = load(base_spec if spec == "base" else spec, torch.float32, device)
+    return model.eval(), processor.tokenizer
+
+
+def _distance(answer: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(1.0 - torch.cosine_similarity(answer, reference, dim=1).mean())
+
+
+def _last_hidden_state(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _mean_embedding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str,
+                    device: torch.device) -> torch.Tensor:
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    return _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).mean(dim=1)
+
+
+def _masked_mean_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                            batch_size: int, device: torch.device) -> torch.Tensor:
+    pooled = []
+    for start in range(0, len(texts), batch_size):
+        # Right padding: causal attention keeps real tokens from seeing the pads after them, they keep
+        # their unbatched positions, and no query row is all masked out (a NaN there would poison the
+        # pooled sum below even at zero weight).
+        inputs = tokenizer(texts[start : start + batch_size], padding=True, padding_side="right",
+                           return_tensors="pt").to(device)
+        hidden = _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).float()
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        pooled.append((hidden * mask).sum(dim=1) / mask.sum(dim=1))
+    return torch.cat(pooled)

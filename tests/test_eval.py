@@ -1,0 +1,169 @@
+"""Evaluation: the original's similarity score re-derived by hand, the fair score's padding invariance,
+the results CSV layout against the original's files, and generation's padding, stops and bans."""
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.errors import UsageError
+from engine.standin_images import standin_image
+from eval.generate import generate_answers, generate_ids, prompt_batch
+from eval.results_csv import AVERAGE, SCORE, average_score, read_results, write_results
+from eval.score import load_scorer, similarity_scores
+from models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, build_tiny
+
+SEED_RESULTS = Path(__file__).resolve().parents[2] / "shared" / "musequest" / "seed_results"
+CPU = torch.device("cpu")
+ANSWER = "The Wright Flyer made the first powered flight at Kitty Hawk in 1903."
+TRUTH = "This exhibit features the 1903 Wright Flyer, the first successful powered airplane."
+TEXTS = [ANSWER, TRUTH, "A coin.", "Helen Keller's watch let her tell the time by touch, a gift from John Hitz."]
+
+
+def original_distance(model, processor, answer: str, truth: str) -> float:
+    """The original's computation, step by step (Gefu-Xu/MuseQuest my_utils.py)."""
+    embeddings = []
+    for text in (answer, truth):
+        inputs = processor(text=[text], return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        embeddings.append(hidden[0].mean(dim=0))
+    a, b = embeddings
+    return 1.0 - float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_identical_texts_score_zero(tiny_model, processor, batched):
+    scores = similarity_scores(tiny_model, processor.tokenizer, TEXTS, TEXTS, batched=batched, batch_size=3, device=CPU)
+    assert scores == pytest.approx([0.0] * len(TEXTS), abs=1e-6)
+
+
+def test_faithful_score_is_the_original_formula(tiny_model, processor):
+    assert processor.tokenizer(ANSWER)["input_ids"][0] == processor.tokenizer.bos_token_id
+    [score] = similarity_scores(tiny_model, processor.tokenizer, [ANSWER], [TRUTH], batched=False, device=CPU)
+    assert score == pytest.approx(original_distance(tiny_model, processor, ANSWER, TRUTH), abs=1e-6)
+    assert 0.0 < score < 2.0
+
+
+def test_faithful_score_keeps_the_models_dtype_like_the_original(processor):
+    """The original ran in bf16, so each of its scores is a bf16 number (0.0234375 = 3/128)."""
+    model = build_tiny(0).to(torch.bfloat16)
+    [score] = similarity_scores(model, processor.tokenizer, [ANSWER], [TRUTH], batched=False, device=CPU)
+    assert is_bfloat16(score)
+
+
+def is_bfloat16(value: float) -> bool:
+    return torch.tensor(value, dtype=torch.float64).to(torch.bfloat16).double().item() == value
+
+
+def test_fair_score_ignores_padding_order_and_batch_company(tiny_model, processor):
+    tokenizer = processor.tokenizer
+    generated, truth = TEXTS, TEXTS[::-1]
+    faithful = similarity_scores(tiny_model, tokenizer, generated, truth, batched=False, device=CPU)
+    for batch_size in (1, 3, 8):
+        fair = similarity_scores(tiny_model, tokenizer, generated, truth, batched=True, batch_size=batch_size, device=CPU)
+        assert fair == pytest.approx(faithful, abs=1e-5)
+    reordered = similarity_scores(tiny_model, tokenizer, generated[::-1], truth[::-1], batched=True, batch_size=3, device=CPU)
+    assert reordered[::-1] == pytest.approx(faithful, abs=1e-5)
+
+
+def test_load_scorer_self_base_and_bad_spec(tiny_model, processor, tmp_path):
+    assert load_scorer("self", tiny_model, processor.tokenizer, "tiny", CPU) == (tiny_model, processor.tokenizer)
+    judge, tokenizer = load_scorer("base", tiny_model, processor.tokenizer, "tiny", CPU)
+    assert judge.dtype == torch.float32 and not judge.training
+    assert tokenizer.pad_token_id == processor.tokenizer.pad_token_id
+    with pytest.raises(UsageError, match="neither self, base nor a local model folder"):
+        load_scorer(str(tmp_path / "missing"), tiny_model, processor.tokenizer, "tiny", CPU)
+
+
+@pytest.mark.parametrize("path", sorted(SEED_RESULTS.glob("*.csv")), ids=lambda path: path.stem)
+def test_original_results_files_round_trip(path, tmp_path):
+    rows = read_results(path)
+    scores = [float(row[SCORE]) for row in rows]
+    assert all(is_bfloat16(score) for score in scores)
+    assert f"{average_score(scores)}\n" == path.read_text(encoding="utf-8").splitlines(keepends=True)[-1].split(",")[-1]
+    write_results(tmp_path / "copy.csv", rows, scores)
+    assert (tmp_path / "copy.csv").read_bytes() == path.read_bytes()
+
+
+def test_rescore_an_original_file_end_to_end(tiny_model, processor, tmp_path):
+    path = SEED_RESULTS / "2.1_lora_finetuning_run_1_a6000_48g_x1__after_finetuning.csv"
+    rows = read_results(path)[:5]
+    scores = similarity_scores(tiny_model, processor.tokenizer, [row["model_generated_answer"] for row in rows],
+                               [row["ground_truth_answer"] for row in rows], batched=False, device=CPU)
+    write_results(tmp_path / "rescored.csv", rows, scores)
+    written = (tmp_path / "rescored.csv").read_text(encoding="utf-8").splitlines()
+    assert written[-1] == f",{AVERAGE},,,,,{round(sum(scores) / len(scores), 3)}"
+    rescored = read_results(tmp_path / "rescored.csv")
+    assert [float(row[SCORE]) for row in rescored] == scores
+    assert [row["data_id"] for row in rescored] == [row["data_id"] for row in rows]
+
+
+def dialog_row(data_id: int, question: str, answer: str) -> dict:
+    dialog = {"messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+    name = f"exhibit-{data_id}-1.jpg"
+    return {"data_id": data_id, "item_name": f"exhibit-{data_id}", "image_name": name,
+            "image": standin_image(name, IMAGE_SIZE), "dialog": json.dumps(dialog)}
+
+
+ROWS = [dialog_row(0, "Can you describe this exhibit?", "A flyer."),
+        dialog_row(1, "Who made this object, when, and why is it kept in a museum today?", "A coin.")]
+
+
+@contextlib.contextmanager
+def favoured(model, token_ids: list[int]) -> Iterator[None]:
+    """Greedy decoding wants `token_ids` above every other token while this lasts."""
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., token_ids] += 100.0
+        return logits
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_prompt_is_left_padded_and_padding_side_restored(processor):
+    processor.tokenizer.padding_side = "right"
+    batch = prompt_batch(processor, ROWS)
+    assert processor.tokenizer.padding_side == "right"
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][0, 0]
+    for r, row in enumerate(ROWS):
+        alone = prompt_batch(processor, [row])["input_ids"][0]
+        assert torch.equal(batch["input_ids"][r, -len(alone) :], alone)
+        assert processor.decode(alone).endswith("Assistant:")
+
+
+def test_generation_bans_image_tokens_and_caps_length(processor):
+    model = build_tiny(0)
+    image_tokens = processor.tokenizer.convert_tokens_to_ids(["<image>", "<fake_token_around_image>"])
+    assert IMAGE_TOKEN_ID in image_tokens
+    with favoured(model, image_tokens):  # unbanned, greedy decoding would emit nothing else
+        _, new_ids = generate_ids(model, processor, ROWS, max_new_tokens=8, device=CPU)
+    assert new_ids.shape[1] <= 8 and not torch.isin(new_ids, torch.tensor(image_tokens)).any()
+
+
+def test_generation_stops_at_end_of_utterance(processor):
+    model = build_tiny(0)
+    with favoured(model, processor.tokenizer.convert_tokens_to_ids(["<end_of_utterance>"])):
+        _, new_ids = generate_ids(model, processor, ROWS, max_new_tokens=8, device=CPU)
+        records = generate_answers(model, processor, ROWS, batch_size=2, max_new_tokens=8, device=CPU)
+    assert new_ids.shape[1] == 1
+    assert [record["model_generated_answer"] for record in records] == ["", ""]
+    assert [record["ground_truth_answer"] for record in records] == ["A flyer.", "A coin."]
+    assert records[1]["user_question"].startswith("Who made this object")
+
+
+def test_batched_generation_matches_one_row_at_a_time(processor):
+    model = build_tiny(0)
+    batched = generate_answers(model, processor, ROWS, batch_size=2, max_new_tokens=8, device=CPU)
+    alone = generate_answers(model, processor, ROWS, batch_size=1, max_new_tokens=8, device=CPU)
+    assert all(isinstance(record["model_generated_answer"], str) and record["model_generated_answer"] for record in batched)
+    assert batched == alone
