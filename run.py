@@ -3,9 +3,13 @@
     python run.py --approach lora                 # tiny model on CPU, Idefics2-8B on a GPU
     python run.py --approach full --model ./dir --dataset ./musequest_imagefolder
     python run.py merge --adapter runs/lora/final --output merged/
+    python run.py eval --model runs/full/final            # answer and score the test split
+    python run.py score --csv results.csv --model ID --output rescored.csv
+    python run.py report runs/lora runs/full              # a markdown table comparing runs
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +27,9 @@ def approach_help() -> str:
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
-        epilog=approach_help() + "\n\nsubcommands:\n  merge      fold an adapter into its base (run.py merge --help)",
+        epilog=approach_help() + "\n\nsubcommands (each with --help):\n  merge      fold an adapter into its base\n"
+               "  eval       answer and score the test split\n  score      re-score a results CSV\n"
+               "  report     compare runs in one markdown table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
@@ -101,16 +107,107 @@ def merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def merge(argv: list[str]) -> int:
-    args = merge_parser().parse_args(argv)
-    try:
-        from engine.merge import merge_adapter
+def merge(args: argparse.Namespace) -> str:
+    from engine.merge import merge_adapter
 
-        output = merge_adapter(args.adapter, args.output, args.model, args.device)
+    return f"merged model written to {merge_adapter(args.adapter, args.output, args.model, args.device)}"
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py eval", description="Answer the test split with a model and "
+                                     "score the answers against the references (1 - cosine; 0 is best).")
+    parser.add_argument("--model", help="a Hugging Face folder or id; with --adapter, the base (default: the "
+                                        "adapter's own base)")
+    parser.add_argument("--adapter", type=Path, help="a LoRA/QLoRA adapter folder, folded into its base")
+    parser.add_argument("--dataset", default="musequest", help="as for training (default: musequest)")
+    parser.add_argument("--limit-exhibits", type=int, help="keep only the first K exhibits")
+    parser.add_argument("--scorer", default="base", help="self (the evaluated model, the original's way), base "
+                                                         "(--base: one judge for every approach; default) "
+                                                         "or a model folder")
+    parser.add_argument("--base", help="the judge of --scorer base (default: the adapter's base, else --model)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512, as the original")
+    parser.add_argument("--batch-size", type=int, default=4, help="rows generated at once (default: 4)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where results.csv/.json go")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> str:
+    from engine.runtime import pick_device
+    from eval.evaluate import evaluate_test_split, load_evaluated
+
+    from eval.score import check_scorer
+
+    if not args.model and not args.adapter:
+        raise UsageError("run.py eval needs --model, --adapter or both.")
+    check_scorer(args.scorer)
+    device = pick_device(args.device, 1)
+    model, processor = load_evaluated(args.model, args.adapter, device)
+    base = args.base or args.model or json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    results = evaluate_test_split(model, processor, args.dataset, args.limit_exhibits, args.scorer, base,
+                                  args.output_dir, device, args.batch_size, args.max_new_tokens)
+    return f"score {results['score']} ({results['scorer']} scorer, {results['rows']} rows) in {args.output_dir}"
+
+
+def score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py score", description="Re-score a results CSV that has the "
+                                     "original's columns model_generated_answer and ground_truth_answer.")
+    parser.add_argument("--csv", required=True, type=Path, help="the results file to score")
+    parser.add_argument("--model", required=True, help="the model whose embeddings score (folder or id)")
+    parser.add_argument("--scorer", default="self", help="self (--model itself, the original's way; default), "
+                                                         "base (the same, batched and padding-masked) or a folder")
+    parser.add_argument("--output", required=True, type=Path, help="the scored CSV, in the original's layout")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+    return parser
+
+
+def score(args: argparse.Namespace) -> str:
+    from engine.runtime import pick_device
+    from eval.evaluate import rescore_csv
+
+    from eval.score import check_scorer
+
+    if not args.csv.is_file():
+        raise UsageError(f"--csv {args.csv} is not a file.")
+    check_scorer(args.scorer)
+    results = rescore_csv(args.csv, args.model, args.scorer, args.output, pick_device(args.device, 1))
+    return f"score {results['score']} ({results['scorer']} scorer, {results['rows']} rows) written to {args.output}"
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py report", description="One markdown table comparing runs "
+                                     "(score, train time, ranks, memory, trainable parameters) and the original's.")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with summary.json)")
+    parser.add_argument("--output", type=Path, default=Path("runs/report.md"), help="default: runs/report.md")
+    return parser
+
+
+def report(args: argparse.Namespace) -> str:
+    from engine.metrics import Scalars
+    from eval.report import report as table
+
+    markdown = table(args.runs)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(markdown)
+    scalars = Scalars(args.output.with_suffix("") / "tensorboard", True, 0)  # the same view in TensorBoard
+    scalars.text(0, "report", markdown)
+    scalars.close()
+    return markdown + f"\nwritten to {args.output}"
+
+
+SUBCOMMANDS = {"merge": (merge_parser, merge), "eval": (eval_parser, evaluate), "score": (score_parser, score),
+               "report": (report_parser, report)}
+
+
+def subcommand(name: str, argv: list[str]) -> int:
+    parser, run = SUBCOMMANDS[name]
+    args = parser().parse_args(argv)
+    try:
+        message = run(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"merged model written to {output}")
+    print(message)
     return 0
 
 
@@ -118,8 +215,8 @@ def main(argv: list[str]) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar, the trainer's
-    if argv[:1] == ["merge"]:
-        return merge(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return subcommand(argv[0], argv[1:])
     args = vars(train_parser().parse_args(argv))
     approach = args.pop("approach")
     for name in ("train_modules", "lora_target", "split"):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 import lora
 import models
@@ -21,6 +21,14 @@ from quant import dequantize, quantize
 
 
 def merge_adapter(adapter: Path, output: Path, model_spec: str | None = None, device: str = "auto") -> Path:
+    model, processor, dtype = load_merged(adapter, model_spec, pick_device(device, 1))
+    return export_pretrained(model, processor, output, dtype)
+
+
+def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
+        -> tuple[PreTrainedModel, ProcessorMixin, torch.dtype]:
+    """The adapter's base (from adapter_config.json unless `model_spec`) with the adapter folded in,
+    in bf16 on CUDA and fp32 on CPU; the processor is the run's (image size, splitting)."""
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise UsageError(f"{adapter} is not an adapter folder: it has no adapter_config.json.")
@@ -28,14 +36,13 @@ def merge_adapter(adapter: Path, output: Path, model_spec: str | None = None, de
     if not base:
         raise UsageError(f"{config_file} names no base model; give one with --model.")
     training = json.loads((adapter / TRAINING_CONFIG).read_text()) if (adapter / TRAINING_CONFIG).is_file() else {}
-    runtime_device = pick_device(device, 1)
-    dtype = torch.bfloat16 if runtime_device.type == "cuda" else torch.float32
-    model, processor = models.load(base, dtype, runtime_device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, processor = models.load(base, dtype, device)
     if training.get("quant") == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if training.get("quant_keep_vision") else []))
         dequantize(model, dtype)
     lora.load(model, adapter)
     lora.merge_and_unload(model)
-    if (adapter / "processor_config.json").is_file():  # the run's processor settings (image size, splitting)
+    if (adapter / "processor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(adapter)
-    return export_pretrained(model, processor, output, dtype)
+    return model, processor, dtype

@@ -45,12 +45,17 @@ def load_scorer(spec: str, evaluated_model: PreTrainedModel, evaluated_tokenizer
                 base_spec: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`--scorer`: "self" (the evaluated model, as the original scored), "base" (`base_spec`, the model every
     approach starts from) or a local Hugging Face folder; the last two load in fp32."""
+    check_scorer(spec)
     if spec == "self":
         return evaluated_model, evaluated_tokenizer
-    if spec != "base" and not Path(spec).is_dir():
-        raise UsageError(f"--scorer {spec!r} is neither self, base nor a local model folder.")
     model, processor = load(base_spec if spec == "base" else spec, torch.float32, device)
     return model.eval(), processor.tokenizer
+
+
+def check_scorer(spec: str) -> None:
+    """Refuses a `--scorer` that names nothing, before any model is loaded or answer generated."""
+    if spec not in ("self", "base") and not Path(spec).is_dir():
+        raise UsageError(f"--scorer {spec!r} is neither self, base nor a local model folder.")
 
 
 def _distance(answer: torch.Tensor, reference: torch.Tensor) -> float:
