@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import APPROACHES, TrainConfig, from_approach
+from engine.config import APPROACHES, TrainConfig, check_scorer, from_approach
 from engine.errors import UsageError
 
 DEFAULTS = TrainConfig()
@@ -89,6 +89,10 @@ def train_parser() -> argparse.ArgumentParser:
                                  "without CUDA the ranks are CPU processes on gloo")
     add("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
     add("--eval-every", type=float, help="validation + checkpoint every this fraction of steps (default: 0.05)")
+    add("--skip-eval", action="store_true", default=None, help="do not answer and score the test split after training")
+    add("--scorer", help="whose embeddings score the answers: self (the trained model, the original's way), base "
+                         "(the base model: one judge for every approach; default) or a model folder")
+    add("--max-new-tokens", type=int, help=f"answer length cap in evaluation (default: {DEFAULTS.max_new_tokens})")
     add("--keep-last", type=int, help="checkpoints kept besides the best one (default: 2)")
     add("--final", choices=("best", "last"), help="which weights go to OUT/final (default: best)")
     add("--resume", action="store_true", default=None, help="continue from the last complete checkpoint")
@@ -136,8 +140,6 @@ def evaluate(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
     from eval.evaluate import evaluate_test_split, load_evaluated
 
-    from eval.score import check_scorer
-
     if not args.model and not args.adapter:
         raise UsageError("run.py eval needs --model, --adapter or both.")
     check_scorer(args.scorer)
@@ -164,8 +166,6 @@ def score_parser() -> argparse.ArgumentParser:
 def score(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
     from eval.evaluate import rescore_csv
-
-    from eval.score import check_scorer
 
     if not args.csv.is_file():
         raise UsageError(f"--csv {args.csv} is not a file.")

@@ -76,6 +76,9 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     # evaluation, checkpoints, outputs
     eval_every: float = 0.05  # fraction of the total steps
+    skip_eval: bool = False  # no generation and scoring of the test split after training
+    scorer: str = "base"  # self | base | a model folder: whose embeddings score the answers
+    max_new_tokens: int = 512
     keep_last: int = 2
     final: str = "best"  # "best" (lowest validation loss) or "last"
     resume: bool = False
@@ -100,6 +103,12 @@ def from_approach(approach: str, **overrides) -> TrainConfig:
     config = TrainConfig(**settings)
     validate(config)
     return config
+
+
+def check_scorer(spec: str) -> None:
+    """Refuses a `--scorer` that names nothing, before any model is loaded or answer generated."""
+    if spec not in ("self", "base") and not Path(spec).is_dir():
+        raise UsageError(f"--scorer {spec!r} is neither self, base nor a local model folder.")
 
 
 def validate(config: TrainConfig) -> None:
@@ -139,6 +148,7 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--schedule must be gpipe or 1f1b, not {config.schedule!r}.")
     if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
+    check_scorer(config.scorer)
     if config.max_steps is not None and config.max_steps < 1:
         raise UsageError("--max-steps must be at least 1.")
     if not 0 < config.eval_every <= 1:

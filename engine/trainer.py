@@ -31,6 +31,7 @@ from engine.optim import adamw, cosine_with_warmup, scaled_lr
 from engine.launch import setup_runtime
 from engine.runtime import Runtime, resolve_model
 from engine.tensorboard_server import check_port_free, serve
+from eval.evaluate import evaluate_run
 from parallel import clip, fsdp
 from parallel.pipeline import Pipeline, bubble
 from quant import quantized_bytes
@@ -125,7 +126,6 @@ def train(config: TrainConfig) -> dict:
             if stopping:
                 break
         bar.close()
-    scalars.close()
     wall = time.perf_counter() - started
 
     completed = step == total_steps
@@ -147,6 +147,14 @@ def train(config: TrainConfig) -> dict:
     }
     if runtime.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if completed and not config.skip_eval:
+        del model, trained, optimizer  # the evaluated model is OUT/final, loaded afresh on every rank
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        summary["eval"] = evaluate_run(config, runtime, scalars, step)
+        if runtime.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    scalars.close()
     return summary
 
 

@@ -4,14 +4,19 @@ Both write the original's per-row CSV layout (eval/results_csv.py) and a `result
 with the mean score and which scorer gave it, which `run.py report` reads.
 """
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 import models
+from engine.config import TrainConfig
 from engine.data_sources import load_splits
+from engine.metrics import Scalars
+from engine.runtime import Runtime, resolve_model
 from engine.merge import load_merged
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
@@ -56,11 +61,62 @@ def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, devi
     return {"score": average_score(scores), "scorer": scorer, "rows": len(rows)}
 
 
-def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: str) -> dict:
+def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: str,
+                 baseline: float | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     write_results(folder / RESULTS_CSV, rows, scores)
-    results = {"score": average_score(scores), "scorer": scorer, "rows": len(rows),
+    results = {"score": average_score(scores), "baseline_score": baseline, "scorer": scorer, "rows": len(rows),
                "examples": [{k: r[k] for k in ("user_question", "model_generated_answer", "ground_truth_answer")}
                             for r in rows[:3]]}
     (folder / RESULTS_JSON).write_text(json.dumps(results, indent=2))
     return results
+
+
+def evaluate_run(config: TrainConfig, runtime: Runtime, scalars: Scalars, step: int) -> dict:
+    """After training: OUT/final answers the test split and is scored, the rows split across every
+    rank and gathered; the base model's score before training comes from a cache when this model,
+    data and scorer were measured before. The main rank writes OUT/eval and logs a few answers."""
+    out, device = config.out, runtime.device
+    spec = resolve_model(config.model, device)
+    base = str(out / "base") if spec == "tiny" else spec
+    final = out / "final"
+    model, processor = load_evaluated(base, final, device) if config.adapter == "lora" else load_evaluated(str(final), None, device)
+    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
+    rows, scores = _answer_and_score(model, processor, test, config, base, runtime)
+    cache = _baseline_cache(config, spec)
+    if not cache.exists():
+        base_model, _ = load_evaluated(base, None, device)  # the run's processor: same image size
+        _, base_scores = _answer_and_score(base_model, processor, test, config, base, runtime)
+        if runtime.is_main:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"score": average_score(base_scores)}))
+    runtime.gather(None)  # the cache file is written before anyone reads it
+    results = {}
+    if runtime.is_main:
+        results = write_scored(out / "eval", rows, scores, config.scorer,
+                               baseline=json.loads(cache.read_text())["score"])
+        scalars.log(step, {"eval/similarity_score": results["score"]})
+        scalars.text(step, "eval/answers", "\n\n".join(
+            f"**Q:** {e['user_question']}  \n**generated:** {e['model_generated_answer']}  \n"
+            f"**reference:** {e['ground_truth_answer']}" for e in results["examples"]))
+    return results
+
+
+def _answer_and_score(model: PreTrainedModel, processor: ProcessorMixin, split, config: TrainConfig, base: str,
+                      runtime: Runtime) -> tuple[list[dict], list[float]]:
+    """Rank r answers and scores rows r, r+N, ...; every rank gets all of them back in order."""
+    mine = list(range(runtime.rank, len(split), runtime.world_size))
+    rows = generate_answers(model, processor, [split[i] for i in mine], batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens, device=runtime.device)
+    scores = score_rows(rows, model, processor, config.scorer, base, runtime.device)
+    done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores))) for item in part)
+    return [row for _, row, _ in done], [score for *_, score in done]
+
+
+def _baseline_cache(config: TrainConfig, spec: str) -> Path:
+    """Where the base model's score lives, keyed by everything that changes it."""
+    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "dataset": config.dataset,
+           "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
+           "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"

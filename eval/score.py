@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.errors import UsageError
+from engine.config import check_scorer
 from models import load
 
 
@@ -50,12 +50,6 @@ def load_scorer(spec: str, evaluated_model: PreTrainedModel, evaluated_tokenizer
         return evaluated_model, evaluated_tokenizer
     model, processor = load(base_spec if spec == "base" else spec, torch.float32, device)
     return model.eval(), processor.tokenizer
-
-
-def check_scorer(spec: str) -> None:
-    """Refuses a `--scorer` that names nothing, before any model is loaded or answer generated."""
-    if spec not in ("self", "base") and not Path(spec).is_dir():
-        raise UsageError(f"--scorer {spec!r} is neither self, base nor a local model folder.")
 
 
 def _distance(answer: torch.Tensor, reference: torch.Tensor) -> float:

@@ -1,7 +1,9 @@
 """Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
 
 import copy
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.tiny import build_tiny, tiny_processor  # noqa: E402
+
+# Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own.
+os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """LoRA and QLoRA runs end to end: small checkpoints, a final adapter PEFT loads, merges that match."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,15 @@ from engine.runtime import Runtime
 from engine.trainer import train, train_step
 from models.targets import QUANT_SKIP
 from quant import quantize
+from run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(out: Path, approach: str) -> dict:
     config = from_approach(approach, model="tiny", limit_exhibits=2, batch_size=2, max_steps=4, eval_every=0.5,
-                           lr=5e-3, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu")
+                           lr=5e-3, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",
+                           skip_eval=approach != "lora", max_new_tokens=16)  # the LoRA run shows evaluation
     return train(config)
 
 
@@ -70,6 +73,20 @@ def test_lora_checkpoints_hold_only_the_adapter(lora_run):
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     assert (checkpoint / "model.safetensors").stat().st_size < 2_000_000  # megabytes, not the model
     assert summary["trainable_params"] < 0.1 * summary["total_params"]
+
+
+def test_training_ends_by_scoring_the_test_split_against_the_cached_base(lora_run, tmp_path):
+    out, summary = lora_run
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert summary["eval"] == results and results["scorer"] == "base"
+    assert 0 <= results["score"] <= 2 and 0 <= results["baseline_score"] <= 2
+    # The same base model, data and scorer: the baseline comes from the cache, not from a new run.
+    cached = list((Path(os.environ["MUSEFT_CACHE"]) / "baselines").glob("*.json"))
+    assert any(json.loads(path.read_text())["score"] == results["baseline_score"] for path in cached)
+    # Scored by the base model itself, OUT/base's own answers give the cached baseline score.
+    assert main(["eval", "--model", str(out / "base"), "--limit-exhibits", "2", "--max-new-tokens", "16",
+                 "--batch-size", "2", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["score"] == results["baseline_score"]
 
 
 def test_final_adapter_loads_in_peft_with_our_logits(lora_run, batch):

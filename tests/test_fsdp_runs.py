@@ -7,6 +7,7 @@ gradients into weight differences of a few percent of one step (lr=1e-3 here); a
 moves weights by whole steps.
 """
 
+import csv
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from engine import checkpoint
+from engine.data_sources import load_splits
 from engine.errors import UsageError
 from models.tiny import build_tiny
 from test_ddp_runs import _run
@@ -84,12 +86,17 @@ def test_full_fsdp_resumes_from_per_rank_shards_on_the_same_world_size(tmp_path)
 @pytest.mark.slow
 def test_lora_with_fsdp_equals_one_process_lora(tmp_path):
     single = _run(tmp_path / "single", "lora", batch_size=4, gpus=None)
-    sharded = _run(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp")
+    sharded = _run(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp", skip_eval=False, max_new_tokens=8)
     assert sharded["trainable_params"] == single["trainable_params"]
     _assert_same_curves(sharded, single)
     # Only the adapter's gradients and AdamW state exist; the frozen base is sharded too.
     assert sharded["ranks"][0]["grad_bytes"] <= single["ranks"][0]["grad_bytes"] / 2 + 1024
     assert sharded["ranks"][0]["param_bytes"] <= single["ranks"][0]["param_bytes"] / 2 + 1024 * 1024
+    # Evaluation after training: both ranks answered half of the test rows; all come back, in order.
+    rows = list(csv.DictReader((tmp_path / "fsdp" / "eval" / "results.csv").open()))[:-1]
+    test = load_splits("musequest", limit_exhibits=2)["test"]
+    assert [row["data_id"] for row in rows] == [str(row["data_id"]) for row in test]
+    assert sharded["eval"]["rows"] == len(test) and sharded["eval"]["baseline_score"] is not None
     ours = load_file(tmp_path / "fsdp" / "final" / "adapter_model.safetensors")
     reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()

@@ -18,7 +18,7 @@ from engine.launch import launch, setup_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--approach", "lora_ddp", "--limit-exhibits", "2", "--batch-size", "1", "--max-steps", "2",
-            "--eval-every", "1", "--lr", "5e-3", "--lora-dropout", "0"]
+            "--eval-every", "1", "--lr", "5e-3", "--lora-dropout", "0", "--skip-eval"]
 
 
 @record

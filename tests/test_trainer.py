@@ -51,7 +51,7 @@ def test_loss_is_the_token_mean_of_the_whole_batch_however_it_is_cut(rows, proce
 
 def _config(out: Path, **overrides):
     settings = dict(model="tiny", limit_exhibits=2, batch_size=2, max_steps=6, eval_every=1 / 3, lr=1e-3,
-                    train_modules=("all",), output_dir=str(out), device="cpu")
+                    train_modules=("all",), output_dir=str(out), device="cpu", skip_eval=True)
     return from_approach("full", **dict(settings, **overrides))
 
 
