@@ -79,8 +79,9 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, scalars: Scalars, step: 
     out, device = config.out, runtime.device
     spec = resolve_model(config.model, device)
     base = str(out / "base") if spec == "tiny" else spec
-    final = out / "final"
-    model, processor = load_evaluated(base, final, device) if config.adapter == "lora" else load_evaluated(str(final), None, device)
+    final = out / "final"  # an adapter folded into its base, or a whole model
+    model, processor = load_evaluated(base, final, device) if config.adapter == "lora" else \
+        load_evaluated(str(final), None, device)
     test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
     rows, scores = _answer_and_score(model, processor, test, config, base, runtime)
     cache = _baseline_cache(config, spec)
