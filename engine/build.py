@@ -71,8 +71,8 @@ def pipeline_stage(model: PreTrainedModel, config: TrainConfig, runtime: Runtime
 
 def load_without_weights(spec: str, config: TrainConfig, runtime: Runtime, base_copy: Path | None) \
         -> tuple[PreTrainedModel, ProcessorMixin, SliceReader]:
-    """FSDP's start: the model with parameters on the meta device, and a reader of its weight files
-    from which each rank takes only its shard. The main rank first fetches the files (or, for the
+    """FSDP's and the pipeline's start: the model with parameters on the meta device, and a reader
+    of its weight files from which each rank takes only its shard or stage. The main rank first fetches the files (or, for the
     tiny model, writes them to `base_copy`); the others wait for it."""
     folder = None
     if runtime.is_main:
