@@ -1,4 +1,7 @@
-"""Load Idefics2 / Idefics3 and its processor from a hub id, a local folder, or the built-in tiny config."""
+"""Load Idefics2 / Idefics3 and its processor from a hub id, a local folder, the built-in tiny config,
+or a config file (random weights of that architecture: benchmarks and memory checks without a download)."""
+
+import json
 
 from pathlib import Path
 
@@ -6,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from engine.errors import UsageError
-from models.tiny import build_tiny, tiny_processor
+from models.tiny import build_tiny, shipped_processor, tiny_processor
 
 SUPPORTED_TYPES = ("idefics2", "idefics3")
 
@@ -19,10 +22,13 @@ def load(
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """`spec` is "tiny", a local folder, or a Hugging Face id; weights land on `device` in `dtype`."""
+    """`spec` is "tiny", a local folder, a Hugging Face id, or an Idefics2 `config.json` file;
+    weights land on `device` in `dtype`."""
     if spec == "tiny":
         model, processor = build_tiny(seed), tiny_processor()
         model.config._attn_implementation = attn_implementation
+    elif spec.endswith(".json"):
+        model, processor = _random_from_config(Path(spec), dtype, device, attn_implementation, seed)
     else:
         model, processor = _load_pretrained(spec, dtype, attn_implementation)
     use_real_pad_token(processor, model)
@@ -40,6 +46,24 @@ def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) ->
     processor = AutoProcessor.from_pretrained(spec)
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
     return model, processor
+
+
+def _random_from_config(path: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str,
+                        seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Random weights drawn from `seed` alone, made directly on `device` in `dtype` (an 8B model in
+    fp32 on the CPU first would take 32 GB), with the real Idefics2 processor shipped here, fitted."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read a model config from {str(path)!r}: {error}") from error
+    if settings.get("model_type") != "idefics2":
+        raise UsageError(f"{str(path)!r} is not an Idefics2 config; random weights come with the shipped Idefics2 "
+                         "processor, so only Idefics2 configs are accepted.")
+    config = AutoConfig.for_model(**settings)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval(), shipped_processor(config)
 
 
 def use_real_pad_token(processor: ProcessorMixin, model: PreTrainedModel) -> None:

@@ -64,9 +64,16 @@ def build_tiny(seed: int, config: Idefics2Config | Idefics3Config | None = None)
 
 def tiny_processor() -> ProcessorMixin:
     """The real Idefics2 processor with the tiny model's image size and token count."""
+    return shipped_processor(tiny_idefics2_config())
+
+
+def shipped_processor(config: Idefics2Config) -> ProcessorMixin:
+    """The real Idefics2 processor shipped here, fitted to `config`: as many <image> tokens as the
+    perceiver has latents, and images no larger than the vision encoder's (unchanged for the 8B)."""
     processor = AutoProcessor.from_pretrained(PROCESSOR_DIR)
-    processor.image_processor.size = {"shortest_edge": IMAGE_SIZE, "longest_edge": IMAGE_SIZE}
-    processor.image_seq_len = IMAGE_SEQ_LEN
+    size = config.vision_config.image_size
+    processor.image_processor.size = {edge: min(pixels, size) for edge, pixels in dict(processor.image_processor.size).items()}
+    processor.image_seq_len = config.perceiver_config.resampler_n_latents
     return processor
 
 

@@ -1,0 +1,240 @@
+"""Every benchmark in one command: each approach against its peer, a table, bench/RESULTS.md and
+bench/results.json.
+
+    python bench/run.py                     # CPU: the six approaches on the tiny model, each against its peer
+    python bench/run.py --device cuda       # GPU: Idefics2-8B's real config, random bf16 weights
+
+On the CPU every approach runs the engine's own build and step (bench/ours.py) and the same work
+done with the tools users pick instead (bench/peers.py), in one spawn of its ranks (2 gloo ranks
+for lora_ddp, full_fsdp and full_mp), taking turns a step at a time on the same real MuseQuest
+batches. Measured per approach: step time (median after warm-up), samples/s and tokens/s (every
+real token of the global batch, image tokens included), and per rank (the larger rank) the bytes
+of params, grads, optimizer state and activations (bench/measure.py says how each is counted).
+Each entry's ratio is ours / peer: below 1 is better for times and bytes, above 1 for rates.
+
+On a GPU, lora, qlora and full train Idefics2-8B's architecture (models/idefics2_8b_config.json,
+the hub's config.json) with random weights, so nothing is downloaded: for each, the largest batch
+that fits (up to --max-batch), then tokens/s, MFU and peak memory at --batch (or the largest
+batch, if smaller). With 2 or more GPUs, lora_ddp, full_fsdp and full_mp run over all of them.
+No peers run there, to fit a 10-minute slot. Each device's results replace only its own section
+of results.json; RESULTS.md shows every section.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from engine.collate import Collator  # noqa: E402
+from engine.data_sources import load_splits  # noqa: E402
+from engine.runtime import Runtime  # noqa: E402
+from measure import Batches, Measurement, measure  # noqa: E402
+from ours import engine_config, engine_contender  # noqa: E402
+from peers import NAMES, peer_contender  # noqa: E402
+from real_size import largest_batch, peak_flops, step_fits  # noqa: E402
+
+REAL_CONFIG = BENCH.parent / "models" / "idefics2_8b_config.json"
+SINGLE = ("lora", "qlora", "full")
+PARALLEL = ("lora_ddp", "full_fsdp", "full_mp")
+MIB, GIB = 2**20, 2**30
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--approaches", nargs="+", default=None, help="a subset (default: all that fit the device)")
+    parser.add_argument("--batch", type=int, default=4, help="rows per rank and step (the original's 4)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of the parallel approaches")
+    parser.add_argument("--max-batch", type=int, default=64, help="GPU: the largest batch tried")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak, if not in the table")
+    parser.add_argument("--output", type=Path, default=BENCH, help="where RESULTS.md and results.json go")
+    return parser.parse_args()
+
+
+def rows_of(split, start: int, count: int) -> list[dict]:
+    """`count` consecutive rows from `start`, wrapping around the split."""
+    return [split[(start + i) % len(split)] for i in range(count)]
+
+
+def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args: argparse.Namespace,
+               workdir: Path, results) -> None:
+    """One rank of one approach: build ours (and the peer), measure, and (on a GPU, alone) search the
+    largest batch. Rank 0 puts the per-rank maxima on `results`."""
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, device_id=device if cuda else None,
+                                timeout=datetime.timedelta(minutes=15))  # a stuck rank ends the run, not the slot
+    runtime = Runtime(device, rank, world)
+    config = engine_config(approach, spec, runtime, workdir)
+    ours, processor = engine_contender(config, runtime, workdir)
+    contenders = {"ours": ours} if cuda else {"ours": ours, "peer": peer_contender(config, runtime)}
+    collate, train = Collator(processor), load_splits("musequest")["train"]
+    data_ranks, data_rank = (1, 0) if config.parallel == "pipeline" else (world, rank)  # pipeline: whole batch
+
+    def batches(rows: int) -> Batches:
+        return [collate(rows_of(train, data_rank * rows, rows))]
+
+    largest = None
+    if cuda and world == 1:
+        largest = largest_batch(lambda b: step_fits(lambda: ours.step(batches(b)),
+                                                    lambda: ours.optimizer.zero_grad(set_to_none=True)),
+                                args.max_batch)
+    batch = min(args.batch, largest) if largest is not None else args.batch
+    measured = {}
+    if batch:
+        measured = measure(contenders, batches(batch), device, args.warmup, args.steps, count_flops=cuda)
+    tokens = runtime.sum_over_ranks(sum(int(b["attention_mask"].sum()) for b in batches(batch))) if batch else 0
+    if config.parallel == "pipeline":
+        tokens /= world  # every rank counted the same whole batch
+    ranks = runtime.gather({name: asdict(m) for name, m in measured.items()})
+    if rank == 0:
+        results.put({"measured": larger_rank(ranks), "rows": batch * data_ranks, "tokens": tokens, "largest_batch": largest,
+                     "peak_flops": peak_flops(device, args.peak_tflops)})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def larger_rank(ranks: list[dict[str, dict]]) -> dict[str, dict]:
+    """Every contender's numbers at their largest over the ranks: the slower step, the fuller rank."""
+    return {name: {key: None if value is None else max(r[name][key] for r in ranks) for key, value in fields.items()}
+            for name, fields in ranks[0].items()}
+
+
+def run_case(approach: str, world: int, spec: str, args: argparse.Namespace) -> dict:
+    """`approach` in `world` freshly spawned ranks; rank 0's report."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    workdir = Path(tempfile.mkdtemp(prefix="museft-bench-"))
+    try:
+        mp.spawn(_case_rank, args=(world, port, approach, spec, args, workdir, results), nprocs=world)
+        return results.get()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def entries(approach: str, world: int, report: dict, peer: str | None) -> list[dict]:
+    """The report of one approach as results.json entries (name, ours, peer, unit, ratio)."""
+    ours, other = report["measured"].get("ours"), report["measured"].get("peer")
+    label = f"{approach} ({world} rank{'s' if world > 1 else ''})"
+    if ours is None:
+        return [dict(name=f"{label}: largest batch", ours=0, peer=None, unit="rows", ratio=None)]
+
+    def metrics(m: dict) -> dict[str, tuple[float, str]]:
+        values = {"step time": (m["step_s"] * 1e3, "ms"), "samples/s": (report["rows"] / m["step_s"], "samples/s"),
+                  "tokens/s": (report["tokens"] / m["step_s"], "tokens/s")}
+        scale, unit = (GIB, "GiB") if m["peak_bytes"] else (MIB, "MiB")
+        for key, metric in (("param", "params"), ("grad", "grads"), ("optimizer", "optimizer state"),
+                            ("activation", "activations"), ("peak", "peak memory")):
+            if m[f"{key}_bytes"] is not None:
+                values[f"{metric} per rank"] = (m[f"{key}_bytes"] / scale, unit)
+        if m["flops"] and report["peak_flops"]:
+            values["MFU"] = (100 * m["flops"] / m["step_s"] / report["peak_flops"], "%")
+        return values
+
+    mine, theirs = metrics(ours), metrics(other) if other else {}
+    rows = [dict(name=f"{label}: {metric}", ours=value, peer=theirs.get(metric, (None,))[0], unit=unit,
+                 ratio=value / theirs[metric][0] if theirs.get(metric, (0,))[0] else None, peer_name=peer)
+            for metric, (value, unit) in mine.items()]
+    if report["largest_batch"] is not None:
+        rows.append(dict(name=f"{label}: largest batch", ours=report["largest_batch"], peer=None, unit="rows",
+                         ratio=None, peer_name=None))
+    return rows
+
+
+def machine(device: str) -> str:
+    """The machine in words: CPU model and cores, memory, GPUs, and the library versions."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    words = f"{os.cpu_count()} CPU cores ({cpu}), {memory:.0f} GiB memory"
+    if device == "cuda":
+        gpu = torch.cuda.get_device_properties(0)
+        words += f", {torch.cuda.device_count()} x {gpu.name} ({gpu.total_memory / GIB:.0f} GiB)"
+    else:
+        words += ", no GPU used"
+    import bitsandbytes
+    import peft
+    import transformers
+    return (f"{words}; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
+
+
+def table(section: dict) -> str:
+    """A section of results.json as a markdown table."""
+    lines = ["| measurement | unit | ours | peer | ours/peer | peer |", "|---|---|---:|---:|---:|---|"]
+    for e in section["entries"]:
+        ratio = "—" if e["ratio"] is None else f"{e['ratio']:.2f}"
+        lines.append(f"| {e['name']} | {e['unit']} | {_number(e['ours'])} | {_number(e['peer'])} | {ratio} | "
+                     f"{e.get('peer_name') or '—'} |")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def write(results: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    parts = ["# Benchmark results", "", "Written by `python bench/run.py` (see its docstring for what is measured "
+             "and how). Ratios are ours / peer: below 1 is better for times and bytes, above 1 for rates."]
+    for device, section in results.items():
+        parts += ["", f"## {device.upper()}: {section['machine']}", "",
+                  f"`{section['command']}`, {section['date']}: {section['setting']}", "", table(section)]
+    (folder / "RESULTS.md").write_text("\n".join(parts) + "\n")
+
+
+def main() -> None:
+    args = parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for, but no CUDA GPU is visible on this machine.")
+    gpus = torch.cuda.device_count() if cuda else 0
+    wanted = args.approaches or (SINGLE + (PARALLEL if gpus > 1 else ()) if cuda else SINGLE + PARALLEL)
+    unknown = sorted(set(wanted) - set(SINGLE + PARALLEL))
+    if unknown:
+        sys.exit(f"unknown approach(es) {', '.join(unknown)}; choose from {', '.join(SINGLE + PARALLEL)}.")
+    spec = str(REAL_CONFIG) if cuda else "tiny"
+    rows = []
+    for approach in wanted:
+        world = 1 if approach in SINGLE else (gpus if cuda else args.ranks)
+        print(f"{approach} on {world} {'GPU' if cuda else 'CPU rank'}{'s' if world > 1 else ''} ...", flush=True)
+        rows += entries(approach, world, run_case(approach, world, spec, args), None if cuda else NAMES[approach])
+    model = "Idefics2-8B config, random bf16 weights" if cuda else "tiny Idefics2 (4.4M parameters), fp32"
+    section = {"machine": machine(args.device), "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+               "date": datetime.date.today().isoformat(),
+               "setting": f"{model}; real MuseQuest batches of {args.batch} rows per rank; median of {args.steps} "
+                          f"steps after {args.warmup} warm-up", "entries": rows}
+    path = args.output / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[args.device] = section
+    write(results, args.output)
+    print(table(section))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The benchmark's measuring tools against values worked out by hand, and the random-weight loader.
+
+The benchmark runs themselves are not part of the suite (minutes of timing); one short run of
+the lora case checks that ours and PEFT count the same adapter bytes, since they train the same
+weights.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from measure import Contender, SavedTensors, held_bytes, measure  # noqa: E402
+from real_size import largest_batch  # noqa: E402
+from run import entries  # noqa: E402
+
+import models  # noqa: E402
+from models.tiny import build_tiny, tiny_idefics2_config  # noqa: E402
+
+
+@pytest.mark.parametrize("capacity, limit, expected", [(37, 64, 37), (0, 64, 0), (1, 64, 1), (64, 64, 64),
+                                                       (500, 64, 64), (5, 6, 5), (2, 3, 2)])
+def test_largest_batch_finds_the_capacity_and_never_tries_past_the_limit(capacity, limit, expected):
+    tried = []
+
+    def fits(size: int) -> bool:
+        tried.append(size)
+        return size <= capacity
+
+    assert largest_batch(fits, limit) == expected
+    assert max(tried) <= limit and len(tried) <= 2 * limit.bit_length()
+
+
+def test_saved_tensors_counts_each_storage_once_and_not_the_parameters():
+    weight = nn.Parameter(torch.randn(10, 10))
+    x = torch.randn(1000, 10, requires_grad=True)
+    with SavedTensors(exclude=[weight]) as saved:
+        y = (x @ weight).exp()  # mm saves x (40,000 bytes) and the weight (excluded); exp saves y (40,000)
+        z = y.sin()  # saves y again: the same storage
+        assert saved.current == 80_000
+        z.sum().backward()
+    assert saved.current == 0 and saved.peak == 80_000
+
+
+def _linear_contender() -> Contender:
+    model = nn.Linear(10, 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batches):
+        for batch in batches:
+            model(batch["x"]).relu().sum().backward()
+        optimizer.step()
+
+    return Contender(model, optimizer, step)
+
+
+def test_measure_counts_params_grads_optimizer_and_activations_by_hand():
+    contender = _linear_contender()
+    batch = [{"x": torch.randn(7, 10)}]
+    result = measure({"linear": contender}, batch, torch.device("cpu"), warmup=1, steps=3)["linear"]
+    assert (result.param_bytes, result.grad_bytes) == (440, 440)  # 110 fp32 weights
+    assert result.optimizer_bytes == 2 * 440 + 2 * 4  # two moments, and a step scalar per parameter
+    # relu saves its output (7x10 fp32); mm saves the input x (7x10) for the weight's gradient.
+    assert result.activation_bytes == 2 * 7 * 10 * 4
+    assert result.step_s > 0 and held_bytes(contender.model, contender.optimizer)["grad_bytes"] == 0
+
+
+def test_entries_give_ours_over_peer_per_metric():
+    measured = dict(step_s=0.5, param_bytes=2**20, grad_bytes=0, optimizer_bytes=0, activation_bytes=3 * 2**20,
+                    peak_bytes=None, flops=None)
+    report = {"measured": {"ours": measured, "peer": dict(measured, step_s=0.25, activation_bytes=2**20)},
+              "rows": 8, "tokens": 2000, "largest_batch": None, "peak_flops": None}
+    rows = {e["name"]: e for e in entries("lora_ddp", 2, report, "torch DDP")}
+    assert rows["lora_ddp (2 ranks): step time"]["ratio"] == 2.0
+    assert rows["lora_ddp (2 ranks): samples/s"]["ours"] == 16 and rows["lora_ddp (2 ranks): samples/s"]["ratio"] == 0.5
+    assert rows["lora_ddp (2 ranks): tokens/s"]["peer"] == 8000
+    assert rows["lora_ddp (2 ranks): activations per rank"]["ratio"] == 3.0
+    assert rows["lora_ddp (2 ranks): grads per rank"]["ratio"] is None  # 0 / 0
+    assert all(set(e) >= {"name", "ours", "peer", "unit", "ratio"} for e in rows.values())
+
+
+def test_a_config_file_gives_random_weights_of_that_architecture_and_a_fitted_processor(tmp_path):
+    path = tmp_path / "config.json"
+    tiny_idefics2_config().to_json_file(path)
+    model, processor = models.load(str(path), torch.float32, torch.device("cpu"), seed=3)
+    reference = build_tiny(seed=3).state_dict()
+    assert all(torch.equal(value, reference[name]) for name, value in model.state_dict().items())
+    assert processor.image_seq_len == 4 and dict(processor.image_processor.size)["longest_edge"] == 56
+
+
+def test_the_shipped_8b_config_keeps_the_real_processor_sizes():
+    config_file = Path(models.__file__).parent / "idefics2_8b_config.json"
+    settings = json.loads(config_file.read_text())
+    from transformers import AutoConfig
+
+    processor = models.tiny.shipped_processor(AutoConfig.for_model(**settings))
+    assert processor.image_seq_len == 64
+    assert dict(processor.image_processor.size) == {"shortest_edge": 378, "longest_edge": 980}
+
+
+@pytest.mark.slow
+def test_ours_and_peft_hold_the_same_adapter_bytes():
+    import argparse
+
+    from run import run_case
+
+    args = argparse.Namespace(device="cpu", batch=2, warmup=0, steps=1, max_batch=1, peak_tflops=None)
+    report = run_case("lora", 1, "tiny", args)
+    ours, peer = report["measured"]["ours"], report["measured"]["peer"]
+    model = build_tiny(0)
+    targets = [model.get_submodule(path) for path in models.matching_modules(model, ["projections"])]
+    adapter_bytes = sum(8 * (linear.in_features + linear.out_features) * 4 for linear in targets)  # r=8, fp32 A and B
+    assert ours["grad_bytes"] == peer["grad_bytes"] == adapter_bytes
+    assert ours["optimizer_bytes"] == peer["optimizer_bytes"] == 2 * adapter_bytes + 2 * len(targets) * 4
+    assert ours["param_bytes"] == peer["param_bytes"]
