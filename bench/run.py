@@ -22,6 +22,7 @@ of results.json; RESULTS.md shows every section.
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--approaches", nargs="+", default=None, help="a subset (default: all that fit the device)")
     parser.add_argument("--batch", type=int, default=4, help="rows per rank and step (the original's 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
     parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of the parallel approaches")
     parser.add_argument("--max-batch", type=int, default=64, help="GPU: the largest batch tried")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak, if not in the table")
@@ -113,6 +114,10 @@ def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args:
         results.put({"measured": larger_rank(ranks), "rows": batch * data_ranks, "tokens": tokens, "largest_batch": largest,
                      "peak_flops": peak_flops(device, args.peak_tflops)})
     if world > 1:
+        # Torch DDP's reducer holds the process group; freed after it is destroyed, it joins gloo's
+        # worker thread while holding the GIL that thread waits for, and the rank hangs at exit.
+        del contenders, ours
+        gc.collect()
         dist.destroy_process_group()
 
 
