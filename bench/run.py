@@ -146,7 +146,7 @@ def entries(approach: str, world: int, report: dict, peer: str | None) -> list[d
     ours, other = report["measured"].get("ours"), report["measured"].get("peer")
     label = f"{approach} ({world} rank{'s' if world > 1 else ''})"
     if ours is None:
-        return [dict(name=f"{label}: largest batch", ours=0, peer=None, unit="rows", ratio=None)]
+        return [dict(name=f"{label}: largest batch", ours=0, peer=None, unit="rows", ratio=None, peer_name=None)]
 
     def metrics(m: dict) -> dict[str, tuple[float, str]]:
         values = {"step time": (m["step_s"] * 1e3, "ms"), "samples/s": (report["rows"] / m["step_s"], "samples/s"),
