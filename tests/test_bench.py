@@ -71,6 +71,13 @@ def test_measure_counts_params_grads_optimizer_and_activations_by_hand():
     assert result.step_s > 0 and held_bytes(contender.model, contender.optimizer)["grad_bytes"] == 0
 
 
+def test_measure_counts_the_matmul_flops_of_a_step_for_mfu():
+    result = measure({"linear": _linear_contender()}, [{"x": torch.randn(7, 10)}], torch.device("cpu"),
+                     warmup=0, steps=1, count_flops=True)["linear"]
+    # 2*7*10*10 each: the forward and the weight's gradient (the input x takes none).
+    assert result.flops == 2 * 2 * 7 * 10 * 10
+
+
 def test_entries_give_ours_over_peer_per_metric():
     measured = dict(step_s=0.5, param_bytes=2**20, grad_bytes=0, optimizer_bytes=0, activation_bytes=3 * 2**20,
                     peak_bytes=None, flops=None)
