@@ -117,14 +117,16 @@ def _readme_demos() -> list[str]:
 @pytest.mark.parametrize("args", _readme_demos())
 def test_readme_demos_lower_the_validation_loss(args, tmp_path):
     """The README's demo commands as a user runs them: the first exactly, evaluation included; the
-    others (whose approaches other tests run end to end) with 5 validations instead of 20 and no
-    evaluation, to keep the suite short."""
-    extra = [] if args == _readme_demos()[0] else ["--eval-every", "0.2", "--skip-eval"]
+    others (whose approaches other tests run end to end) for one epoch instead of three, with 5
+    validations instead of 20 and no evaluation, to keep the suite short: they must lower the loss
+    by half a nat (full: 10.39 -> 9.44 in that epoch), the first by a whole one."""
+    first = args == _readme_demos()[0]
+    extra = [] if first else ["--epochs", "1", "--eval-every", "0.2", "--skip-eval"]
     result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args.split(), *extra, "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     # The first step's training loss is the untrained model's (the first validation may come later).
-    assert summary["history"]["val_loss"][-1][1] < summary["history"]["train_loss"][0][1] - 1.0
-    if not extra:
+    assert summary["history"]["val_loss"][-1][1] < summary["history"]["train_loss"][0][1] - (1.0 if first else 0.5)
+    if first:
         assert summary["eval"]["rows"] > 0 and summary["eval"]["baseline_score"] is not None
