@@ -103,10 +103,11 @@ def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args:
                                                     lambda: ours.optimizer.zero_grad(set_to_none=True)),
                                 args.max_batch)
     batch = min(args.batch, largest) if largest is not None else args.batch
-    measured = {}
+    measured, tokens = {}, 0
     if batch:
-        measured = measure(contenders, batches(batch), device, args.warmup, args.steps, count_flops=cuda)
-    tokens = runtime.sum_over_ranks(sum(int(b["attention_mask"].sum()) for b in batches(batch))) if batch else 0
+        fixed = batches(batch)  # collated once: the timed batch and its token count
+        measured = measure(contenders, fixed, device, args.warmup, args.steps, count_flops=cuda)
+        tokens = runtime.sum_over_ranks(sum(int(b["attention_mask"].sum()) for b in fixed))
     if config.parallel == "pipeline":
         tokens /= world  # every rank counted the same whole batch
     ranks = runtime.gather({name: asdict(m) for name, m in measured.items()})
