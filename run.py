@@ -9,19 +9,41 @@
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
-from engine.config import APPROACHES, TrainConfig, check_scorer, from_approach
-from engine.errors import UsageError
-
-DEFAULTS = TrainConfig()
+from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach
+from errors import UsageError
 
 
 def approach_help() -> str:
     return "approaches:\n" + "\n".join(f"  {name:<10} {line}" for name, (*_, line) in APPROACHES.items())
+
+
+def show_default(value: object) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: type) -> None:
+    """One TrainConfig field as a flag whose default is None: only what the user gives overrides the approach."""
+    meta, default = field.metadata, field.default
+    shown = meta["default_help"] or ("" if default is None or kind is bool else show_default(default))
+    spec = dict(dest=field.name, default=None, help=meta["help"] + (f" (default: {shown})" if shown else ""))
+    if kind is bool:
+        spec["action"] = "store_false" if default else "store_true"
+    elif typing.get_origin(kind) is tuple:
+        spec.update(nargs="+", type=typing.get_args(kind)[0])
+    else:  # int, float, str, or one of them | None
+        spec["type"] = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+    if meta["choices"]:  # shown like argparse's choices but checked by validate(): one sentence, as from Python
+        spec["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+    parser.add_argument(flag(field), **spec)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -32,72 +54,10 @@ def train_parser() -> argparse.ArgumentParser:
                "  report     compare runs in one markdown table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add = parser.add_argument
-    add("--approach", default=DEFAULTS.approach, help="one of the approaches listed below (default: %(default)s)")
-    add("--model", help="'tiny', a local folder or a Hugging Face id (default: tiny on CPU, "
-                        "HuggingFaceM4/idefics2-8b on CUDA)")
-    add("--dataset", help="'musequest' (built in), a Hugging Face id, a save_to_disk folder or an imagefolder "
-                          "(default: %(default)s)", default=DEFAULTS.dataset)
-    add("--limit-exhibits", type=int, help="keep only the first K exhibits (small demos and tests)")
-    add("--adapter", choices=("none", "lora"), help="override the approach's adapter (hybrids)")
-    add("--quant", choices=("none", "nf4"), help="override the approach's base-weight format")
-    add("--parallel", choices=("none", "ddp", "fsdp", "pipeline", "pipeline+fsdp"), help="override the approach's parallelism")
-    add("--output-dir", help="where checkpoints, logs and the final model go (default: runs/<approach>)")
-    add("--epochs", type=int, help=f"passes over the train split (default: {DEFAULTS.epochs})")
-    add("--max-steps", type=int, help="total optimizer steps; overrides --epochs and sets the lr schedule")
-    add("--stop-after-steps", type=int, help="stop (with a checkpoint) after this many steps of this invocation; "
-                                             "continue later with --resume")
-    add("--batch-size", type=int, help=f"rows per micro-batch per device (default: {DEFAULTS.batch_size})")
-    add("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {DEFAULTS.grad_accum})")
-    add("--lr", type=float, help=f"peak learning rate (default: {DEFAULTS.lr})")
-    add("--lr-scaling", choices=("none", "sqrt", "linear"),
-        help="scale --lr by the square root of (or linearly in) global batch / --lr-reference-batch, as some of "
-             "the original's multi-GPU runs did (default: none)")
-    add("--lr-reference-batch", type=int, help="the global batch --lr was tuned for "
-                                               f"(default: {DEFAULTS.lr_reference_batch}, the original's one-GPU batch)")
-    add("--weight-decay", type=float, help=f"AdamW weight decay (default: {DEFAULTS.weight_decay})")
-    add("--warmup-ratio", type=float, help=f"fraction of steps of linear warm-up (default: {DEFAULTS.warmup_ratio})")
-    add("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {DEFAULTS.max_grad_norm})")
-    add("--train-modules", nargs="+", help="what full fine-tuning trains: 'all', presets (projections, text, "
-                                           "connector, vision, all-linear) or regexes over module paths "
-                                           "(default: projections)")
-    add("--lora-target", nargs="+", help="modules that get LoRA: presets (projections, text, connector, vision, "
-                                         "all-linear) or regexes over module paths (default: projections)")
-    add("--lora-r", type=int, help=f"LoRA rank (default: {DEFAULTS.lora_r})")
-    add("--lora-alpha", type=float, help=f"LoRA alpha (default: {DEFAULTS.lora_alpha:g})")
-    add("--lora-dropout", type=float, help=f"dropout on the LoRA input (default: {DEFAULTS.lora_dropout})")
-    add("--no-rslora", dest="lora_rslora", action="store_false", default=None,
-        help="scale LoRA by alpha/r instead of rsLoRA's alpha/sqrt(r)")
-    add("--lora-init", choices=("gaussian", "kaiming"), help="init of LoRA's A matrix (default: gaussian)")
-    add("--quant-keep-vision", action="store_true", default=None,
-        help="qlora: keep the vision encoder in bf16 (default: NF4, as the original)")
-    add("--activation-checkpointing", action="store_true", default=None,
-        help="recompute decoder-layer activations in backward to save memory")
-    add("--max-length", type=int, help="truncate each answer so the sequence fits this many tokens")
-    add("--image-splitting", action="store_true", default=None, help="split images into crops (more memory)")
-    add("--image-shortest-edge", type=int, help="processor resize: shortest image edge in pixels")
-    add("--image-longest-edge", type=int, help="processor resize: longest image edge in pixels")
-    add("--seed", type=int, help=f"seed for the tiny model, data order and dropout (default: {DEFAULTS.seed})")
-    add("--device", help="auto (CUDA if present), cpu or cuda (default: auto)")
-    add("--micro-batches", type=int, help="full_mp: micro-batches each batch is cut into so the stages work "
-                                          f"at once (default: {DEFAULTS.micro_batches}; 1 is the original's naive split)")
-    add("--schedule", choices=("gpipe", "1f1b"), help="full_mp: all forwards then all backwards (gpipe, default), "
-                                                      "or one forward one backward, fewer activations alive (1f1b)")
-    add("--split", type=int, nargs="+", help="full_mp: first decoder layer of every stage after the first "
-                                             "(default: balanced by parameters; the original's 4-GPU split is 5 14 23)")
-    add("--gpus", type=int, help="number of ranks (default: what torchrun started, else 1); on a machine "
-                                 "without CUDA the ranks are CPU processes on gloo")
-    add("--attn-implementation", help="sdpa (default), eager or flash_attention_2")
-    add("--eval-every", type=float, help="validation + checkpoint every this fraction of steps (default: 0.05)")
-    add("--skip-eval", action="store_true", default=None, help="do not answer and score the test split after training")
-    add("--scorer", help="whose embeddings score the answers: self (the trained model, the original's way), base "
-                         "(the base model: one judge for every approach; default) or a model folder")
-    add("--max-new-tokens", type=int, help=f"answer length cap in evaluation (default: {DEFAULTS.max_new_tokens})")
-    add("--keep-last", type=int, help="checkpoints kept besides the best one (default: 2)")
-    add("--final", choices=("best", "last"), help="which weights go to OUT/final (default: best)")
-    add("--resume", action="store_true", default=None, help="continue from the last complete checkpoint")
-    add("--tensorboard", action="store_true", default=None, help="serve TensorBoard for this run")
-    add("--tensorboard-port", type=int, help="port for --tensorboard (default: 6006)")
+    kinds = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["cli"]:
+            add_option(parser, field, kinds[field.name])
     return parser
 
 
@@ -218,16 +178,14 @@ def main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return subcommand(argv[0], argv[1:])
     args = vars(train_parser().parse_args(argv))
-    approach = args.pop("approach")
-    for name in ("train_modules", "lora_target", "split"):
-        if args.get(name):
-            args[name] = tuple(args[name])
+    approach = args.pop("approach") or TrainConfig.approach
+    args = {name: tuple(value) if isinstance(value, list) else value for name, value in args.items()}  # nargs="+"
     try:
         config = from_approach(approach, **args)
         from engine.launch import launch
-        from engine.trainer import train  # heavy imports only once the flags are known to be good
+        from engine.finetune import finetune  # heavy imports only once the flags are known to be good
 
-        summary = launch(config, train)
+        summary = launch(config, finetune)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

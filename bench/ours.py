@@ -1,9 +1,9 @@
-"""Our side of every comparison: the engine's own build, parallel wrapper and training step.
+"""Our side of every comparison: the engine's own strategy, optimizer and training step.
 
-Nothing here re-implements the engine: `build`, `wrap_parallel`, `adamw`, `train_step` and
-`pipeline_step` are what `run.py` trains with, for the approach's preset settings (LoRA r=8,
-alpha 64, dropout 0.1 on the projections; full fine-tuning of the projections; the pipeline's 4
-micro-batches), so a ratio against a peer is a ratio against what users run.
+Nothing here re-implements the engine: `strategy_for`, `adamw` and `train_step` are what `run.py`
+trains with, for the approach's preset settings (LoRA r=8, alpha 64, dropout 0.1 on the
+projections; full fine-tuning of the projections; the pipeline's 4 micro-batches), so a ratio
+against a peer is a ratio against what users run.
 """
 
 from pathlib import Path
@@ -11,11 +11,11 @@ from pathlib import Path
 from transformers import ProcessorMixin
 
 from measure import Batches, Contender
-from engine.build import build, wrap_parallel
 from engine.config import TrainConfig, from_approach
 from engine.optim import adamw
 from engine.runtime import Runtime
-from engine.trainer import pipeline_step, train_step
+from engine.strategies import strategy_for
+from engine.trainer import train_step
 
 LR = 1e-4
 
@@ -30,17 +30,11 @@ def engine_contender(config: TrainConfig, runtime: Runtime, workdir: Path) -> tu
 
     FSDP and pipeline ranks read their slices from weight files: the main rank writes the model's
     random starting weights to `workdir/base` first, as the engine does for the tiny model."""
-    sharded = config.parallel in ("fsdp", "pipeline")
-    model, processor = build(config, runtime, workdir / "base" if sharded else None)
-    trained = wrap_parallel(model, config, runtime)
-    if config.parallel == "pipeline":
-        optimizer = adamw(trained.stage, config.lr, config.betas, config.weight_decay)
+    strategy = strategy_for(config, runtime)
+    processor = strategy.build(workdir / "base" if config.parallel in ("fsdp", "pipeline") else None)
+    optimizer = adamw(strategy.parameters(), config.lr, config.betas, config.weight_decay)
 
-        def step(batches: Batches) -> None:
-            pipeline_step(trained, optimizer, batches, config, runtime.device)
-    else:
-        optimizer = adamw(model, config.lr, config.betas, config.weight_decay)
+    def step(batches: Batches) -> None:
+        train_step(strategy, optimizer, batches, config.max_grad_norm)
 
-        def step(batches: Batches) -> None:
-            train_step(trained, optimizer, batches, runtime, config.max_grad_norm)
-    return Contender(model, optimizer, step), processor
+    return Contender(strategy.model, optimizer, step), processor

@@ -24,7 +24,7 @@ import models
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import mark_trainable
 from engine.config import TrainConfig
-from engine.loss import answer_token_count
+from engine.loss import answer_token_count, summed_token_loss
 from engine.runtime import Runtime
 from measure import Batches, Contender
 from models.stages import split_points, stage
@@ -112,7 +112,7 @@ def _pipelining(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -
     from pipeline_vs_torch import FIRST_INPUTS, KEYWORD_INPUTS, TorchAdapter
 
     mark_trainable(model, config.train_modules)
-    own = stage(model, split_points(model, runtime.world_size, config.split), runtime.rank)
+    own = stage(model, split_points(model, runtime.world_size, config.split), runtime.rank, summed_token_loss)
     own.to(runtime.device)
     pipe_stage = PipelineStage(TorchAdapter(own), runtime.rank, runtime.world_size, runtime.device)
     divisor = [1]  # the answer tokens of the step's whole batch, set by each step

@@ -12,6 +12,7 @@ into the same temporary folder, and the main rank publishes it once all of them 
 
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.errors import UsageError
+from errors import UsageError
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -114,6 +115,23 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
     except (OSError, SafetensorError, RuntimeError, EOFError) as error:
         raise UsageError(f"checkpoint {checkpoint} is corrupt: {error}") from error
     return tensors, train_state, meta
+
+
+def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """What a resumed run needs besides the weights to continue exactly: optimizer, schedule, RNG."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_train_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def _rotate(folder: Path, keep_last: int) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from engine.data_sources import dialog_problem, image_entries
-from engine.errors import UsageError
+from errors import UsageError
 from engine.loss import IGNORE
 
 Span = tuple[int, int]  # [start, end) token positions within one row's unpadded tokens

@@ -2,14 +2,17 @@
 
 An approach is not a code path but three choices -- adapter, base-weight format, parallelism --
 so hybrids are flag combinations. `validate` refuses what cannot work before anything runs.
+Each TrainConfig field is also run.py's flag of that name: `option` declares its help, choices and
+limits in one line, so the command line, the defaults and the checks cannot drift apart.
 """
 
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from engine.errors import UsageError
+from errors import UsageError
 
 # name -> (adapter, quant, parallel, one line for --help)
 APPROACHES: dict[str, tuple[str, str, str, str]] = {
@@ -21,69 +24,108 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
     "full_fsdp": ("none", "none", "fsdp", "full fine-tuning, fully sharded over --gpus ranks"),
 }
 
-# What this build can run; the rest are listed in --help and refused, never run as something else.
-AVAILABLE = {(adapter, quant, parallel) for adapter, quant in (("none", "none"), ("lora", "none"), ("lora", "nf4"))
-             for parallel in ("none", "ddp")} | {("none", "none", "fsdp"), ("lora", "none", "fsdp"), ("none", "none", "pipeline")}
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "", default_help: str = "",
+           minimum: int | None = None, cli: bool = True) -> Any:
+    """A TrainConfig field and its command-line flag, defined once.
+
+    `help` describes the flag (for a True-default bool, its `--no-...` flag); run.py appends the default, or
+    `default_help` where the default is a sentinel. `choices` and `minimum` are checked by `validate`.
+    """
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, flag=flag, minimum=minimum,
+                                                            default_help=default_help, cli=cli))
+
+
+def flag(field: dataclasses.Field) -> str:
+    """The field's command-line spelling: --field-name, --no-field-name for a True-default bool, or its own."""
+    negated = "no-" if field.default is True else ""
+    return field.metadata["flag"] or f"--{negated}{field.name.replace('_', '-')}"
+
+
+HYBRID = "from --approach"  # adapter, quant and parallel default to the approach's choices
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    approach: str = "lora"
-    adapter: str = "none"
-    quant: str = "none"
-    parallel: str = "none"
-    model: str = "auto"  # "tiny", a local folder or a hub id; "auto": tiny on CPU, idefics2-8b on CUDA
-    dataset: str = "musequest"
-    output_dir: str = ""
-    limit_exhibits: int | None = None
+    approach: str = option("lora", "one of the approaches listed below")
+    adapter: str = option("none", "override the approach's adapter, for hybrids", choices=("none", "lora"),
+                          default_help=HYBRID)
+    quant: str = option("none", "override the approach's base-weight format", choices=("none", "nf4"),
+                        default_help=HYBRID)
+    parallel: str = option("none", "override the approach's parallelism",
+                           choices=("none", "ddp", "fsdp", "pipeline"), default_help=HYBRID)
+    model: str = option("auto", "'tiny', a local folder, a config.json or a Hugging Face id",
+                        default_help="tiny on CPU, HuggingFaceM4/idefics2-8b on CUDA")
+    dataset: str = option("musequest", "'musequest' (built in), a Hugging Face id, a save_to_disk folder or an "
+                                       "imagefolder")
+    output_dir: str = option("", "where checkpoints, logs and the final model go", default_help="runs/<approach>")
+    limit_exhibits: int | None = option(None, "keep only the first K exhibits (small demos and tests)")
     # optimisation: the original project's settings
-    epochs: int = 3
-    max_steps: int | None = None
-    stop_after_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    lr_scaling: str = "none"  # none | sqrt | linear in global batch / lr_reference_batch (the original's DDP choices)
-    lr_reference_batch: int = 4  # the global batch --lr was tuned for: the original's one-GPU batch
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.3
-    train_modules: tuple[str, ...] = ("projections",)
-    activation_checkpointing: bool = False
+    epochs: int = option(3, "passes over the train split", minimum=1)
+    max_steps: int | None = option(None, "total optimizer steps; overrides --epochs and sets the lr schedule",
+                                   minimum=1)
+    stop_after_steps: int | None = option(None, "stop (with a checkpoint) after this many steps of this "
+                                                "invocation; continue later with --resume")
+    batch_size: int = option(4, "rows per micro-batch per device", minimum=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
+    lr: float = option(1e-5, "peak learning rate")
+    lr_scaling: str = option("none", "scale --lr by the square root of (or linearly in) global batch / "
+                                     "--lr-reference-batch, as some of the original's multi-GPU runs did",
+                             choices=("none", "sqrt", "linear"))
+    lr_reference_batch: int = option(4, "the global batch --lr was tuned for; the default is the original's "
+                                        "one-GPU batch", minimum=1)
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
+    warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up")
+    max_grad_norm: float = option(0.3, "gradient clipping norm")
+    train_modules: tuple[str, ...] = option(("projections",), "what full fine-tuning trains: 'all', presets "
+                                            "(projections, text, connector, vision, all-linear) or regexes over "
+                                            "module paths")
+    activation_checkpointing: bool = option(False, "recompute decoder-layer activations in backward to save memory")
     # pipeline (full_mp)
-    micro_batches: int = 4
-    schedule: str = "gpipe"  # gpipe | 1f1b
-    split: tuple[int, ...] = ()  # first decoder layer of each stage after the first; () = balanced
+    micro_batches: int = option(4, "full_mp: micro-batches each batch is cut into so the stages work at once; "
+                                   "1 is the original's naive split")
+    schedule: str = option("gpipe", "full_mp: all forwards then all backwards (gpipe), or one forward one "
+                                    "backward, fewer activations alive (1f1b)", choices=("gpipe", "1f1b"))
+    split: tuple[int, ...] = option((), "full_mp: first decoder layer of every stage after the first",
+                                    default_help="balanced by parameters; the original's 4-GPU split is 5 14 23")
     # LoRA: the original project's settings
-    lora_target: tuple[str, ...] = ("projections",)
-    lora_r: int = 8
-    lora_alpha: float = 64
-    lora_dropout: float = 0.1
-    lora_rslora: bool = True
-    lora_init: str = "gaussian"
+    lora_target: tuple[str, ...] = option(("projections",), "modules that get LoRA: presets (projections, text, "
+                                          "connector, vision, all-linear) or regexes over module paths")
+    lora_r: int = option(8, "LoRA rank", minimum=1)
+    lora_alpha: float = option(64, "LoRA alpha")
+    lora_dropout: float = option(0.1, "dropout on the LoRA input")
+    lora_rslora: bool = option(True, "scale LoRA by alpha/r instead of rsLoRA's alpha/sqrt(r)", flag="--no-rslora")
+    lora_init: str = option("gaussian", "init of LoRA's A matrix", choices=("gaussian", "kaiming"))
     # QLoRA
-    quant_keep_vision: bool = False  # keep the vision encoder in bf16 instead of NF4
+    quant_keep_vision: bool = option(False, "qlora: keep the vision encoder in bf16",
+                                     default_help="NF4, as the original")
     # data and processor
-    max_length: int | None = None
-    image_splitting: bool = False
-    image_shortest_edge: int | None = None
-    image_longest_edge: int | None = None
+    max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens")
+    image_splitting: bool = option(False, "split images into crops (more memory)")
+    image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels")
+    image_longest_edge: int | None = option(None, "processor resize: longest image edge in pixels")
     # runtime
-    seed: int = 0
-    device: str = "auto"
-    gpus: int | None = None  # ranks; None: what torchrun started, else 1
-    attn_implementation: str = "sdpa"
+    seed: int = option(0, "seed for the tiny model, data order and dropout")
+    device: str = option("auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = option("auto", "fp32 (everything fp32; the CPU default) or bf16-mixed (frozen weights bf16, "
+                                    "trained weights fp32, compute under bf16 autocast; the CUDA default); auto "
+                                    "picks by device", choices=("auto", "fp32", "bf16-mixed"))
+    gpus: int | None = option(None, "number of ranks; on a machine without CUDA the ranks are CPU processes on gloo",
+                              default_help="what torchrun started, else 1", minimum=1)
+    attn_implementation: str = option("sdpa", "sdpa, eager or flash_attention_2")
     # evaluation, checkpoints, outputs
-    eval_every: float = 0.05  # fraction of the total steps
-    skip_eval: bool = False  # no generation and scoring of the test split after training
-    scorer: str = "base"  # self | base | a model folder: whose embeddings score the answers
-    max_new_tokens: int = 512
-    keep_last: int = 2
-    final: str = "best"  # "best" (lowest validation loss) or "last"
-    resume: bool = False
-    tensorboard: bool = False
-    tensorboard_port: int = 6006
+    eval_every: float = option(0.05, "validation + checkpoint every this fraction of steps, in (0, 1]")
+    skip_eval: bool = option(False, "do not answer and score the test split after training")
+    scorer: str = option("base", "whose embeddings score the answers: self (the trained model, the original's "
+                                 "way), base (the base model: one judge for every approach) or a model folder")
+    max_new_tokens: int = option(512, "answer length cap in evaluation")
+    keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
+    final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
+                        choices=("best", "last"))
+    resume: bool = option(False, "continue from the last complete checkpoint")
+    tensorboard: bool = option(False, "serve TensorBoard for this run")
+    tensorboard_port: int = option(6006, "port for --tensorboard")
 
     @property
     def out(self) -> Path:
@@ -112,44 +154,23 @@ def check_scorer(spec: str) -> None:
 
 
 def validate(config: TrainConfig) -> None:
-    choice = (config.adapter, config.quant, config.parallel)
+    for field in dataclasses.fields(config):
+        value, choices, minimum = getattr(config, field.name), field.metadata["choices"], field.metadata["minimum"]
+        if choices and value not in choices:
+            raise UsageError(f"{flag(field)} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}.")
+        if minimum is not None and value is not None and value < minimum:
+            raise UsageError(f"{flag(field)} must be at least {minimum}.")
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
     if config.quant == "nf4" and config.parallel == "fsdp":
         raise UsageError("an NF4 base cannot be sharded by FSDP (its packed weights and quant state are not "
                          "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
-    if config.parallel == "pipeline+fsdp":
-        raise UsageError("pipeline stages sharded with FSDP (--parallel pipeline+fsdp) are not built yet; "
-                         "use --parallel pipeline or --parallel fsdp.")
     if config.parallel == "pipeline" and config.adapter != "none":
         raise UsageError("the pipeline runs full fine-tuning only in this build; LoRA and QLoRA use --parallel ddp or fsdp.")
-    if choice not in AVAILABLE:
-        what = f"approach {config.approach!r}" if choice == APPROACHES[config.approach][:3] else \
-            f"--adapter {config.adapter} --quant {config.quant} --parallel {config.parallel}"
-        raise UsageError(f"{what} is not available yet in this build; available approaches: "
-                         f"{', '.join(n for n, a in APPROACHES.items() if a[:3] in AVAILABLE)}, each also with --parallel ddp, "
-                         "and lora with --parallel fsdp.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {config.device!r}.")
-    if config.lr_scaling not in ("none", "sqrt", "linear"):
-        raise UsageError(f"--lr-scaling must be none, sqrt or linear, not {config.lr_scaling!r}.")
-    if config.lora_init not in ("gaussian", "kaiming"):
-        raise UsageError(f"--lora-init must be gaussian or kaiming, not {config.lora_init!r}.")
-    if config.lora_r < 1:
-        raise UsageError("--lora-r must be at least 1.")
-    if config.final not in ("best", "last"):
-        raise UsageError(f"--final must be 'best' or 'last', not {config.final!r}.")
-    for name in ("batch_size", "grad_accum", "epochs", "keep_last", "gpus", "lr_reference_batch"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
-    if config.schedule not in ("gpipe", "1f1b"):
-        raise UsageError(f"--schedule must be gpipe or 1f1b, not {config.schedule!r}.")
     if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
     check_scorer(config.scorer)
-    if config.max_steps is not None and config.max_steps < 1:
-        raise UsageError("--max-steps must be at least 1.")
     if not 0 < config.eval_every <= 1:
         raise UsageError("--eval-every is a fraction of the total steps, in (0, 1].")

@@ -14,7 +14,7 @@ import datasets
 import pandas as pd
 import pyarrow.compute as pc
 
-from engine.errors import UsageError
+from errors import UsageError
 from engine.standin_images import standin_image
 
 SPLITS = ("train", "validation", "test")

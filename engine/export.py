@@ -52,18 +52,17 @@ def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin,
     return _publish(folder, write_files)
 
 
-def export_pretrained_by_rank(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
-                              rank: int, world: int) -> None:
-    """`export_pretrained` for a pipeline: every rank writes its own stage's weights (those not on
-    the meta device) as one safetensors file of a shared temporary folder, which the main rank
+def export_pretrained_by_rank(model: PreTrainedModel, own: dict[str, torch.Tensor], processor: ProcessorMixin,
+                              folder: Path, dtype: torch.dtype, rank: int, world: int) -> None:
+    """`export_pretrained` for a pipeline: every rank writes its `own` weights (its stage's, by the
+    model's names) as one safetensors file of a shared temporary folder, which the main rank
     completes with the index, config and processor and publishes. Every rank calls it."""
     tmp = folder.with_name(f".tmp-{folder.name}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    piece = {name: param for name, param in model.named_parameters() if not param.is_meta}
-    piece.update(_persistent_buffers(model) if rank == 0 else {})
+    piece = dict(own, **(_persistent_buffers(model) if rank == 0 else {}))
     file = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
     size = _save_piece(piece, tmp / file, dtype)
     written = [None] * world

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from engine.config import TrainConfig
-from engine.errors import UsageError
+from errors import UsageError
+from engine.precision import precision_for
 from engine.runtime import Runtime, pick_device
 
 
@@ -72,7 +73,8 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     """This process's rank, world and device; joins the process group when there is more than one rank."""
     world = torchrun_world_size()
     if world == 1:
-        return Runtime(device=pick_device(config.device, 1))
+        device = pick_device(config.device, 1)
+        return Runtime(device, precision=precision_for(config.precision, device))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = pick_device(config.device, local_ranks)
     if device.type == "cuda":
@@ -80,4 +82,4 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Runtime(device=device, rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device))

@@ -13,8 +13,9 @@ from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 import lora
 import models
-from engine.errors import UsageError
+from errors import UsageError
 from engine.export import TRAINING_CONFIG, export_pretrained
+from engine.precision import precision_for
 from engine.runtime import pick_device
 from models.targets import QUANT_SKIP, VISION_ENCODER
 from quant import dequantize, quantize
@@ -28,7 +29,7 @@ def merge_adapter(adapter: Path, output: Path, model_spec: str | None = None, de
 def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
         -> tuple[PreTrainedModel, ProcessorMixin, torch.dtype]:
     """The adapter's base (from adapter_config.json unless `model_spec`) with the adapter folded in,
-    in bf16 on CUDA and fp32 on CPU; the processor is the run's (image size, splitting)."""
+    in the device's default precision's dtype; the processor is the run's (image size, splitting)."""
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise UsageError(f"{adapter} is not an adapter folder: it has no adapter_config.json.")
@@ -36,7 +37,7 @@ def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
     if not base:
         raise UsageError(f"{config_file} names no base model; give one with --model.")
     training = json.loads((adapter / TRAINING_CONFIG).read_text()) if (adapter / TRAINING_CONFIG).is_file() else {}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = precision_for("auto", device).frozen_dtype
     model, processor = models.load(base, dtype, device)
     if training.get("quant") == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if training.get("quant_keep_vision") else []))

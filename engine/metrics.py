@@ -1,9 +1,13 @@
 """What a run reports: TensorBoard scalars on the main rank, and per-rank memory bytes."""
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+import lora
+from quant import quantized_bytes
 
 
 class Scalars:
@@ -31,23 +35,30 @@ class Scalars:
             self.writer.close()
 
 
-def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) weights of the whole model; NF4 weights are buffers, not parameters, but
-    count as weights, and an FSDP shard counts as the weights it stands for."""
-    from quant import quantized_bytes
-
-    sizes = [(getattr(p, "unsharded_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+def parameter_counts(model: nn.Module, sizes: Iterable[tuple[int, bool]] | None = None) -> tuple[int, int]:
+    """(trainable, total) weights of the whole model. `sizes`: (weights, trainable?) of each parameter
+    when the parameters are not the weights themselves (FSDP's shards); NF4 weights are buffers, not
+    parameters, but count as weights."""
+    sizes = list(sizes) if sizes is not None else [(p.numel(), p.requires_grad) for p in model.parameters()]
     trainable = sum(size for size, requires_grad in sizes if requires_grad)
-    return trainable, sum(size for size, _ in sizes) + quantized_bytes(model)[1] // 2
+    return trainable, sum(size for size, _ in sizes) + quantized_bytes(lora.base_layers(model))[1] // 2
+
+
+def quantized_summary(model: nn.Module) -> dict:
+    """NF4 bytes against the bf16 bytes of the same weights (QLoRA runs only)."""
+    stored, bf16 = quantized_bytes(lora.base_layers(model))
+    return {"quantized_weight_bytes": stored, "quantized_weight_bf16_bytes": bf16,
+            "quantized_ratio": stored / bf16} if bf16 else {}
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds in parameters, gradients and optimizer state (call while grads exist)."""
-    params = [p for p in model.parameters() if not p.is_meta]  # a pipeline rank holds only its stage
+def memory_breakdown(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds in the parameters of its model `parts`, their gradients and the
+    optimizer state (call while grads exist)."""
+    params = [p for part in parts for p in part.parameters()]
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return {
         "param_bytes": _bytes(params),

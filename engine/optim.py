@@ -1,6 +1,7 @@
 """The original project's optimisation: AdamW and a cosine schedule with linear warm-up (as HF Trainer)."""
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -29,9 +30,10 @@ def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) 
     return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[scaling]
 
 
-def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm scales (1-D) are not decayed, as in HF Trainer."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float],
+          weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer."""
+    trainable = [p for p in parameters if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},

@@ -1,16 +1,16 @@
-"""Device, dtype and process facts, chosen in exactly one place.
+"""Device, precision and process facts, chosen in exactly one place.
 
-CUDA runs keep frozen weights in bf16 and compute under bf16 autocast; CPU runs are fp32
-throughout. Everything else asks the Runtime instead of looking at the hardware itself.
+Everything else asks the Runtime (its `precision`: engine/precision.py) instead of looking at the
+hardware itself.
 """
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from engine.errors import UsageError
+from engine.precision import Precision, precision_for
+from errors import UsageError
 
 REAL_MODEL = "HuggingFaceM4/idefics2-8b"
 
@@ -20,19 +20,15 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    precision: Precision = field(default=None)  # None: the device's default (precision_for "auto")
+
+    def __post_init__(self):
+        if self.precision is None:
+            object.__setattr__(self, "precision", precision_for("auto", self.device))
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def sum_over_ranks(self, value: float) -> float:
         """The sum of a per-rank number over all ranks (the number itself on one rank)."""

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.errors import UsageError
+from errors import UsageError
 
 
 def check_port_free(port: int) -> None:

@@ -18,6 +18,7 @@ from engine.data_sources import load_splits
 from engine.metrics import Scalars
 from engine.runtime import Runtime, resolve_model
 from engine.merge import load_merged
+from engine.precision import precision_for
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
 from eval.score import load_scorer, similarity_scores
@@ -30,7 +31,7 @@ def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device) 
     if adapter is not None:
         model, processor, _ = load_merged(adapter, model_spec, device)
     else:
-        model, processor = models.load(model_spec, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        model, processor = models.load(model_spec, precision_for("auto", device).frozen_dtype, device)
     return model.eval(), processor
 
 
@@ -72,7 +73,7 @@ def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: st
     return results
 
 
-def evaluate_run(config: TrainConfig, runtime: Runtime, scalars: Scalars, step: int) -> dict:
+def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     """After training: OUT/final answers the test split and is scored, the rows split across every
     rank and gathered; the base model's score before training comes from a cache when this model,
     data and scorer were measured before. The main rank writes OUT/eval and logs a few answers."""
@@ -96,10 +97,12 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, scalars: Scalars, step: 
     if runtime.is_main:
         results = write_scored(out / "eval", rows, scores, config.scorer,
                                baseline=json.loads(cache.read_text())["score"])
+        scalars = Scalars(out / "tensorboard", True, 0)  # beside the training's points, on its step axis
         scalars.log(step, {"eval/similarity_score": results["score"]})
         scalars.text(step, "eval/answers", "\n\n".join(
             f"**Q:** {e['user_question']}  \n**generated:** {e['model_generated_answer']}  \n"
             f"**reference:** {e['ground_truth_answer']}" for e in results["examples"]))
+        scalars.close()
     return results
 
 

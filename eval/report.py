@@ -11,7 +11,7 @@ test split, scored by each fine-tuned model itself (`--scorer self`), so they co
 import json
 from pathlib import Path
 
-from engine.errors import UsageError
+from errors import UsageError
 
 # (approach, hardware, score before training, score after) of the original's seed_results files.
 ORIGINAL = [

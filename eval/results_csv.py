@@ -11,7 +11,7 @@ is what we write, so an original file read and written back comes out byte for b
 import csv
 from pathlib import Path
 
-from engine.errors import UsageError
+from errors import UsageError
 
 SCORE = "semantic_similarity_score"
 AVERAGE = "average_semantic_similarity_score"

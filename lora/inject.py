@@ -4,6 +4,8 @@ The caller chooses the paths (for Idefics2, `models.targets.matching_modules`); 
 knows `nn.Module`. Adapter tensors keep their module's path: `<path>.lora_A.weight`.
 """
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -26,6 +28,12 @@ def inject(model: nn.Module, paths: list[str], r: int = 8, alpha: float = 64, dr
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: module for path, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def base_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of `model`, each LoRALinear replaced by the layer it wraps (which is not a child)."""
+    for module in model.modules():
+        yield module.base if isinstance(module, LoRALinear) else module
 
 
 def merge(model: nn.Module) -> None:

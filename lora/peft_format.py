@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.errors import UsageError
+from errors import UsageError
 from lora.inject import adapter_state_dict, inject, lora_modules
 
 CONFIG = "adapter_config.json"

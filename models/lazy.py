@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from engine.errors import UsageError
+from errors import UsageError
 from models.load import SUPPORTED_TYPES, use_real_pad_token
 
 INDEX = "model.safetensors.index.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from engine.errors import UsageError
+from errors import UsageError
 from models.tiny import build_tiny, shipped_processor, tiny_processor
 
 SUPPORTED_TYPES = ("idefics2", "idefics3")

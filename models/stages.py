@@ -4,17 +4,22 @@ Stage 0 embeds the tokens, runs the vision encoder and connector and merges the 
 in, then runs the first decoder layers; middle stages run decoder layers; the last stage runs the
 final norm and lm_head and returns the summed token loss. Between stages travels one tensor, the
 hidden states (batch, sequence, hidden): the causal mask and rotary tables are recomputed on every
-stage from the micro-batch, which every rank has.
+stage from the micro-batch, which every rank has. The last stage's loss function is passed in
+(the engine's summed token loss), so this file knows the model and nothing of training.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
-from engine.errors import UsageError
-from engine.loss import summed_token_loss
+from errors import UsageError
 from models.parts import decoder_layers
+
+# (logits, labels) -> the micro-batch's summed loss
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Stage(nn.Module):
@@ -23,7 +28,7 @@ class Stage(nn.Module):
     Only this stage's modules are children, so `stage.parameters()` is what this rank trains.
     """
 
-    def __init__(self, model: PreTrainedModel, start: int, stop: int, first: bool, last: bool):
+    def __init__(self, model: PreTrainedModel, start: int, stop: int, first: bool, last: bool, loss: Loss):
         super().__init__()
         inner = model.model
         self.__dict__["inner"] = inner  # its methods merge image features in; not a child
@@ -35,7 +40,7 @@ class Stage(nn.Module):
             self.embed_tokens, self.vision_model, self.connector = \
                 inner.text_model.embed_tokens, inner.vision_model, inner.connector
         if last:
-            self.norm, self.lm_head = inner.text_model.norm, model.lm_head
+            self.norm, self.lm_head, self.loss = inner.text_model.norm, model.lm_head, loss
 
     def forward(self, hidden: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.first:
@@ -47,7 +52,7 @@ class Stage(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         if self.last:
-            return summed_token_loss(self.lm_head(self.norm(hidden)), batch["labels"])
+            return self.loss(self.lm_head(self.norm(hidden)), batch["labels"])
         return hidden
 
     def _embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,10 +101,22 @@ def split_points(model: PreTrainedModel, stages: int, split: tuple[int, ...] = (
     return points[::-1]
 
 
-def stage(model: PreTrainedModel, points: list[int], rank: int) -> Stage:
-    """Rank `rank`'s stage of the split at `points`."""
+def stage(model: PreTrainedModel, points: list[int], rank: int, loss: Loss) -> Stage:
+    """Rank `rank`'s stage of the split at `points`; the last one returns `loss(logits, labels)`."""
     bounds = [0, *points, len(decoder_layers(model))]
-    return Stage(model, bounds[rank], bounds[rank + 1], first=rank == 0, last=rank == len(bounds) - 2)
+    return Stage(model, bounds[rank], bounds[rank + 1], first=rank == 0, last=rank == len(bounds) - 2, loss=loss)
+
+
+def activation_shape(model: PreTrainedModel) -> Callable[[dict], tuple[torch.Size, torch.dtype]]:
+    """What travels between any two stages for a micro-batch: the hidden states (batch, sequence,
+    hidden size), in the embeddings' dtype, which the residual stream keeps as in the unsplit model."""
+    hidden_size = model.config.get_text_config().hidden_size
+    dtype = model.get_input_embeddings().weight.dtype
+
+    def shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
+        return torch.Size((*batch["input_ids"].shape, hidden_size)), dtype
+
+    return shape
 
 
 def _numel(module: nn.Module) -> int:

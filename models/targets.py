@@ -9,7 +9,7 @@ import re
 
 import torch.nn as nn
 
-from engine.errors import UsageError
+from errors import UsageError
 
 _PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 

@@ -101,7 +101,6 @@ class _Flat:
             if pieces:
                 torch.cat(pieces, out=shard[:sum(p.numel() for p in pieces)])
         self.shard = nn.Parameter(shard, requires_grad=trainable)
-        self.shard.unsharded_numel = sum(self.sizes)  # what this shard stands for, for parameter counts
 
     def gather(self, dtype: torch.dtype | None, group: dist.ProcessGroup | None) -> torch.Tensor:
         return _Gather.apply(self.shard, dtype or self.shard.dtype, group)
@@ -207,6 +206,11 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
             # Clones, so the unit's full buffer dies with this loop.
             tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full)))
         yield tensors
+
+
+def unsharded_sizes(model: nn.Module) -> list[tuple[int, bool]]:
+    """(weights a shard stands for, trainable?) of every shard: the model's size before sharding."""
+    return [(sum(flat.sizes), flat.shard.requires_grad) for unit in model.fsdp_units for flat in unit.flats]
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:

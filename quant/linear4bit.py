@@ -60,10 +60,6 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_out @ weight.to(grad_out.dtype), None, None, None, None, None, None
 
 
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class Linear4bit(nn.Module):
     """y = x @ dequantize(W).T + b, with W frozen in NF4; only the input gets a gradient."""
 
@@ -84,9 +80,10 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> "Linear4bit":
-        """Quantize `linear` on its own device; a meta linear gives an empty layer to load into."""
+        """Quantize `linear` on its own device; a meta linear gives an empty layer to load into. The
+        compute dtype defaults to the linear's own: the precision the caller loaded it in."""
         device = linear.weight.device
-        compute_dtype = compute_dtype or default_compute_dtype(device)
+        compute_dtype = compute_dtype or linear.weight.dtype
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, device)
         if device.type == "meta":
             return layer

@@ -1,7 +1,7 @@
 """Swap a model's nn.Linear layers for NF4 Linear4bit layers, and measure what that saves."""
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
     Each linear is moved to `device` just before it is quantized, so a model loaded on the CPU
     never has more than one full-precision layer on the accelerator. On a meta-device model the
     layers are empty Linear4bit shells, ready for `load_state_dict(..., assign=True)` from a
-    cached quantized state dict. The compute dtype defaults to bf16 on CUDA, fp32 elsewhere.
+    cached quantized state dict. The compute dtype defaults to each linear's own dtype.
     """
     is_skipped = _skip_predicate(model, skip)
     # Exactly nn.Linear: subclasses such as nn.MultiheadAttention's out_proj are read by weight
@@ -45,14 +45,14 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
     return len(paths)
 
 
-def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of every NF4 weight with its quant state, bytes the same weights take in bf16).
+def quantized_bytes(modules: Iterable[nn.Module]) -> tuple[int, int]:
+    """(bytes of every NF4 weight among `modules` with its quant state, bytes the same weights take in bf16).
 
-    Also counts a Linear4bit held as `.base` by a wrapper that is not its parent module (LoRA).
+    `modules` is usually `model.modules()`; a caller whose wrappers hide a layer (LoRA keeps its
+    base out of the module tree) passes the layers themselves.
     """
     stored = bf16 = 0
-    for module in model.modules():
-        module = getattr(module, "base", module)
+    for module in modules:
         if isinstance(module, Linear4bit):
             stored += sum(t.numel() * t.element_size() for t in
                           (module.weight, module.absmax, module.nested_absmax, module.offset))

@@ -18,6 +18,7 @@ from engine.collate import Collator
 from engine.config import from_approach
 from engine.data_sources import load_splits
 from engine.runtime import Runtime
+from engine.strategies import Single
 from engine.trainer import train, train_step
 from models.targets import QUANT_SKIP
 from quant import quantize
@@ -136,16 +137,14 @@ def test_activation_checkpointing_with_lora_trains_every_adapter(processor):
     config = from_approach("lora", lora_dropout=0.0, activation_checkpointing=True)
     model = models.build_tiny(0)
     paths = add_lora(model, config)
-    from engine.activation_checkpoint import apply_activation_checkpointing
-    from models.parts import decoder_layers
-
-    apply_activation_checkpointing(decoder_layers(model))
+    strategy = Single(config, Runtime(torch.device("cpu")))
+    strategy.prepare(model)  # checkpoints the decoder layers, as --activation-checkpointing asks
     rows = load_splits("musequest", limit_exhibits=1)["train"]
     batches = [Collator(processor)([rows[0], rows[1]])]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for param in optimizer.param_groups[0]["params"]:
         param.register_post_accumulate_grad_hook(lambda p: setattr(p, "seen", p.grad.abs().sum().item()))
-    train_step(model, optimizer, batches, Runtime(torch.device("cpu")), max_grad_norm=1e9)
+    train_step(strategy, optimizer, batches, max_grad_norm=1e9)
     for path in paths:  # B starts at zero, so B's gradient is where a live adapter shows
         assert model.get_submodule(path).lora_B.weight.seen > 0, path
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)

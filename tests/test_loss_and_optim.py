@@ -42,7 +42,7 @@ def test_schedule_matches_hf_cosine_with_warmup():
 def test_adamw_does_not_decay_biases_or_norm_scales():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     model[1].weight.requires_grad_(False)
-    optimizer = adamw(model, 1e-3, (0.9, 0.999), 0.01)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.999), 0.01)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.01 and [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 2  # linear bias + norm bias; frozen scale left out

@@ -6,7 +6,7 @@ from PIL import Image
 
 import models
 from engine.activation_checkpoint import apply_activation_checkpointing
-from engine.errors import UsageError
+from errors import UsageError
 from models.parts import decoder_layers
 
 CPU = torch.device("cpu")
@@ -121,17 +121,18 @@ def test_stages_chained_give_the_models_own_loss(family, processor, tiny_model):
         for stages in (1, 2, 4):
             points, hidden = split_points(model, stages), None
             for rank in range(stages):
-                hidden = stage(model, points, rank)(hidden, batch)
+                hidden = stage(model, points, rank, summed_token_loss)(hidden, batch)
             torch.testing.assert_close(hidden, expected, msg=f"{stages} stages")
 
 
 def test_balanced_split_minimises_the_largest_stage_and_a_given_split_is_checked(tiny_model):
     import itertools
 
+    from engine.loss import summed_token_loss
     from models.stages import split_points, stage
 
     def largest(points: list[int]) -> int:
-        return max(sum(p.numel() for p in stage(tiny_model, points, r).parameters()) for r in range(len(points) + 1))
+        return max(sum(p.numel() for p in stage(tiny_model, points, r, summed_token_loss).parameters()) for r in range(len(points) + 1))
 
     for stages in (2, 3):
         best = min(largest(list(p)) for p in itertools.combinations(range(1, 4), stages - 1))

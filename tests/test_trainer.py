@@ -15,6 +15,7 @@ from engine.collate import Collator
 from engine.config import from_approach
 from engine.data_sources import load_splits
 from engine.runtime import Runtime
+from engine.strategies import Single
 from engine.trainer import train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,10 @@ def _step(rows, processor, micro_batch: int) -> tuple[float, float, dict]:
     model = models.build_tiny(0)
     collator = Collator(processor)
     batches = [collator(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch)]
+    strategy = Single(from_approach("full", model="tiny", device="cpu", train_modules=("all",)), CPU)
+    strategy.prepare(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loss, grad_norm, _ = train_step(model, optimizer, batches, CPU, max_grad_norm=1e9)
+    loss, grad_norm, _ = train_step(strategy, optimizer, batches, max_grad_norm=1e9)
     return loss, grad_norm, model.state_dict()
 
 

@@ -1,0 +1,17 @@
+"""One strategy per `--parallel` value, built once from the config; the training loop only calls it."""
+
+from engine.config import TrainConfig
+from engine.runtime import Runtime
+from engine.strategies.ddp import DDP
+from engine.strategies.fsdp import FSDP
+from engine.strategies.pipeline import PipelineParallel
+from engine.strategies.single import Single
+
+STRATEGIES: dict[str, type[Single]] = {"none": Single, "ddp": DDP, "fsdp": FSDP, "pipeline": PipelineParallel}
+
+
+def strategy_for(config: TrainConfig, runtime: Runtime) -> Single:
+    return STRATEGIES[config.parallel](config, runtime)
+
+
+__all__ = ["DDP", "FSDP", "PipelineParallel", "STRATEGIES", "Single", "strategy_for"]

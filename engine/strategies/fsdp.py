@@ -1,0 +1,57 @@
+"""`--parallel fsdp`: each rank holds 1/N of every weight, gradient and optimizer state
+(parallel/fsdp.py), reads only its slices of the weight files, writes its own checkpoint shard,
+and takes part in gathering the final export unit by unit."""
+
+from pathlib import Path
+
+from transformers import PreTrainedModel, ProcessorMixin
+
+import models
+from engine import checkpoint
+from engine.build import load_without_weights
+from engine.export import export_adapter, export_pretrained_by_unit
+from engine.metrics import parameter_counts
+from engine.strategies.single import Single
+from parallel import fsdp
+
+
+class FSDP(Single):
+    min_ranks = 2
+
+    def __init__(self, config, runtime):
+        super().__init__(config, runtime)
+        self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
+
+    def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
+        model, processor, self.read = load_without_weights(self.config, self.runtime, base_copy)
+        return model, processor
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        # Every block is recomputed in backward by FSDP itself, which is activation checkpointing:
+        # no checkpointing on top. Blocks are gathered in the frozen weights' dtype to compute.
+        fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.read,
+                         device=self.runtime.device)
+        del self.read  # the weight files' handles: every shard is filled now
+        self.model, self.parts = model, [model]
+        self.precision.autocast_forward(model, self.runtime.device)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return parameter_counts(self.model, fsdp.unsharded_sizes(self.model))
+
+    def clip_(self, max_norm: float) -> float:
+        return fsdp.clip_grad_norm_(self.model, max_norm)
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return True
+
+    def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
+        """Gathered one unit at a time, so no rank ever holds the whole model; the main rank writes."""
+        if adapter_base is None:
+            export_pretrained_by_unit(self.model, processor, folder, self.precision.frozen_dtype,
+                                      write=self.runtime.is_main)
+            return
+        adapter = {name: tensor for unit in fsdp.unit_state_dicts(self.model, trainable_only=True)
+                   for name, tensor in unit.items()}
+        if self.runtime.is_main:
+            export_adapter(self.model, processor, folder, adapter_base, self.config.to_json(), adapter)

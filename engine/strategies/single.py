@@ -1,0 +1,183 @@
+"""`--parallel none`: one rank holds every weight and runs the whole batch. The base strategy.
+
+A strategy owns everything that differs between the ways of spreading a run over ranks, so the
+training loop (engine/trainer.py) asks none of it: which weights this rank materialises, how the
+model is prepared (wrapped, sharded, split), forward+backward of a step's micro-batches, the
+validation loss, clipping by the global gradient norm, which ranks split the data, what this
+rank's checkpoint files hold, the final export and its rows of summary.json. The other strategies
+(ddp.py, fsdp.py, pipeline.py) override only what they change.
+"""
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import PreTrainedModel, ProcessorMixin
+
+from engine import checkpoint
+from engine.activation_checkpoint import apply_activation_checkpointing
+from engine.build import apply_approach, load_whole
+from engine.config import TrainConfig
+from engine.export import export_adapter, export_pretrained
+from engine.collate import Collator
+from engine.loss import answer_token_count, summed_token_loss
+from engine.metrics import memory_breakdown, parameter_counts
+from engine.runtime import Runtime
+from errors import UsageError
+from models.parts import decoder_layers
+
+
+class Single:
+    min_ranks = 1
+
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        if runtime.world_size < self.min_ranks:
+            raise UsageError(f"--parallel {config.parallel} needs {self.min_ranks} or more ranks (--gpus N, or "
+                             f"torchrun); this run has {runtime.world_size}.")
+        self.config, self.runtime, self.precision = config, runtime, runtime.precision
+        self.data = runtime  # the ranks that split each global batch
+        self.shard = checkpoint.Shard()  # which piece of a checkpoint this rank writes and reads
+        self.model: PreTrainedModel | None = None  # the whole model as saved and exported
+        self.parts: list[nn.Module] = []  # the modules this rank runs and trains
+
+    # ---- the model ------------------------------------------------------------------------------
+
+    def build(self, base_copy: Path | None) -> ProcessorMixin:
+        """Load this rank's weights, apply the approach, prepare; returns the processor."""
+        model, processor = self.materialize(base_copy)
+        apply_approach(model, self.config, self.runtime)
+        self.prepare(model)
+        return processor
+
+    def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
+        return load_whole(self.config, self.runtime, base_copy)
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        self.model, self.parts = model, [model]
+        self.checkpoint_activations(model)
+        self.precision.autocast_forward(model, self.runtime.device)
+
+    def checkpoint_activations(self, model: PreTrainedModel) -> None:
+        if self.config.activation_checkpointing:
+            apply_activation_checkpointing(decoder_layers(model))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer steps on this rank."""
+        return [p for part in self.parts for p in part.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return parameter_counts(self.model)
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    # ---- a step ---------------------------------------------------------------------------------
+
+    def forward_backward(self, batches: list[dict], divisor: int) -> float:
+        """Forward and backward of this rank's micro-batches, each summed loss divided by the answer
+        tokens of the whole global batch, so the summed gradients are exactly the global mean.
+        Returns the global batch's loss."""
+        local = 0.0
+        for index, batch in enumerate(batches):
+            with self.accumulating(last=index == len(batches) - 1):
+                batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                loss = summed_token_loss(self.forward(batch), labels) / divisor
+                loss.backward()
+            local += loss.item()
+        return self.data.sum_over_ranks(local)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.model(**inputs, use_cache=False).logits
+
+    def accumulating(self, last: bool):
+        """The context of one micro-batch's backward; DDP reduces only after the last."""
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def validation_loss(self, split, collator: Collator, batch_size: int) -> float:
+        """Validation loss averaged over every answer token of the split (not over batches or ranks).
+
+        Every rank runs the same number of forwards, since an FSDP forward is a collective: a rank
+        whose rows have run out repeats the split's first batch and does not count it.
+        """
+        self.train(False)
+        loss_sum, count = 0.0, 0
+        stride = batch_size * self.data.world_size
+        for start in range(self.data.rank * batch_size, -(-len(split) // stride) * stride, stride):
+            counted = start < len(split)
+            rows = range(start, min(start + batch_size, len(split))) if counted else range(min(batch_size, len(split)))
+            batch = collator([split[i] for i in rows])
+            loss = self.eval_loss(batch)
+            if counted:
+                loss_sum += loss
+                count += answer_token_count(batch["labels"])
+        return self.data.sum_over_ranks(loss_sum) / max(1, self.data.sum_over_ranks(count))
+
+    def eval_loss(self, batch: dict) -> float:
+        """The summed loss of one whole validation batch, which every rank of `data` has."""
+        batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        return float(summed_token_loss(self.forward(batch), labels))
+
+    def clip_(self, max_norm: float) -> float:
+        """Clip to the global gradient norm; returns the norm before."""
+        return float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
+
+    # ---- state, checkpoints, export, report -------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """This rank's trainable tensors under the model's own names: what its checkpoint holds."""
+        mine = {id(p) for p in self.parameters()}
+        return {name: p for name, p in self.model.named_parameters() if id(p) in mine}
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        return {"shards": self.shard.count, "stages": None}
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Replicas leave it to the main rank; shards and stages write their own piece."""
+        return self.runtime.is_main
+
+    def save_checkpoint(self, folder: Path, step: int, train_state: dict, meta: dict, keep_last: int) -> None:
+        if self.writes_checkpoints:
+            checkpoint.save(folder, step, self.trainable_state(), train_state, meta, keep_last, self.shard)
+
+    def load_checkpoint(self, path: Path, fingerprint: dict) -> tuple[dict, dict]:
+        """Copies this rank's trainable tensors from checkpoint `path`; returns (train state, meta)."""
+        tensors, state, meta = checkpoint.load(path, fingerprint, self.shard)
+        expected = self.trainable_state()
+        if set(tensors) != set(expected):
+            missing = sorted(set(expected) - set(tensors))[:3]
+            raise UsageError(f"checkpoint {path} does not hold this model's trainable tensors (missing {missing}).")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if tensors[name].shape != param.shape:
+                    raise UsageError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"the model's is {tuple(param.shape)}.")
+                param.copy_(tensors[name])
+        return state, meta
+
+    def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
+        """OUT/final: a PEFT adapter folder on `adapter_base` when an adapter trained, else the
+        whole model in the frozen weights' dtype. Every rank calls it."""
+        if not self.runtime.is_main:
+            return
+        if adapter_base is not None:
+            export_adapter(self.model, processor, folder, adapter_base, self.config.to_json())
+        else:
+            export_pretrained(self.model, processor, folder, self.precision.frozen_dtype)
+
+    def memory(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        return memory_breakdown(self.parts, optimizer)
+
+    def rank_report(self) -> dict:
+        """This rank's own rows of summary.json."""
+        return {}
+
+    def run_report(self) -> dict:
+        """The run's rows of summary.json that only this parallelism has."""
+        return {}
