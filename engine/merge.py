@@ -22,14 +22,16 @@ from quant import dequantize, quantize
 
 
 def merge_adapter(adapter: Path, output: Path, model_spec: str | None = None, device: str = "auto") -> Path:
-    model, processor, dtype = load_merged(adapter, model_spec, pick_device(device, 1))
+    target = pick_device(device, 1)
+    dtype = precision_for("auto", target).frozen_dtype
+    model, processor = load_merged(adapter, model_spec, target, dtype)
     return export_pretrained(model, processor, output, dtype)
 
 
-def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
-        -> tuple[PreTrainedModel, ProcessorMixin, torch.dtype]:
+def load_merged(adapter: Path, model_spec: str | None, device: torch.device, dtype: torch.dtype) \
+        -> tuple[PreTrainedModel, ProcessorMixin]:
     """The adapter's base (from adapter_config.json unless `model_spec`) with the adapter folded in,
-    in the device's default precision's dtype; the processor is the run's (image size, splitting)."""
+    in `dtype`; the processor is the run's (image size, splitting)."""
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise UsageError(f"{adapter} is not an adapter folder: it has no adapter_config.json.")
@@ -37,7 +39,6 @@ def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
     if not base:
         raise UsageError(f"{config_file} names no base model; give one with --model.")
     training = json.loads((adapter / TRAINING_CONFIG).read_text()) if (adapter / TRAINING_CONFIG).is_file() else {}
-    dtype = precision_for("auto", device).frozen_dtype
     model, processor = models.load(base, dtype, device)
     if training.get("quant") == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if training.get("quant_keep_vision") else []))
@@ -46,4 +47,4 @@ def load_merged(adapter: Path, model_spec: str | None, device: torch.device) \
     lora.merge_and_unload(model)
     if (adapter / "processor_config.json").is_file():
         processor = AutoProcessor.from_pretrained(adapter)
-    return model, processor, dtype
+    return model, processor

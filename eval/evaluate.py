@@ -26,12 +26,15 @@ from eval.score import load_scorer, similarity_scores
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
 
 
-def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model to evaluate: a Hugging Face id or folder, or an adapter folded into its base."""
+def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device,
+                   dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model to evaluate, in `dtype` (default: the device's default precision's frozen dtype):
+    a Hugging Face id or folder, or an adapter folded into its base."""
+    dtype = dtype or precision_for("auto", device).frozen_dtype
     if adapter is not None:
-        model, processor, _ = load_merged(adapter, model_spec, device)
+        model, processor = load_merged(adapter, model_spec, device, dtype)
     else:
-        model, processor = models.load(model_spec, precision_for("auto", device).frozen_dtype, device)
+        model, processor = models.load(model_spec, dtype, device)
     return model.eval(), processor
 
 
@@ -81,13 +84,14 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     spec = resolve_model(config.model, device)
     base = str(out / "base") if spec == "tiny" else spec
     final = out / "final"  # an adapter folded into its base, or a whole model
-    model, processor = load_evaluated(base, final, device) if config.adapter == "lora" else \
-        load_evaluated(str(final), None, device)
+    dtype = runtime.precision.frozen_dtype  # the run's own precision
+    model, processor = load_evaluated(base, final, device, dtype) if config.adapter == "lora" else \
+        load_evaluated(str(final), None, device, dtype)
     test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
     rows, scores = _answer_and_score(model, processor, test, config, base, runtime)
-    cache = _baseline_cache(config, spec)
+    cache = _baseline_cache(config, spec, runtime.precision.name)
     if not cache.exists():
-        base_model, _ = load_evaluated(base, None, device)  # the run's processor: same image size
+        base_model, _ = load_evaluated(base, None, device, dtype)  # the run's processor: same image size
         _, base_scores = _answer_and_score(base_model, processor, test, config, base, runtime)
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -117,10 +121,11 @@ def _answer_and_score(model: PreTrainedModel, processor: ProcessorMixin, split, 
     return [row for _, row, _ in done], [score for *_, score in done]
 
 
-def _baseline_cache(config: TrainConfig, spec: str) -> Path:
+def _baseline_cache(config: TrainConfig, spec: str, precision: str) -> Path:
     """Where the base model's score lives, keyed by everything that changes it."""
-    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "dataset": config.dataset,
-           "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
+    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "precision": precision,
+           "dataset": config.dataset, "limit_exhibits": config.limit_exhibits, "scorer": config.scorer,
+           "max_new_tokens": config.max_new_tokens,
            "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"

@@ -134,9 +134,9 @@ class _Unit:
         return self.gathered_forward(*args, **kwargs)
 
     def gathered_forward(self, *args, **kwargs):
-        # Plain tensors (not Parameters) stand in for the deleted names only while forward runs. They
-        # go into the parameter table itself, which a wrapper may share with the module it wraps
-        # (LoRALinear does), so both see them.
+        # Plain tensors (not Parameters) stand in for the deleted names only while forward runs, in
+        # each owner's parameter table: the one contract relied on is nn.Module's, that attribute
+        # lookup reads that table, so any module that reads its weights as attributes works.
         views = [v for flat in self.flats for v in flat.views(flat.gather(self.compute_dtype, self.group))]
         for module, attr, view in views:
             module._parameters[attr] = view
