@@ -9,6 +9,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,11 +55,13 @@ def test_saved_tensors_counts_each_storage_once_and_not_the_parameters():
     assert saved.current == 0 and saved.peak == 80_000
 
 
-def _linear_contender() -> Contender:
+def _linear_contender(pause_s: float = 0.0) -> Contender:
+    """A linear layer's AdamW step, after a sleep of `pause_s`: a step that takes at least that long."""
     model = nn.Linear(10, 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(batches):
+        time.sleep(pause_s)
         for batch in batches:
             model(batch["x"]).relu().sum().backward()
         optimizer.step()
@@ -67,14 +70,15 @@ def _linear_contender() -> Contender:
 
 
 def test_measure_counts_params_grads_optimizer_and_activations_by_hand():
-    contender = _linear_contender()
+    contender = _linear_contender(pause_s=0.02)
     batch = [{"x": torch.randn(7, 10)}]
     result = measure({"linear": contender}, batch, torch.device("cpu"), warmup=1, steps=3)["linear"]
     assert (result.param_bytes, result.grad_bytes) == (440, 440)  # 110 fp32 weights
     assert result.optimizer_bytes == 2 * 440 + 2 * 4  # two moments, and a step scalar per parameter
     # relu saves its output (7x10 fp32); mm saves the input x (7x10) for the weight's gradient.
     assert result.activation_bytes == 2 * 7 * 10 * 4
-    assert result.step_s > 0 and held_bytes(contender.model, contender.optimizer)["grad_bytes"] == 0
+    assert result.step_s >= 0.02  # the median timed step, each of which slept 0.02 s
+    assert held_bytes(contender.model, contender.optimizer)["grad_bytes"] == 0
 
 
 def test_measure_counts_the_matmul_flops_of_a_step_for_mfu():

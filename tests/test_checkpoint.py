@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import checkpoint
-from engine.errors import UsageError
+from errors import UsageError
 
 META = {"approach": "full", "model": "tiny"}
 

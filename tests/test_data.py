@@ -16,7 +16,7 @@ from PIL import Image
 
 from engine.collate import Collator
 from engine.data_sources import MUSEQUEST_DIR, load_splits
-from engine.errors import UsageError
+from errors import UsageError
 from engine.standin_images import standin_image
 
 BOS, FAKE, IMG, EOU, PAD, NEWLINE = 1, 32000, 32001, 32002, 32003, 13
@@ -71,6 +71,8 @@ def test_every_assistant_turn_is_labelled(processor):
 
 
 def test_short_rows_are_padded_on_the_left_with_the_pad_token(processor):
+    assert processor.tokenizer.padding_side == "left"  # the shipped default
+    processor.tokenizer.padding_side = "right"  # a caller's setting: the collator pads on the left all the same
     batch = Collator(processor)([PLANE, TWO_TURNS])
     assert batch["input_ids"].shape == (2, 37)
     assert batch["input_ids"][0].tolist() == [PAD] * 16 + PROMPT + ASSISTANT + A_PLANE + [EOU, NEWLINE]
@@ -78,7 +80,7 @@ def test_short_rows_are_padded_on_the_left_with_the_pad_token(processor):
     assert batch["labels"][0].tolist() == [X] * 32 + A_PLANE + [EOU, X]
     assert batch["attention_mask"][1].tolist() == [1] * 37
     assert processor.tokenizer.pad_token_id == PAD
-    assert processor.tokenizer.padding_side == "left"  # the shipped default, and the collator did not change it
+    assert processor.tokenizer.padding_side == "right"  # and it did not change the caller's setting
 
 
 def test_truncation_cuts_the_answer_from_its_end(processor):

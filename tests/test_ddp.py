@@ -1,75 +1,31 @@
 """DataParallel on real gloo groups of 2 and 4 processes, against one process on the whole batch.
 
-Each scenario runs in spawned ranks that save their results to a file; the parent asserts. Ranks
-start from different seeds, so the equalities also prove that parameters and buffers were
-broadcast from rank 0. Losses are summed and divided by the whole global batch's label count, as
-the engine does, so per-rank gradients SUM to the single-process gradient.
+Each scenario runs in ranks started by harness.spawn, which save their results to a file; the
+parent asserts. The toy model and its data are harness's too. Ranks start from different seeds, so
+the equalities also prove that parameters and buffers were broadcast from rank 0. Losses are summed
+and divided by the whole global batch's label count, as the engine does, so per-rank gradients SUM
+to the single-process gradient.
 """
 
 import contextlib
 import math
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
+from harness import IGNORE, ROWS, Toy, assert_close, spawn, toy_data
 from parallel import DataParallel
 
-IGNORE = -100
-ROWS = 24  # global batch: splits into 2 or 4 ranks times 2 micro-batches
 SMALL_BUCKETS_MB = 0.002  # about 2 KB: the toy model's gradients fill several buckets
-DEADLINE_S = 120
 
 
-# ---- the toy model and its data ---------------------------------------------------------------
+# ---- the toy's training ----------------------------------------------------------------------
 
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm, self.up, self.down = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.down(F.gelu(self.up(self.norm(h))))
-
-
-class _Toy(nn.Module):
-    """Transformer-ish residual blocks, a buffer in the forward, and a layer that is never called."""
-
-    def __init__(self, seed: int, checkpointed: bool = False):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(_Block() for _ in range(4))
-        self.head = nn.Linear(16, 3)
-        self.unused = nn.Linear(16, 16)
-        self.register_buffer("scale", torch.full((16,), 1.0 + seed))
-        self.checkpointed = checkpointed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) * self.scale
-        for block in self.blocks:
-            h = checkpoint(block, h, use_reentrant=False) if self.checkpointed else block(h)
-        return self.head(h)
-
-
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(ROWS, 8, generator=generator)
-    y = torch.randint(0, 3, (ROWS,), generator=generator)
-    y[torch.rand(ROWS, generator=generator) < 0.3] = IGNORE  # uneven label counts across ranks
-    return x, y
-
-
-def _freeze_bottom(model: _Toy) -> None:
+def _freeze_bottom(model: Toy) -> None:
     for module in (model.embed, model.blocks[0]):
         module.requires_grad_(False)
 
@@ -77,7 +33,7 @@ def _freeze_bottom(model: _Toy) -> None:
 def _train(rank: int, world: int, parallel: str = "none", steps: int = 1, micro: int = 1,
            checkpointed: bool = False, frozen: bool = False) -> dict:
     """`steps` AdamW steps on this rank's rows; the first step's gradients, every grad norm, final weights."""
-    model = _Toy(seed=rank, checkpointed=checkpointed)
+    model = Toy(seed=rank, checkpointed=checkpointed)
     if frozen:
         _freeze_bottom(model)
     if parallel == "ours":
@@ -92,7 +48,7 @@ def _train(rank: int, world: int, parallel: str = "none", steps: int = 1, micro:
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     first_grads, norms = None, []
     for step in range(steps):
-        x, y = _data(step)
+        x, y = toy_data(step)
         count = (y != IGNORE).sum()
         per_rank = ROWS // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -109,70 +65,30 @@ def _train(rank: int, world: int, parallel: str = "none", steps: int = 1, micro:
     return {"grads": first_grads, "norms": norms, "weights": weights}
 
 
-# ---- running ranks ----------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, out: Path, scenario, kwargs: dict) -> None:
-    torch.set_num_threads(1)  # 4 ranks share 2 cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))  # a lost peer fails the collective, not hangs it
-    try:
-        torch.save(scenario(rank, world, **kwargs), out / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it (that aborted once)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world: int, scenario, out: Path, **kwargs) -> list[dict]:
-    """Every rank's result of `scenario(rank, world, **kwargs)`; a rank's exception fails the test."""
-    ranks = mp.spawn(_rank_main, args=(world, _free_port(), out, scenario, kwargs), nprocs=world, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish within {DEADLINE_S} s")
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
-
-
-def _assert_close(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        if tensor is None:
-            assert got[name] is None, name
-        else:
-            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-
-
 # ---- tests ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_gradients_equal_one_process_on_the_whole_batch(world, tmp_path):
     expected = _train(0, 1)["grads"]
     assert expected["unused.weight"] is None
-    for result in _spawn(world, _train, tmp_path, parallel="ours"):
-        _assert_close(result["grads"], expected)
+    for result in spawn(world, _train, tmp_path, parallel="ours"):
+        assert_close(result["grads"], expected)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_three_adamw_steps_equal_one_process_with_the_whole_batch(world, tmp_path):
     expected = _train(0, 1, steps=3)
-    for result in _spawn(world, _train, tmp_path, parallel="ours", steps=3):
+    for result in spawn(world, _train, tmp_path, parallel="ours", steps=3):
         # Adam is blind to a constant gradient scale (sum vs mean); the norm is not.
         assert result["norms"] == pytest.approx(expected["norms"], rel=1e-5)
-        _assert_close(result["weights"], expected["weights"])
+        assert_close(result["weights"], expected["weights"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_no_sync_accumulation_equals_one_big_batch(world, tmp_path):
     expected = _train(0, 1)["grads"]
-    for result in _spawn(world, _train, tmp_path, parallel="ours", micro=2):
-        _assert_close(result["grads"], expected)
+    for result in spawn(world, _train, tmp_path, parallel="ours", micro=2):
+        assert_close(result["grads"], expected)
 
 
 def _ours_and_torch(rank: int, world: int) -> dict:
@@ -180,8 +96,8 @@ def _ours_and_torch(rank: int, world: int) -> dict:
 
 
 def test_same_weights_as_torch_distributed_data_parallel(tmp_path):
-    for result in _spawn(2, _ours_and_torch, tmp_path):
-        _assert_close(result["ours"], result["torch"])
+    for result in spawn(2, _ours_and_torch, tmp_path):
+        assert_close(result["ours"], result["torch"])
 
 
 def _launch_order(rank: int, world: int) -> list[str]:
@@ -194,17 +110,17 @@ def _launch_order(rank: int, world: int) -> list[str]:
         return all_reduce(*args, **kwargs)
 
     dist.all_reduce = recorded
-    model = _Toy(seed=rank)
+    model = Toy(seed=rank)
     trained = DataParallel(model, bucket_cap_mb=SMALL_BUCKETS_MB)
     model.embed.register_full_backward_pre_hook(lambda *_: events.append("first layer"))
-    x, y = _data(0)
+    x, y = toy_data(0)
     F.cross_entropy(trained(x), y, ignore_index=IGNORE, reduction="sum").backward()
     events.append("backward returned")
     return events
 
 
 def test_buckets_are_reduced_while_backward_still_runs(tmp_path):
-    for events in _spawn(2, _launch_order, tmp_path):
+    for events in spawn(2, _launch_order, tmp_path):
         assert events.count("all_reduce") >= 3
         assert events.index("all_reduce") < events.index("first layer") < events.index("backward returned")
 
@@ -212,9 +128,9 @@ def test_buckets_are_reduced_while_backward_still_runs(tmp_path):
 @pytest.mark.parametrize("world", [2, 4])
 def test_frozen_parameters_neither_hang_nor_change(world, tmp_path):
     expected = _train(0, 1, steps=2, frozen=True)
-    initial = _Toy(seed=0).state_dict()
-    for result in _spawn(world, _train, tmp_path, parallel="ours", steps=2, frozen=True):
-        _assert_close(result["weights"], expected["weights"])
+    initial = Toy(seed=0).state_dict()
+    for result in spawn(world, _train, tmp_path, parallel="ours", steps=2, frozen=True):
+        assert_close(result["weights"], expected["weights"])
         for name in ("embed.weight", "blocks.0.up.weight"):
             assert result["grads"][name] is None
             assert torch.equal(result["weights"][name], initial[name])
@@ -222,8 +138,8 @@ def test_frozen_parameters_neither_hang_nor_change(world, tmp_path):
 
 def test_activation_checkpointing_keeps_gradients_exact(tmp_path):
     expected = _train(0, 1)["grads"]
-    for result in _spawn(2, _train, tmp_path, parallel="ours", checkpointed=True, micro=2):
-        _assert_close(result["grads"], expected)
+    for result in spawn(2, _train, tmp_path, parallel="ours", checkpointed=True, micro=2):
+        assert_close(result["grads"], expected)
 
 
 # ---- the tiny Idefics2 ------------------------------------------------------------------------
@@ -262,5 +178,5 @@ def test_tiny_idefics2_partly_frozen_gradients_equal_one_process(processor, tmp_
 
     expected = _idefics2_grads(0, 1, tmp_path / "batch.pt")
     assert expected["model.vision_model.embeddings.patch_embedding.weight"] is None
-    for grads in _spawn(2, _idefics2_grads, tmp_path, batch_file=tmp_path / "batch.pt"):
-        _assert_close(grads, expected)
+    for grads in spawn(2, _idefics2_grads, tmp_path, batch_file=tmp_path / "batch.pt"):
+        assert_close(grads, expected)

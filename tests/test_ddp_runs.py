@@ -4,23 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import from_approach
-from engine.launch import launch
-from engine.trainer import train
-
-
-def _run(out, approach: str, batch_size: int, gpus: int | None, **overrides) -> dict:
-    """3 steps on 2 exhibits, dropout off, one evaluation; rank 0's summary."""
-    settings = dict(model="tiny", limit_exhibits=2, batch_size=batch_size, max_steps=3, eval_every=1.0, lr=5e-3,
-                    lora_dropout=0.0, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",
-                    gpus=gpus, final="last", skip_eval=True)
-    return launch(from_approach(approach, **dict(settings, **overrides)), train)
+from harness import run_engine
 
 
 @pytest.mark.slow
 def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
-    single = _run(tmp_path / "single", "lora", batch_size=4, gpus=None)
-    ddp = _run(tmp_path / "ddp", "lora_ddp", batch_size=2, gpus=2)
+    single = run_engine(tmp_path / "single", "lora", batch_size=4, gpus=None)
+    ddp = run_engine(tmp_path / "ddp", "lora_ddp", batch_size=2, gpus=2)
     assert ddp["world_size"] == 2 and len(ddp["ranks"]) == 2
     for key in ("train_loss", "grad_norm", "val_loss"):  # the grad norm catches a sum-vs-mean slip
         assert [v for _, v in ddp["history"][key]] == pytest.approx([v for _, v in single["history"][key]], rel=1e-4)
@@ -28,8 +18,8 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
     reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     # Resume with 2 ranks: stop after 2 steps, continue, and land on the same curve and weights.
-    first = _run(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, stop_after_steps=2)
-    second = _run(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, resume=True)
+    first = run_engine(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, stop_after_steps=2)
+    second = run_engine(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, resume=True)
     resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in ddp["history"]["train_loss"]], rel=1e-6)
     again = load_file(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
@@ -42,8 +32,8 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
 
 @pytest.mark.slow
 def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path):
-    single = _run(tmp_path / "single", "qlora", batch_size=4, gpus=None)
-    hybrid = _run(tmp_path / "hybrid", "qlora", batch_size=2, gpus=2, parallel="ddp")
+    single = run_engine(tmp_path / "single", "qlora", batch_size=4, gpus=None)
+    hybrid = run_engine(tmp_path / "hybrid", "qlora", batch_size=2, gpus=2, parallel="ddp")
     assert hybrid["world_size"] == 2 and hybrid["quantized_ratio"] == single["quantized_ratio"]
     for key in ("train_loss", "grad_norm"):
         assert [v for _, v in hybrid["history"][key]] == pytest.approx([v for _, v in single["history"][key]], rel=1e-4)

@@ -4,19 +4,18 @@ the results CSV layout against the original's files, and generation's padding, s
 import contextlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-from engine.errors import UsageError
+from errors import UsageError
 from engine.standin_images import standin_image
 from eval.generate import generate_answers, generate_ids, prompt_batch
 from eval.results_csv import AVERAGE, SCORE, average_score, read_results, write_results
 from eval.score import load_scorer, similarity_scores
+from harness import SEED_RESULTS
 from models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, build_tiny
 
-SEED_RESULTS = Path(__file__).resolve().parents[2] / "shared" / "musequest" / "seed_results"
 CPU = torch.device("cpu")
 ANSWER = "The Wright Flyer made the first powered flight at Kitty Hawk in 1903."
 TRUTH = "This exhibit features the 1903 Wright Flyer, the first successful powered airplane."

@@ -4,10 +4,10 @@ import csv
 import json
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from harness import SEED_RESULTS, run_engine
 from run import main
-from test_ddp_runs import _run
-from test_eval import SEED_RESULTS
 
 SEED = SEED_RESULTS / "2.1_lora_finetuning_run_1_a6000_48g_x1__after_finetuning.csv"
 
@@ -16,8 +16,8 @@ SEED = SEED_RESULTS / "2.1_lora_finetuning_run_1_a6000_48g_x1__after_finetuning.
 def runs(tmp_path_factory):
     """A tiny LoRA run and a tiny full run, 3 steps each, evaluated with `run.py eval`."""
     root = tmp_path_factory.mktemp("runs")
-    _run(root / "lora", "lora", batch_size=2, gpus=None)
-    _run(root / "full", "full", batch_size=2, gpus=None, train_modules=("all",), lr=1e-3)
+    run_engine(root / "lora", "lora", batch_size=2, gpus=None)
+    run_engine(root / "full", "full", batch_size=2, gpus=None, train_modules=("all",), lr=1e-3)
     quick = ["--limit-exhibits", "2", "--max-new-tokens", "4", "--device", "cpu"]
     assert main(["eval", "--adapter", str(root / "lora" / "final"), "--output-dir", str(root / "lora" / "eval"),
                  *quick]) == 0
@@ -44,7 +44,10 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
     assert f"{score:.3f} (base)" in lora and "| 1 |" in lora
     assert any(line.startswith("| full | full |") for line in table)
     assert any("original (1x A100 80G) | full |" in line and "0.595 → 0.031" in line for line in table)
-    assert list((tmp_path / "report" / "tensorboard").iterdir())  # the same table as TensorBoard text
+    events = EventAccumulator(str(tmp_path / "report" / "tensorboard"))  # the same table as TensorBoard text
+    events.Reload()
+    [text] = events.Tensors("report/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == (tmp_path / "report.md").read_text()
 
 
 def test_score_rescores_an_original_results_file(runs, tmp_path):

@@ -1,6 +1,6 @@
 """fully_shard on real gloo groups of 2 and 4 processes, against one unsharded process on the whole batch.
 
-The harness (spawned ranks, files, deadline) and the data are test_ddp's. Ranks start from
+The harness (spawned ranks, files, deadline) and the data are tests/harness.py's. Ranks start from
 different seeds, so the equalities also prove that rank 0's weights and buffers were broadcast.
 """
 
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import parallel.fsdp as fsdp
+from harness import IGNORE, ROWS, assert_close, spawn, toy_data
 from parallel.fsdp import clip_grad_norm_, fully_shard, unit_state_dicts
-from test_ddp import IGNORE, ROWS, _assert_close, _data, _spawn
 
 
 class _Block(nn.Module):
@@ -73,7 +73,7 @@ def _train(rank: int, world: int, sharded: bool = True, steps: int = 3, lora: bo
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     norms, memory = [], {}
     for step in range(steps):
-        x, y = _data(step)
+        x, y = toy_data(step)
         count = (y != IGNORE).sum()
         rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
         (F.cross_entropy(model(x[rows]), y[rows], ignore_index=IGNORE, reduction="sum") / count).backward()
@@ -92,9 +92,9 @@ def test_three_clipped_adamw_steps_equal_one_process_with_one_nth_of_the_bytes(w
     expected = _train(0, 1, sharded=False, max_norm=0.05)
     assert min(expected["norms"]) > 0.05  # the clip really scales, so its global norm must be right
     unit = _bytes(_Block(adapter=False).parameters())  # the largest unit; padding is far smaller
-    for result in _spawn(world, _train, tmp_path, max_norm=0.05):
+    for result in spawn(world, _train, tmp_path, max_norm=0.05):
         assert result["norms"] == pytest.approx(expected["norms"], rel=1e-5)
-        _assert_close(result["weights"], expected["weights"])
+        assert_close(result["weights"], expected["weights"])
         for kind, size in result["memory"].items():
             assert expected["memory"][kind] / world <= size <= expected["memory"][kind] / world + unit, kind
 
@@ -121,8 +121,8 @@ def _from_meta(rank: int, world: int, folder: Path) -> dict:
 def test_a_model_built_without_weights_reads_only_its_shards(tmp_path):
     expected = dict(_Toy(seed=0).named_parameters())
     total = sum(p.numel() for p in expected.values())
-    for result in _spawn(2, _from_meta, tmp_path, folder=tmp_path):
-        _assert_close(result["weights"], {name: param.detach() for name, param in expected.items()})
+    for result in spawn(2, _from_meta, tmp_path, folder=tmp_path):
+        assert_close(result["weights"], {name: param.detach() for name, param in expected.items()})
         assert result["read"] <= result["held"] <= total / 2 + 2 * 6  # its shards (plus padding), never the rest
 
 
@@ -130,7 +130,7 @@ def test_a_model_built_without_weights_reads_only_its_shards(tmp_path):
 def test_frozen_base_equals_one_process_and_stays_unchanged(world, tmp_path):
     expected = _train(0, 1, sharded=False, lora=True)
     initial = dict(_Toy(seed=0, lora=True).named_parameters())
-    for result in _spawn(world, _train, tmp_path, lora=True):
+    for result in spawn(world, _train, tmp_path, lora=True):
         assert result["norms"] == pytest.approx(expected["norms"], rel=1e-5)
         for name, weight in expected["weights"].items():
             # Adam's first step is about lr * sign(gradient): one element whose gradient is 2.5e-7 of
@@ -158,13 +158,13 @@ def _traced(rank: int, world: int) -> dict:
     after_block = []
     for block in model.blocks:
         block.register_forward_hook(lambda *_: after_block.append(sum(ref() is not None for ref in alive)))
-    x, y = _data(0)
+    x, y = toy_data(0)
     F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
     return {"after_block": after_block, "reduced": reduced}
 
 
 def test_blocks_free_their_weights_and_frozen_shards_cost_no_gradient_traffic(tmp_path):
-    for result in _spawn(2, _traced, tmp_path):
+    for result in spawn(2, _traced, tmp_path):
         # The root's two buffers (trainable head, frozen embedding) live through the forward; a block's
         # two die with its forward, give or take gloo's worker thread releasing the last collective's.
         assert max(result["after_block"]) <= 4, result["after_block"]
@@ -177,7 +177,7 @@ def _bf16_norm(rank: int, world: int, sharded: bool = True) -> dict:
     model = _Toy(rank)
     model.scale = model.scale.bfloat16()
     model = fully_shard(model, list(model.blocks), torch.bfloat16) if sharded else model.bfloat16()
-    x, y = _data(0)
+    x, y = toy_data(0)
     rows = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     logits = model(x[rows].bfloat16()).float()
     (F.cross_entropy(logits, y[rows], ignore_index=IGNORE, reduction="sum") / (y != IGNORE).sum()).backward()
@@ -188,7 +188,7 @@ def _bf16_norm(rank: int, world: int, sharded: bool = True) -> dict:
 
 def test_bf16_compute_keeps_fp32_shards_and_gradients(tmp_path):
     expected = _bf16_norm(0, 1, sharded=False)
-    for result in _spawn(2, _bf16_norm, tmp_path):
+    for result in spawn(2, _bf16_norm, tmp_path):
         assert result["dtypes"] == {torch.float32}
         assert result["norm"] == pytest.approx(expected["norm"], rel=1e-2)  # bf16 rounding, summed in another order
 
@@ -196,7 +196,7 @@ def test_bf16_compute_keeps_fp32_shards_and_gradients(tmp_path):
 def _resumed(rank: int, world: int, folder: Path) -> dict:
     """The shards' state dict saved after one step loads into a freshly sharded model."""
     model = _sharded_toy(rank)
-    x, y = _data(0)
+    x, y = toy_data(0)
     F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum").backward()
     torch.optim.AdamW(model.parameters(), lr=1e-2).step()
     torch.save(model.state_dict(), folder / f"shards{rank}.pt")
@@ -206,8 +206,8 @@ def _resumed(rank: int, world: int, folder: Path) -> dict:
 
 
 def test_per_rank_shards_resume_exactly(tmp_path):
-    for result in _spawn(2, _resumed, tmp_path, folder=tmp_path):
-        _assert_close(result["loaded"], result["saved"])
+    for result in spawn(2, _resumed, tmp_path, folder=tmp_path):
+        assert_close(result["loaded"], result["saved"])
         assert torch.equal(result["scale"], torch.ones(16))  # rank 0's seed-0 buffer, saved with the shards
 
 
@@ -254,7 +254,7 @@ def test_tiny_idefics2_step_equals_one_process(processor, tmp_path):
     assert "model.text_model.layers.0.self_attn.q_proj.weight" in moved
     assert "model.connector.perceiver_resampler.layers.0.mlp.down_proj.weight" in moved
     assert not any(name.startswith("model.vision_model.") for name in moved)
-    for result in _spawn(2, _idefics2_sgd_step, tmp_path, batch_file=tmp_path / "batch.pt"):
+    for result in spawn(2, _idefics2_sgd_step, tmp_path, batch_file=tmp_path / "batch.pt"):
         assert result.keys() == expected.keys()
         for name, weight in initial.items():
             torch.testing.assert_close(weight - result[name], weight - expected[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -13,39 +13,22 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
 
 from engine import checkpoint
 from engine.data_sources import load_splits
-from engine.errors import UsageError
+from errors import UsageError
+from harness import FULL, assert_same_curves, run_engine, saved_logits, saved_weights
 from models.tiny import build_tiny
-from test_ddp_runs import _run
-
-FULL = dict(train_modules=("all",), lr=1e-3)
-
-
-def _weights(folder) -> dict[str, torch.Tensor]:
-    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
-
-
-def _logits(folder, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return AutoModelForImageTextToText.from_pretrained(folder).eval()(**batch, use_cache=False).logits
-
-
-def _assert_same_curves(got: dict, expected: dict) -> None:
-    for key, rel in (("train_loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
-        assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in expected["history"][key]], rel=rel), key
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2])  # 4 ranks: test_fsdp.py on the toy, and test_pipeline_runs' headline
 def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp_path, processor):
-    single = _run(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
-    sharded = _run(tmp_path / "fsdp", "full_fsdp", batch_size=4 // world, gpus=world, **FULL)
+    single = run_engine(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
+    sharded = run_engine(tmp_path / "fsdp", "full_fsdp", batch_size=4 // world, gpus=world, **FULL)
     assert sharded["world_size"] == world and sharded["total_params"] == single["total_params"]
-    _assert_same_curves(sharded, single)
-    ours, reference = _weights(tmp_path / "fsdp" / "final"), _weights(tmp_path / "single" / "final")
+    assert_same_curves(sharded, single)
+    ours, reference = saved_weights(tmp_path / "fsdp" / "final"), saved_weights(tmp_path / "single" / "final")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)
@@ -61,34 +44,35 @@ def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp
     assert len(set(index["weight_map"].values())) > 1  # written unit by unit, never as one piece
     messages = [{"role": "user", "content": [{"type": "text", "text": "Which exhibit is this?"}]}]
     batch = dict(processor(text=[processor.apply_chat_template(messages)], return_tensors="pt"))
-    torch.testing.assert_close(_logits(tmp_path / "fsdp" / "final", batch), _logits(tmp_path / "single" / "final", batch),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved_logits(tmp_path / "fsdp" / "final", batch),
+                               saved_logits(tmp_path / "single" / "final", batch), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_full_fsdp_resumes_from_per_rank_shards_on_the_same_world_size(tmp_path):
-    whole = _run(tmp_path / "whole", "full_fsdp", batch_size=2, gpus=2, **FULL)
-    first = _run(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, stop_after_steps=2, **FULL)
+    whole = run_engine(tmp_path / "whole", "full_fsdp", batch_size=2, gpus=2, **FULL)
+    first = run_engine(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, stop_after_steps=2, **FULL)
     saved = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*/*"))
     assert {p.name for p in saved} >= {"model-rank00000-of-00002.safetensors", "train_state-rank00001-of-00002.pt"}
     meta = json.loads((checkpoint.complete(tmp_path / "resumed" / "checkpoints")[-1] / "meta.json").read_text())
     with pytest.raises(UsageError, match="its shards is 2, this run's is 4"):  # what a 4-rank resume is told
         checkpoint.load(checkpoint.complete(tmp_path / "resumed" / "checkpoints")[-1], dict(meta, shards=4))
-    second = _run(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, resume=True, **FULL)
+    second = run_engine(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, resume=True, **FULL)
     assert [s for s, _ in first["history"]["train_loss"] + second["history"]["train_loss"]] == [1, 2, 3]
     resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in whole["history"]["train_loss"]], rel=1e-6)
-    again, reference = _weights(tmp_path / "resumed" / "final"), _weights(tmp_path / "whole" / "final")
+    again, reference = saved_weights(tmp_path / "resumed" / "final"), saved_weights(tmp_path / "whole" / "final")
     for name, tensor in reference.items():
         torch.testing.assert_close(again[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
 def test_lora_with_fsdp_equals_one_process_lora(tmp_path):
-    single = _run(tmp_path / "single", "lora", batch_size=4, gpus=None)
-    sharded = _run(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp", skip_eval=False, max_new_tokens=8)
+    single = run_engine(tmp_path / "single", "lora", batch_size=4, gpus=None)
+    sharded = run_engine(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp", skip_eval=False,
+                         max_new_tokens=8)
     assert sharded["trainable_params"] == single["trainable_params"]
-    _assert_same_curves(sharded, single)
+    assert_same_curves(sharded, single)
     # Only the adapter's gradients and AdamW state exist; the frozen base is sharded too.
     assert sharded["ranks"][0]["grad_bytes"] <= single["ranks"][0]["grad_bytes"] / 2 + 1024
     assert sharded["ranks"][0]["param_bytes"] <= single["ranks"][0]["param_bytes"] / 2 + 1024 * 1024

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from engine.config import from_approach
-from engine.errors import UsageError
+from errors import UsageError
 from engine.launch import launch, setup_runtime
+from harness import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--approach", "lora_ddp", "--limit-exhibits", "2", "--batch-size", "1", "--max-steps", "2",
             "--eval-every", "1", "--lr", "5e-3", "--lora-dropout", "0", "--skip-eval"]
 

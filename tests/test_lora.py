@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import lora
-from engine.errors import UsageError
+from errors import UsageError
 from engine.metrics import parameter_counts
 from models.targets import matching_modules
 from models.tiny import build_tiny

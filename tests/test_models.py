@@ -45,6 +45,11 @@ def test_a_saved_folder_loads_back_with_equal_logits(family, tmp_path, processor
 def test_attention_implementation_is_selectable():
     model, _ = models.load("tiny", torch.float32, CPU, attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
+    # The attribute alone is what load sets; what it selects shows in the forward: only eager attention
+    # computes the weights that output_attentions returns (sdpa's fused kernel, the default, returns none).
+    with torch.no_grad():
+        attentions = model(input_ids=torch.tensor([[1, 5, 6, 7]]), output_attentions=True).attentions
+    assert len(attentions) == len(decoder_layers(model)) and attentions[0].shape == (1, 4, 4, 4)
 
 
 def test_non_idefics_models_and_unreachable_ids_are_refused(tmp_path):

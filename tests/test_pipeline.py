@@ -1,11 +1,12 @@
 """Pipeline stages on real gloo groups of 2 and 4 processes, against one process on the whole batch.
 
-The harness, toy model and data are test_ddp's; here each rank keeps a contiguous slice of the
-toy. Spawning ranks costs seconds, so one spawn per world size runs every (micro-batches,
+The harness, toy model and data are tests/harness.py's; here each rank keeps a contiguous slice
+of the toy. Spawning ranks costs seconds, so one spawn per world size runs every (micro-batches,
 schedule) configuration and the tests below share its results.
 """
 
 import math
+import time
 
 import pytest
 import torch
@@ -13,21 +14,23 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness import IGNORE, Toy, assert_close, spawn, toy_data
 from parallel.clip import clip_grad_norm_
 from parallel.pipeline import Pipeline, bubble
-from test_ddp import IGNORE, _assert_close, _data, _spawn, _Toy
 
 STEPS = 3
 MAX_NORM = 0.05  # below every step's norm, so clipping needs the right global norm
 MICRO = (1, 4, 8)
 SCHEDULES = ("gpipe", "1f1b")
+SLOW_S, SHORT_S = 0.3, 0.03  # the sleep in each forward of the last stage, and of every other stage
+SLACK_S = 0.05  # a stage's own time between sending its activation and waiting for the gradient back
 
 
 class _Stage(nn.Module):
     """Blocks [rank, rank + 1) * len(blocks) / stages of the toy; the first also embeds, the last
     also applies the head and returns the summed cross-entropy."""
 
-    def __init__(self, model: _Toy, rank: int, stages: int):
+    def __init__(self, model: Toy, rank: int, stages: int):
         super().__init__()
         per = len(model.blocks) // stages
         self.blocks = model.blocks[rank * per:(rank + 1) * per]
@@ -45,20 +48,34 @@ class _Stage(nn.Module):
         return F.cross_entropy(self.head(hidden), batch["y"], ignore_index=IGNORE, reduction="sum")
 
 
+class _Sleepy(nn.Module):
+    """A stage that first sleeps `seconds` in every forward: known work, timed with Pipeline's own clock."""
+
+    def __init__(self, stage: nn.Module, seconds: float):
+        super().__init__()
+        self.stage, self.seconds, self.slept = stage, seconds, 0.0
+
+    def forward(self, hidden: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        self.slept += time.perf_counter() - start
+        return self.stage(hidden, batch)
+
+
 def _shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
     return torch.Size((len(batch["x"]), 16)), torch.float32
 
 
 def _micro_batches(step: int, micro: int) -> tuple[list[dict], int]:
     """The global batch of `step` cut into `micro` micro-batches, and its label count."""
-    x, y = _data(step)
+    x, y = toy_data(step)
     return [{"x": xb, "y": yb} for xb, yb in zip(x.chunk(micro), y.chunk(micro))], int((y != IGNORE).sum())
 
 
 def _train(rank: int, stages: int, micro: int, schedule: str, group: dist.ProcessGroup | None = None) -> dict:
     """Clipped AdamW steps of stage `rank`; its losses, norms, weights, pipeline statistics, and
     the evaluated loss of the next batch."""
-    model = _Toy(seed=0)  # every rank builds the whole toy alike and keeps its stage
+    model = Toy(seed=0)  # every rank builds the whole toy alike and keeps its stage
     stage = _Stage(model, rank, stages)
     pipeline = Pipeline(stage, _shape, schedule, group)
     params = list(stage.parameters())
@@ -77,10 +94,29 @@ def _train(rank: int, stages: int, micro: int, schedule: str, group: dist.Proces
     return result
 
 
+def _around_a_slow_last_stage(rank: int, stages: int) -> dict:
+    """The naive split (GPipe, one micro-batch) whose last stage sleeps SLOW_S in its forward and the
+    others SHORT_S: per step, this rank's idle fraction, the step's wall time on a stopwatch around
+    `train_step`, and the time this rank slept."""
+    stage = _Sleepy(_Stage(Toy(seed=0), rank, stages), SLOW_S if rank == stages - 1 else SHORT_S)
+    pipeline = Pipeline(stage, _shape, "gpipe")
+    result = {"idle": [], "wall": [], "slept": []}
+    for step in range(STEPS):
+        stage.slept = 0.0
+        started = time.perf_counter()
+        pipeline.train_step(*_micro_batches(step, 1))
+        result["wall"].append(time.perf_counter() - started)
+        result["idle"].append(pipeline.last_idle_fraction)
+        result["slept"].append(stage.slept)
+    return result
+
+
 def _all_configurations(rank: int, world: int) -> dict:
-    """Every (micro-batches, schedule) on all ranks; with 4 ranks also two 2-stage pipelines on the
-    interleaved subgroups {0, 2} and {1, 3}, whose neighbours are not neighbouring global ranks."""
+    """Every (micro-batches, schedule) on all ranks, and the naive split around a slow last stage;
+    with 4 ranks also two 2-stage pipelines on the interleaved subgroups {0, 2} and {1, 3}, whose
+    neighbours are not neighbouring global ranks."""
     results = {(micro, schedule): _train(rank, world, micro, schedule) for micro in MICRO for schedule in SCHEDULES}
+    results["slow last stage"] = _around_a_slow_last_stage(rank, world)
     if world == 4:
         groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates every group
         results["subgroup"] = _train(rank // 2, 2, 4, "1f1b", groups[rank % 2])
@@ -89,12 +125,12 @@ def _all_configurations(rank: int, world: int) -> dict:
 
 def _one_process() -> dict:
     """The toy's clipped AdamW steps on the whole batch; the same keys as `_train`'s."""
-    model = _Toy(seed=0)
+    model = Toy(seed=0)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     result = {"losses": [], "norms": []}
     for step in range(STEPS + 1):
-        x, y = _data(step)
+        x, y = toy_data(step)
         summed = F.cross_entropy(model(x), y, ignore_index=IGNORE, reduction="sum")
         if step == STEPS:
             result["evaluated"] = summed.item()
@@ -122,7 +158,7 @@ def ranks(tmp_path_factory):
 
     def get(world: int) -> list[dict]:
         if world not in spawned:
-            spawned[world] = _spawn(world, _all_configurations, tmp_path_factory.mktemp(f"world{world}"))
+            spawned[world] = spawn(world, _all_configurations, tmp_path_factory.mktemp(f"world{world}"))
         return spawned[world]
 
     return get
@@ -137,7 +173,7 @@ def _assert_equals_one_process(stages: list[dict], expected: dict) -> None:
         assert result["evaluated"] == pytest.approx(expected["evaluated"], rel=1e-5)
         assert not weights.keys() & result["weights"].keys()
         weights.update(result["weights"])
-    _assert_close(weights, expected["weights"])
+    assert_close(weights, expected["weights"])
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -165,11 +201,19 @@ def test_1f1b_holds_at_most_as_many_micro_batches_as_stages_from_here_on(ranks):
         assert set(result[(1, "1f1b")]["peaks"]) == {1}
 
 
-def test_idle_fraction_is_measured_every_step(ranks):
-    for result in ranks(4):
-        for configuration in [(micro, schedule) for micro in MICRO for schedule in SCHEDULES]:
-            idle = result[configuration]["idle"]
-            assert len(idle) == STEPS and all(0 <= fraction < 1 for fraction in idle), (configuration, idle)
+@pytest.mark.parametrize("world", [2, 4])
+def test_idle_fraction_is_the_wait_for_a_slow_stage_and_never_a_stages_own_work(world, ranks):
+    results = [result["slow last stage"] for result in ranks(world)]
+    slowest = results[-1]["slept"]
+    for rank, result in enumerate(results):
+        assert len(result["idle"]) == STEPS, rank  # measured every step
+        for step, (idle, wall, slept) in enumerate(zip(result["idle"], result["wall"], result["slept"])):
+            # The blocked time and the rank's own sleep are disjoint parts of the step, whose wall time is
+            # at most the stopwatch's: so idle <= 1 - slept / stopwatch, exactly.
+            assert idle <= 1 - slept / wall + 1e-9, (rank, step, idle, slept, wall)
+            if rank < world - 1:
+                # The gradient it waits for comes back only after the last stage slept on its activation.
+                assert idle * wall >= slowest[step] - SLACK_S, (rank, step, idle, wall, slowest[step])
 
 
 def test_theoretical_bubble():

@@ -12,21 +12,19 @@ import subprocess
 import pytest
 import torch
 
+from harness import FULL, ROOT, assert_same_curves, run_engine, saved_logits, saved_weights
 from models.tiny import build_tiny
-from test_ddp_runs import _run
-from test_fsdp_runs import FULL, _assert_same_curves, _logits, _weights
-from test_launch import ROOT
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[dict, dict]:
     """One process, full fine-tuning, the same batch of 4: the reference of every test here."""
     out = tmp_path_factory.mktemp("single")
-    return _run(out, "full", batch_size=4, gpus=None, **FULL), out / "final"
+    return run_engine(out, "full", batch_size=4, gpus=None, **FULL), out / "final"
 
 
 def _assert_same_weights(folder, reference_folder, atol: float = 5e-5) -> None:
-    ours, reference = _weights(folder), _weights(reference_folder)
+    ours, reference = saved_weights(folder), saved_weights(reference_folder)
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=atol, msg=name)
@@ -37,8 +35,9 @@ def _assert_same_weights(folder, reference_folder, atol: float = 5e-5) -> None:
 @pytest.mark.parametrize("world, schedule, micro", [(2, "gpipe", 1), (2, "1f1b", 4), (4, "gpipe", 4)])
 def test_full_mp_equals_one_process_full_and_each_rank_holds_its_stage(world, schedule, micro, single, tmp_path, processor):
     reference, reference_final = single
-    piped = _run(tmp_path, "full_mp", batch_size=4, gpus=world, micro_batches=micro, schedule=schedule, **FULL)
-    _assert_same_curves(piped, reference)
+    piped = run_engine(tmp_path, "full_mp", batch_size=4, gpus=world, micro_batches=micro, schedule=schedule,
+                       **FULL)
+    assert_same_curves(piped, reference)
     _assert_same_weights(tmp_path / "final", reference_final)
     # Contiguous stages over all decoder layers; each rank's parameters are exactly its stage's.
     layers = [rank["decoder_layers"] for rank in piped["ranks"]]
@@ -50,16 +49,17 @@ def test_full_mp_equals_one_process_full_and_each_rank_holds_its_stage(world, sc
     assert all(0 <= rank["idle_fraction"] < 1 for rank in piped["ranks"])
     messages = [{"role": "user", "content": [{"type": "text", "text": "Which exhibit is this?"}]}]
     batch = dict(processor(text=[processor.apply_chat_template(messages)], return_tensors="pt"))
-    torch.testing.assert_close(_logits(tmp_path / "final", batch), _logits(reference_final, batch), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved_logits(tmp_path / "final", batch), saved_logits(reference_final, batch),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_full_mp_resumes_from_per_stage_checkpoints(single, tmp_path):
     reference, reference_final = single
-    first = _run(tmp_path, "full_mp", batch_size=4, gpus=2, stop_after_steps=2, **FULL)
+    first = run_engine(tmp_path, "full_mp", batch_size=4, gpus=2, stop_after_steps=2, **FULL)
     saved = {p.name for p in (tmp_path / "checkpoints").glob("step-*/*")}
     assert {"model-rank00000-of-00002.safetensors", "model-rank00001-of-00002.safetensors"} <= saved
-    second = _run(tmp_path, "full_mp", batch_size=4, gpus=2, resume=True, **FULL)
+    second = run_engine(tmp_path, "full_mp", batch_size=4, gpus=2, resume=True, **FULL)
     resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
     assert [s for s, _ in resumed] == [1, 2, 3]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference["history"]["train_loss"]], rel=1e-5)

@@ -6,14 +6,9 @@ import urllib.request
 
 import pytest
 
-from engine.errors import UsageError
+from errors import UsageError
 from engine.tensorboard_server import check_port_free, serve
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from harness import free_port
 
 
 def test_a_busy_port_is_a_clear_error():
@@ -27,7 +22,7 @@ def test_a_busy_port_is_a_clear_error():
 
 @pytest.mark.slow
 def test_server_answers_while_the_run_lasts_and_stops_after(tmp_path):
-    port = _free_port()
+    port = free_port()
     with serve(tmp_path, port) as url:
         deadline, status = time.monotonic() + 90, None
         while time.monotonic() < deadline and status is None:

@@ -1,0 +1,151 @@
+"""What more than one test file uses, in one place: test files import from here, never from each other.
+
+- Paths: `ROOT` (the repository) and `SEED_RESULTS` (the original's results files).
+- Multiprocess harness: `spawn(world, scenario, out, **kwargs)` runs `scenario(rank, world, **kwargs)` on
+  `world` real gloo ranks on CPU (a rank's exception, or ranks still running after `DEADLINE_S`, fail the
+  test) and returns every rank's result; `free_port` finds the port their rendezvous uses.
+- A toy model and its data for those ranks: `Toy`, `toy_data(step)` (a global batch of `ROWS` rows,
+  some labels `IGNORE`d), and `assert_close` for dicts of tensors (or None: no gradient).
+- End-to-end runs of the engine: `run_engine` (3 steps of a tiny run, rank 0's summary), `FULL` (its
+  settings for full fine-tuning), `assert_same_curves` between two runs' summaries, and the exported
+  `saved_weights` and `saved_logits` of a run's folder.
+
+Under pytest's default import mode, tests/ is on sys.path (no __init__.py there), so `from harness import`
+works in the test files and in the ranks they spawn, whose sys.path is their parent's.
+"""
+
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_RESULTS = Path(__file__).resolve().parents[2] / "shared" / "musequest" / "seed_results"
+
+IGNORE = -100
+ROWS = 24  # global batch: splits into 2 or 4 ranks times 2 micro-batches
+DEADLINE_S = 120
+
+
+# ---- the toy model and its data ---------------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down(F.gelu(self.up(self.norm(h))))
+
+
+class Toy(nn.Module):
+    """Transformer-ish residual blocks, a buffer in the forward, and a layer that is never called."""
+
+    def __init__(self, seed: int, checkpointed: bool = False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(_Block() for _ in range(4))
+        self.head = nn.Linear(16, 3)
+        self.unused = nn.Linear(16, 16)
+        self.register_buffer("scale", torch.full((16,), 1.0 + seed))
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x) * self.scale
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=False) if self.checkpointed else block(h)
+        return self.head(h)
+
+
+def toy_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(ROWS, 8, generator=generator)
+    y = torch.randint(0, 3, (ROWS,), generator=generator)
+    y[torch.rand(ROWS, generator=generator) < 0.3] = IGNORE  # uneven label counts across ranks
+    return x, y
+
+
+# ---- running ranks ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: Path, scenario, kwargs: dict) -> None:
+    torch.set_num_threads(1)  # 4 ranks share 2 cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # a lost peer fails the collective, not hangs it
+    try:
+        torch.save(scenario(rank, world, **kwargs), out / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (that aborted once)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, scenario, out: Path, **kwargs) -> list[dict]:
+    """Every rank's result of `scenario(rank, world, **kwargs)`; a rank's exception fails the test."""
+    ranks = mp.spawn(_rank_main, args=(world, free_port(), out, scenario, kwargs), nprocs=world, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {DEADLINE_S} s")
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+
+
+def assert_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if tensor is None:
+            assert got[name] is None, name
+        else:
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- end-to-end runs of the engine ------------------------------------------------------------
+
+FULL = dict(train_modules=("all",), lr=1e-3)
+
+
+def run_engine(out, approach: str, batch_size: int, gpus: int | None, **overrides) -> dict:
+    """3 steps on 2 exhibits, dropout off, one evaluation; rank 0's summary."""
+    # Imported here, not above: the trainer takes seconds to import, and every rank that `spawn`
+    # starts imports this module.
+    from engine.config import from_approach
+    from engine.launch import launch
+    from engine.trainer import train
+
+    settings = dict(model="tiny", limit_exhibits=2, batch_size=batch_size, max_steps=3, eval_every=1.0, lr=5e-3,
+                    lora_dropout=0.0, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",
+                    gpus=gpus, final="last", skip_eval=True)
+    return launch(from_approach(approach, **dict(settings, **overrides)), train)
+
+
+def saved_weights(folder) -> dict[str, torch.Tensor]:
+    return {name: tensor for file in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(file).items()}
+
+
+def saved_logits(folder, batch: dict) -> torch.Tensor:
+    from transformers import AutoModelForImageTextToText
+
+    with torch.no_grad():
+        return AutoModelForImageTextToText.from_pretrained(folder).eval()(**batch, use_cache=False).logits
+
+
+def assert_same_curves(got: dict, expected: dict) -> None:
+    """The two summaries' losses and grad norms, step by step (test_fsdp_runs explains the tolerances)."""
+    for key, rel in (("train_loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
+        assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in expected["history"][key]], rel=rel), key
