@@ -19,7 +19,8 @@ from engine.config import from_approach
 from engine.data_sources import load_splits
 from engine.runtime import Runtime
 from engine.strategies import Single
-from engine.trainer import train, train_step
+from engine.finetune import finetune
+from engine.trainer import train_step
 from models.targets import QUANT_SKIP
 from quant import quantize
 from run import main
@@ -31,7 +32,7 @@ def _run(out: Path, approach: str) -> dict:
     config = from_approach(approach, model="tiny", limit_exhibits=2, batch_size=2, max_steps=4, eval_every=0.5,
                            lr=5e-3, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",
                            skip_eval=approach != "lora", max_new_tokens=16)  # the LoRA run shows evaluation
-    return train(config)
+    return finetune(config)
 
 
 @pytest.fixture(scope="module")

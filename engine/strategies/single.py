@@ -18,9 +18,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 from engine import checkpoint
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import apply_approach, load_whole
+from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.export import export_adapter, export_pretrained
-from engine.collate import Collator
 from engine.loss import answer_token_count, summed_token_loss
 from engine.metrics import memory_breakdown, parameter_counts
 from engine.runtime import Runtime
