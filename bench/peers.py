@@ -41,7 +41,7 @@ NAMES = {
 
 def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
     """The peer of `config.approach`, as its users would write it."""
-    model, _ = models.load(config.model, runtime.weight_dtype, runtime.device, seed=config.seed)
+    model, _ = models.load(config.model, runtime.precision.frozen_dtype, runtime.device, seed=config.seed)
     model.train()
     if config.approach == "full_mp":
         return _pipelining(model, config, runtime)
@@ -67,7 +67,7 @@ def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
 
     def step(batches: Batches) -> None:
         for batch in batches:
-            with runtime.autocast():
+            with runtime.precision.autocast(runtime.device):
                 loss = trained(**{k: v.to(runtime.device) for k, v in batch.items()}, use_cache=False).loss
             (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -128,7 +128,7 @@ def _pipelining(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -
             divisor[0] = answer_token_count(batch["labels"])
             inputs = tuple(batch[key] for key in FIRST_INPUTS) if pipe_stage.is_first else ()
             targets = {"target": batch["labels"]} if pipe_stage.is_last else {}
-            with runtime.autocast():
+            with runtime.precision.autocast(runtime.device):
                 schedule.step(*inputs, **{key: batch[key] for key in KEYWORD_INPUTS}, **targets, return_outputs=False)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # per stage: torch has no global clip
         optimizer.step()
