@@ -14,7 +14,11 @@ Under pytest's default import mode, tests/ is on sys.path (no __init__.py there)
 works in the test files and in the ranks they spawn, whose sys.path is their parent's.
 """
 
+import hashlib
+import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -113,6 +117,28 @@ def assert_close(got: dict, expected: dict) -> None:
             assert got[name] is None, name
         else:
             torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- the command line, as a user runs it -------------------------------------------------------
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in `cwd`; offline, so an unreachable hub fails at once instead of after its retries."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256 of its bytes): what a failed command must leave as it was."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def assert_one_sentence(result: subprocess.CompletedProcess, message: str, code: int = 2) -> None:
+    """The command failed with `code` and printed one line on stderr holding `message`, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert message in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 # ---- end-to-end runs of the engine ------------------------------------------------------------

@@ -1,25 +1,12 @@
 """Bad input: one clear sentence on stderr and exit status 2, before any work is done."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine.config import from_approach
-from errors import UsageError
 from engine.runtime import pick_device
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    # Offline: an unreachable hub then fails at once instead of after its retries.
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, env=env)
+from errors import UsageError
+from harness import run_cli
 
 
 @pytest.mark.parametrize("args,message", [
