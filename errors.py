@@ -1,10 +1,92 @@
-"""The one exception type for bad user input.
+"""What ends a command with one sentence on stderr instead of a traceback, and its exit status.
 
-run.py catches it, prints its message as a single sentence and exits with
-status 2, before any work is done. Raise it for anything the user can fix
-(flags, dataset columns, checkpoints); let real bugs raise what they raise.
+Raise UsageError for anything the user can fix (flags, dataset columns, checkpoints, a run that
+diverged); let real bugs raise what they raise. run.py shows every failure in `explain` as
+`error: <one sentence>` and exits with its status:
+
+    0    done
+    1    a file or folder could not be written or read: a full disk, a read-only or forbidden folder,
+         a file where a folder belongs (the sentence names the path and the system's error)
+    2    a UsageError: bad input, refused before any work, or a diverged run, stopped before saving
+    130  interrupted by Ctrl-C (SIGINT)
+    143  stopped by SIGTERM
+
+Anything else is a bug: its traceback is shown (exit 1). `--debug`, or MUSEFT_DEBUG=1 in the
+environment, shows the traceback of every failure before its sentence, with the same status.
 """
+
+import errno
+import os
+import re
+import signal
+from pathlib import Path
 
 
 class UsageError(Exception):
     """Bad input the user can fix; the message is shown as-is."""
+
+
+class DiskError(Exception):
+    """A file that could not be written or read, as the sentence `explain` gives its OSError (exit 1): what a
+    rank raises instead of its OSError, so that the parent that started the ranks can show the sentence."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised by run.py's handler so that a run unwinds as after Ctrl-C: a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` catches it."""
+
+
+# The OSErrors of a disk or a path, and what to do about each; any other OSError is left to its traceback.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space or choose another folder",
+    errno.EDQUOT: "free some space or choose another folder",
+    errno.EROFS: "choose a folder you can write to",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.ENOTDIR: "a file stands where a folder belongs; choose another path",
+    errno.EEXIST: "a file stands where a folder belongs; choose another path",
+    errno.EISDIR: "a folder stands where a file belongs; choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EFBIG: "choose another folder",
+    errno.EIO: "the disk may be failing; choose another folder",
+}
+
+
+def debug() -> bool:
+    """Whether to show tracebacks too: --debug, or MUSEFT_DEBUG=1 in the environment (inherited by ranks)."""
+    return os.environ.get("MUSEFT_DEBUG", "") not in ("", "0")
+
+
+def explain(error: BaseException, where: Path | str | None = None, resumable: bool = False) -> tuple[int, str] | None:
+    """(exit status, one sentence) for a failure the user should read as a sentence; None for a bug.
+
+    `where` is the folder being written, named when an OSError names no file (a write that fills the disk);
+    `resumable` adds --resume's advice to an interruption.
+    """
+    sigval = getattr(error, "sigval", None)  # torch elastic's SignalException, in the parent of spawned ranks
+    after = "; the checkpoints already written are whole, and --resume continues from the newest" if resumable else ""
+    if isinstance(error, UsageError):
+        return 2, str(error)
+    if isinstance(error, DiskError):
+        return 1, str(error)
+    if isinstance(error, KeyboardInterrupt) or sigval == signal.SIGINT:
+        return 130, f"interrupted by Ctrl-C{after}."
+    if isinstance(error, Terminated) or sigval == signal.SIGTERM:
+        return 143, f"stopped by SIGTERM{after}."
+    disk = os_error(error)
+    if disk is not None and disk.errno in DISK_ERRORS:
+        what = f"use {disk.filename}" if disk.filename is not None else f"write under {where}" if where else "write"
+        return 1, f"cannot {what}: {disk.strerror} ({errno.errorcode[disk.errno]}); {DISK_ERRORS[disk.errno]}."
+    return None
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError a failure comes down to: itself; the one torch.save was writing when its clean-up raised a
+    RuntimeError (so it goes on a full disk); or the one a SafetensorError words as "(os error 28)"."""
+    if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+        return error.__context__
+    code = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    if code:
+        return OSError(int(code[1]), os.strerror(int(code[1])))
+    return error if isinstance(error, OSError) else None

@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import traceback
 import typing
 from pathlib import Path
 
 from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach
-from errors import UsageError
+from errors import Terminated, UsageError, debug, explain
 
 
 def approach_help() -> str:
@@ -58,6 +60,12 @@ def train_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(TrainConfig):
         if field.metadata["cli"]:
             add_option(parser, field, kinds[field.name])
+    return add_debug(parser)
+
+
+def add_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", help="on a failure, show the traceback before the "
+                                                             "one-sentence error (as MUSEFT_DEBUG=1 does)")
     return parser
 
 
@@ -161,38 +169,66 @@ SUBCOMMANDS = {"merge": (merge_parser, merge), "eval": (eval_parser, evaluate), 
 
 def subcommand(name: str, argv: list[str]) -> int:
     parser, run = SUBCOMMANDS[name]
-    args = parser().parse_args(argv)
+    args = add_debug(parser()).parse_args(argv)
+    if args.debug:
+        os.environ["MUSEFT_DEBUG"] = "1"
     try:
         message = run(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except BaseException as error:
+        return stop(error, getattr(args, "output", None) or getattr(args, "output_dir", None))
     print(message)
     return 0
 
 
-def main(argv: list[str]) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one progress bar, the trainer's
-    if argv[:1] and argv[0] in SUBCOMMANDS:
-        return subcommand(argv[0], argv[1:])
+def train(argv: list[str]) -> int:
     args = vars(train_parser().parse_args(argv))
+    if args.pop("debug"):
+        os.environ["MUSEFT_DEBUG"] = "1"  # for the ranks this process starts, too
     approach = args.pop("approach") or TrainConfig.approach
     args = {name: tuple(value) if isinstance(value, list) else value for name, value in args.items()}  # nargs="+"
+    out = None
     try:
         config = from_approach(approach, **args)
+        out = config.out
         from engine.launch import launch
         from engine.finetune import finetune  # heavy imports only once the flags are known to be good
 
         summary = launch(config, finetune)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except BaseException as error:
+        return stop(error, out, resumable=out is not None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here
         print(f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
               f"validation loss {summary['final_val_loss']}, outputs in {config.out}")
     return 0
+
+
+def stop(error: BaseException, where: Path | None = None, resumable: bool = False) -> int:
+    """`error: <one sentence>` on stderr for a failure errors.explain words, and its exit status (see errors.py);
+    a bug is raised on, with its traceback. With --debug (MUSEFT_DEBUG=1) the traceback comes first."""
+    explained = explain(error, where, resumable)
+    if explained is None:
+        raise error
+    if debug():
+        traceback.print_exception(error)
+    print(f"error: {explained[1]}", file=sys.stderr)
+    return explained[0]
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str]) -> int:
+    previous = signal.signal(signal.SIGTERM, terminate)  # SIGTERM unwinds like Ctrl-C: one sentence, exit 143
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one progress bar, the trainer's
+        return subcommand(argv[0], argv[1:]) if argv[:1] and argv[0] in SUBCOMMANDS else train(argv)
+    except (KeyboardInterrupt, Terminated) as error:  # before a command's own handler is in place
+        return stop(error)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

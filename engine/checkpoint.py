@@ -10,10 +10,12 @@ Under FSDP every rank writes its own pair of files (`model-rank00001-of-00004.sa
 into the same temporary folder, and the main rank publishes it once all of them are complete.
 """
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,9 @@ def save(
         tmp.mkdir()
     shard.barrier()
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / shard.file("model", "safetensors"))
-    torch.save(train_state, tmp / shard.file("train_state", "pt"))
+    # Through a Python file, so that a full disk raises OSError(ENOSPC), not torch's "iostream error".
+    with open(tmp / shard.file("train_state", "pt"), "wb") as handle:
+        torch.save(train_state, handle)
     shard.barrier()
     if shard.rank == 0:
         (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
@@ -85,16 +89,26 @@ def complete(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+class DamagedCheckpoint(UsageError):
+    """A checkpoint whose files cannot be read (as opposed to one that belongs to another run setup)."""
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     try:
-        return json.loads((checkpoint / "meta.json").read_text())
+        meta = json.loads((checkpoint / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"checkpoint {checkpoint} is corrupt: cannot read meta.json ({error}).") from error
+        raise DamagedCheckpoint(f"checkpoint {checkpoint} is damaged: cannot read meta.json ({error}).") from error
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(f"checkpoint {checkpoint} is damaged: meta.json holds no settings.")
+    return meta
 
 
 def best(folder: Path) -> Path | None:
-    """The kept checkpoint with the lowest validation loss, if any recorded one."""
-    scored = [(read_meta(c).get("val_loss"), c) for c in complete(folder)]
+    """The kept checkpoint with the lowest validation loss, if any recorded one; a damaged one is no candidate."""
+    scored = []
+    for candidate in complete(folder):
+        with contextlib.suppress(DamagedCheckpoint):
+            scored.append((read_meta(candidate).get("val_loss"), candidate))
     scored = [(loss, c) for loss, c in scored if loss is not None]
     return min(scored)[1] if scored else None
 
@@ -104,34 +118,56 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
     """(tensors, train_state, meta) of `checkpoint` (this `shard`'s), refusing one written by a different run setup."""
     meta = read_meta(checkpoint)
     for key, value in expected.items():
-        if meta.get(key) != value:
+        saved = meta.get(key)
+        if key == "settings" and isinstance(saved, dict):  # the flags that change a run's result, by name
+            key, saved, value = next(((f"--{name.replace('_', '-')}", saved.get(name), setting)
+                                      for name, setting in value.items() if saved.get(name) != setting), (key, 0, 0))
+        if saved != value:
             raise UsageError(
-                f"checkpoint {checkpoint} does not match this run: its {key} is {meta.get(key)!r}, "
-                f"this run's is {value!r}; use a fresh --output-dir or the same settings."
+                f"checkpoint {checkpoint} does not match this run: its {key} is {saved!r}, "
+                f"this run's is {value!r}; --resume needs the same settings, or start a new run."
             )
+    weights, state = checkpoint / shard.file("model", "safetensors"), checkpoint / shard.file("train_state", "pt")
     try:
-        tensors = load_file(checkpoint / shard.file("model", "safetensors"))
-        train_state = torch.load(checkpoint / shard.file("train_state", "pt"), weights_only=True)
-    except (OSError, SafetensorError, RuntimeError, EOFError) as error:
-        raise UsageError(f"checkpoint {checkpoint} is corrupt: {error}") from error
+        tensors = load_file(weights)
+    except (OSError, SafetensorError) as error:
+        raise DamagedCheckpoint(f"checkpoint {checkpoint} is damaged: {weights.name} cannot be read ({error}).") \
+            from error
+    try:
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it does not write
+            warnings.simplefilter("ignore")
+            train_state = torch.load(state, weights_only=True)  # never runs code from the file
+        if not isinstance(train_state, dict):
+            raise TypeError(f"a {type(train_state).__name__}")
+    except Exception as error:  # whatever unpickling raises; not in torch's words, which advise weights_only=False
+        reason = error.strerror if isinstance(error, OSError) else type(error).__name__
+        raise DamagedCheckpoint(f"checkpoint {checkpoint} is damaged: {state.name} cannot be read as a training "
+                                f"state ({reason}).") from error
     return tensors, train_state, meta
 
 
-def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
-    """What a resumed run needs besides the weights to continue exactly: optimizer, schedule, RNG."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state() -> dict[str, Any]:
+    """This process's random generators: dropout masks and anything else drawn during training."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                rng_by_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a resumed run needs besides the weights to continue exactly: optimizer, schedule, and the
+    random generators of every rank (each rank draws its own dropout masks)."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng_by_rank": rng_by_rank}
 
 
 def restore_train_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng = state["rng_by_rank"][rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _rotate(folder: Path, keep_last: int) -> None:

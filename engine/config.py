@@ -8,6 +8,9 @@ limits in one line, so the command line, the defaults and the checks cannot drif
 
 import dataclasses
 import json
+import math
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +29,30 @@ APPROACHES: dict[str, tuple[str, str, str, str]] = {
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "", default_help: str = "",
-           minimum: int | None = None, cli: bool = True) -> Any:
+           minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+           below: float | None = None, finite: bool = False, cli: bool = True) -> Any:
     """A TrainConfig field and its command-line flag, defined once.
 
     `help` describes the flag (for a True-default bool, its `--no-...` flag); run.py appends the default, or
-    `default_help` where the default is a sentinel. `choices` and `minimum` are checked by `validate`.
+    `default_help` where the default is a sentinel. `validate` checks `choices` and the range: `minimum` <= value,
+    `above` < value, value <= `maximum`, value < `below`, and (`finite`) neither inf nor nan; None passes.
     """
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, flag=flag, minimum=minimum,
+    bounds = dict(minimum=minimum, above=above, maximum=maximum, below=below, finite=finite)
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, flag=flag, **bounds,
                                                             default_help=default_help, cli=cli))
+
+
+RANGE = (("minimum", "at least", operator.ge), ("above", "above", operator.gt), ("maximum", "at most", operator.le),
+         ("below", "below", operator.lt))  # option's range keywords; a comparison with nan is False: nan fails them
+
+
+def out_of_range(value: float, meta: Mapping[str, Any]) -> str:
+    """The range of an `option` that `value` breaks, worded for `validate` ("finite and above 0"); "" if inside."""
+    limits = [(f"{word} {meta[key]:g}", compare(value, meta[key])) for key, word, compare in RANGE
+              if meta[key] is not None]
+    if meta["finite"]:
+        limits.insert(0, ("finite", math.isfinite(value)))
+    return "" if all(inside for _, inside in limits) else " and ".join(words for words, _ in limits)
 
 
 def flag(field: dataclasses.Field) -> str:
@@ -59,32 +78,33 @@ class TrainConfig:
     dataset: str = option("musequest", "'musequest' (built in), a Hugging Face id, a save_to_disk folder or an "
                                        "imagefolder")
     output_dir: str = option("", "where checkpoints, logs and the final model go", default_help="runs/<approach>")
-    limit_exhibits: int | None = option(None, "keep only the first K exhibits (small demos and tests)")
+    limit_exhibits: int | None = option(None, "keep only the first K exhibits (small demos and tests)",
+                                        minimum=1)
     # optimisation: the original project's settings
     epochs: int = option(3, "passes over the train split", minimum=1)
     max_steps: int | None = option(None, "total optimizer steps; overrides --epochs and sets the lr schedule",
                                    minimum=1)
     stop_after_steps: int | None = option(None, "stop (with a checkpoint) after this many steps of this "
-                                                "invocation; continue later with --resume")
+                                                "invocation; continue later with --resume", minimum=1)
     batch_size: int = option(4, "rows per micro-batch per device", minimum=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
-    lr: float = option(1e-5, "peak learning rate")
+    lr: float = option(1e-5, "peak learning rate", above=0, finite=True)
     lr_scaling: str = option("none", "scale --lr by the square root of (or linearly in) global batch / "
                                      "--lr-reference-batch, as some of the original's multi-GPU runs did",
                              choices=("none", "sqrt", "linear"))
     lr_reference_batch: int = option(4, "the global batch --lr was tuned for; the default is the original's "
                                         "one-GPU batch", minimum=1)
-    weight_decay: float = option(0.01, "AdamW weight decay")
+    weight_decay: float = option(0.01, "AdamW weight decay", minimum=0, finite=True)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
-    warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up")
-    max_grad_norm: float = option(0.3, "gradient clipping norm")
+    warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up", minimum=0, maximum=1)
+    max_grad_norm: float = option(0.3, "gradient clipping norm (inf: no clipping)", above=0)
     train_modules: tuple[str, ...] = option(("projections",), "what full fine-tuning trains: 'all', presets "
                                             "(projections, text, connector, vision, all-linear) or regexes over "
                                             "module paths")
     activation_checkpointing: bool = option(False, "recompute decoder-layer activations in backward to save memory")
     # pipeline (full_mp)
     micro_batches: int = option(4, "full_mp: micro-batches each batch is cut into so the stages work at once; "
-                                   "1 is the original's naive split")
+                                   "1 is the original's naive split", minimum=1)
     schedule: str = option("gpipe", "full_mp: all forwards then all backwards (gpipe), or one forward one "
                                     "backward, fewer activations alive (1f1b)", choices=("gpipe", "1f1b"))
     split: tuple[int, ...] = option((), "full_mp: first decoder layer of every stage after the first",
@@ -93,15 +113,16 @@ class TrainConfig:
     lora_target: tuple[str, ...] = option(("projections",), "modules that get LoRA: presets (projections, text, "
                                           "connector, vision, all-linear) or regexes over module paths")
     lora_r: int = option(8, "LoRA rank", minimum=1)
-    lora_alpha: float = option(64, "LoRA alpha")
-    lora_dropout: float = option(0.1, "dropout on the LoRA input")
+    lora_alpha: float = option(64, "LoRA alpha", above=0, finite=True)
+    lora_dropout: float = option(0.1, "dropout on the LoRA input", minimum=0, below=1)
     lora_rslora: bool = option(True, "scale LoRA by alpha/r instead of rsLoRA's alpha/sqrt(r)", flag="--no-rslora")
     lora_init: str = option("gaussian", "init of LoRA's A matrix", choices=("gaussian", "kaiming"))
     # QLoRA
     quant_keep_vision: bool = option(False, "qlora: keep the vision encoder in bf16",
                                      default_help="NF4, as the original")
     # data and processor
-    max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens")
+    max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens",
+                                    minimum=1)
     image_splitting: bool = option(False, "split images into crops (more memory)")
     image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels")
     image_longest_edge: int | None = option(None, "processor resize: longest image edge in pixels")
@@ -113,19 +134,20 @@ class TrainConfig:
                                     "picks by device", choices=("auto", "fp32", "bf16-mixed"))
     gpus: int | None = option(None, "number of ranks; on a machine without CUDA the ranks are CPU processes on gloo",
                               default_help="what torchrun started, else 1", minimum=1)
-    attn_implementation: str = option("sdpa", "sdpa, eager or flash_attention_2")
+    attn_implementation: str = option("sdpa", "attention kernel", choices=("sdpa", "eager", "flash_attention_2"))
     # evaluation, checkpoints, outputs
-    eval_every: float = option(0.05, "validation + checkpoint every this fraction of steps, in (0, 1]")
+    eval_every: float = option(0.05, "validation + checkpoint every this fraction of steps", above=0, maximum=1)
     skip_eval: bool = option(False, "do not answer and score the test split after training")
     scorer: str = option("base", "whose embeddings score the answers: self (the trained model, the original's "
                                  "way), base (the base model: one judge for every approach) or a model folder")
-    max_new_tokens: int = option(512, "answer length cap in evaluation")
+    max_new_tokens: int = option(512, "answer length cap in evaluation", minimum=1)
     keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
     final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
                         choices=("best", "last"))
     resume: bool = option(False, "continue from the last complete checkpoint")
+    overwrite: bool = option(False, "replace the run in a used --output-dir: delete what a run writes there first")
     tensorboard: bool = option(False, "serve TensorBoard for this run")
-    tensorboard_port: int = option(6006, "port for --tensorboard")
+    tensorboard_port: int = option(6006, "port for --tensorboard", minimum=1, maximum=65535)
 
     @property
     def out(self) -> Path:
@@ -133,6 +155,20 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Flags that change how a run is carried out, watched or reported, never what it computes: --resume may
+# change them. Every other flag must equal the checkpoint's. (--precision is compared as resolved for the
+# device, and the ranks through the global batch and the world size.)
+RESUMABLE = {"resume", "overwrite", "stop_after_steps", "tensorboard", "tensorboard_port", "skip_eval", "scorer",
+             "max_new_tokens", "keep_last", "output_dir", "device", "precision", "gpus", "batch_size", "grad_accum",
+             "micro_batches", "schedule", "activation_checkpointing"}
+
+
+def result_settings(config: TrainConfig) -> dict[str, Any]:
+    """The flags a resumed run must share with its checkpoint, as JSON would give them back."""
+    return json.loads(json.dumps({field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+                                  if field.name not in RESUMABLE}))
 
 
 def from_approach(approach: str, **overrides) -> TrainConfig:
@@ -155,11 +191,12 @@ def check_scorer(spec: str) -> None:
 
 def validate(config: TrainConfig) -> None:
     for field in dataclasses.fields(config):
-        value, choices, minimum = getattr(config, field.name), field.metadata["choices"], field.metadata["minimum"]
+        value, choices = getattr(config, field.name), field.metadata["choices"]
         if choices and value not in choices:
             raise UsageError(f"{flag(field)} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}.")
-        if minimum is not None and value is not None and value < minimum:
-            raise UsageError(f"{flag(field)} must be at least {minimum}.")
+        limits = out_of_range(value, field.metadata) if isinstance(value, (int, float)) else ""
+        if limits:
+            raise UsageError(f"{flag(field)} must be {limits}, not {value:g}.")
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
     if config.quant == "nf4" and config.parallel == "fsdp":
@@ -172,5 +209,3 @@ def validate(config: TrainConfig) -> None:
     if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
     check_scorer(config.scorer)
-    if not 0 < config.eval_every <= 1:
-        raise UsageError("--eval-every is a fraction of the total steps, in (0, 1].")

@@ -6,6 +6,7 @@ image files, which is how MuseQuest was built), or a Hugging Face hub id. Every 
 checked at load, text only, so a bad data set fails before a model is loaded, not mid-run.
 """
 
+import contextlib
 import json
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,10 @@ def load_splits(source: str, *, limit_exhibits: int | None = None, image_size: i
     splits = datasets.DatasetDict({name: splits[name] for name in SPLITS})
     if limit_exhibits is not None:
         splits = _first_exhibits(splits, limit_exhibits)
+        for name, split in splits.items():
+            if len(split) == 0:
+                raise UsageError(f"--limit-exhibits {limit_exhibits} leaves the {name!r} split empty (none of its "
+                                 "rows shows one of those exhibits); keep more exhibits.")
     if source == "musequest":
         # Pictures are drawn when a row is read, so loading costs no image work at all; a partial,
         # not a lambda, so the splits still pickle into spawned worker processes.
@@ -56,9 +61,17 @@ def _with_standin_images(batch: dict[str, list], size: int) -> dict[str, list]:
 def _load(source: str) -> datasets.DatasetDict:
     folder = Path(source)
     if (folder / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(folder))
+        for name in SPLITS:
+            if _saved_without_rows(folder / name / "state.json"):  # load_from_disk fails on it with an IndexError
+                raise _empty_split(name)
+        with _quiet():
+            return datasets.load_from_disk(str(folder))
     if (folder / "train" / "metadata.csv").is_file():
-        return datasets.load_dataset("imagefolder", data_dir=str(folder))
+        for name in SPLITS:
+            if (folder / name / "metadata.csv").is_file():
+                _check_metadata(folder / name / "metadata.csv", name)
+        with _quiet():
+            return datasets.load_dataset("imagefolder", data_dir=str(folder))
     if folder.is_dir():
         raise UsageError(f"folder {source!r} is neither a save_to_disk data set (no dataset_dict.json) "
                          "nor an imagefolder (no train/metadata.csv).")
@@ -66,6 +79,48 @@ def _load(source: str) -> datasets.DatasetDict:
         return datasets.load_dataset(source)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load dataset {source!r} from the Hugging Face hub: {error}") from error
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars while a local folder loads: a run's stderr keeps one bar (training's) and, on bad
+    input, one sentence."""
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _empty_split(name: str) -> UsageError:
+    return UsageError(f"the {name!r} split is empty; every split ({', '.join(SPLITS)}) needs at least one row.")
+
+
+def _saved_without_rows(state: Path) -> bool:
+    try:
+        return json.loads(state.read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # no such split, or not a state file of this form: load_from_disk reports it
+
+
+def _check_metadata(path: Path, split: str) -> None:
+    """Refuse an imagefolder's metadata.csv that `load_dataset` would fail on with a traceback."""
+    if path.stat().st_size == 0:
+        raise UsageError(f"{str(path)!r} is empty (0 bytes); it needs a header row naming the columns and one row "
+                         "per image.")
+    try:
+        table = pd.read_csv(path, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors
+        reason = " ".join(str(error).split())
+        raise UsageError(f"{str(path)!r} cannot be parsed as CSV ({reason}).") from error
+    if "file_name" not in table.columns:
+        raise UsageError(f"{str(path)!r} has no file_name column naming each row's image file (it has "
+                         f"{list(table.columns)}).")
+    if len(table) == 0:
+        raise UsageError(f"the {split!r} split is empty: {str(path)!r} has a header but no rows.")
 
 
 def _images_per_row(split: datasets.Dataset) -> list[int]:
@@ -79,6 +134,8 @@ def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]]
     for name in SPLITS:
         if name not in splits:
             raise UsageError(f"the data set has no {name!r} split (it has {sorted(splits)}).")
+        if len(splits[name]) == 0:
+            raise _empty_split(name)
         missing = [column for column in COLUMNS if column not in columns[name]]
         if missing:
             raise UsageError(f"the {name!r} split lacks the column(s) {missing}; every split needs {list(COLUMNS)}.")

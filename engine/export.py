@@ -15,16 +15,18 @@ import lora
 from parallel import fsdp
 
 
-def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype) -> Path:
+def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
+                      replace: bool = True) -> Path:
     """Save config, sharded safetensors (in `dtype`: fp32 masters go out in the run's weight dtype)
-    and the processor files to `folder`, replacing it only once the new copy is complete."""
+    and the processor files to `folder`, replacing it only once the new copy is complete. `replace`:
+    see `_publish`."""
     state = {name: _cast(tensor, dtype) for name, tensor in model.state_dict().items()}
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=state, max_shard_size="2GB")
         processor.save_pretrained(tmp)
 
-    return _publish(folder, write)
+    return _publish(folder, write, replace)
 
 
 def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
@@ -121,12 +123,25 @@ def export_adapter(model: PreTrainedModel, processor: ProcessorMixin, folder: Pa
 TRAINING_CONFIG = "training_config.json"
 
 
-def _publish(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Write into a temporary sibling, then swap it in whole."""
+def _publish(folder: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Write into a temporary sibling, then swap it in whole.
+
+    `replace`: `folder` and its temporary sibling are the caller's own (a run's OUT/final or OUT/base,
+    inside the run's folder) and an old copy is deleted. Without it (`run.py merge`, a folder the user
+    names) nothing is deleted that was there before: the sibling must not exist and `folder` must be
+    missing or empty.
+    """
     tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if replace:
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+        if folder.exists() and not replace:
+            folder.rmdir()  # fails, deleting nothing, on a folder that is not empty
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made just now, by us
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

@@ -7,19 +7,23 @@ All of these run the same N ranks:
     torchrun run.py --approach lora_ddp --gpus 2                # one torchrun worker that asks for 2
 
 A failure on any rank ends every rank (the elastic agent tears the group down) and the parent
-reports that rank's error instead of hanging.
+reports that rank's error instead of hanging: a rank's one-sentence error (errors.explain) as the
+same sentence and exit status, a bug as the rank's traceback.
 """
 
+import contextlib
+import logging
 import os
+import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from engine.config import TrainConfig
-from errors import UsageError
+from errors import DiskError, UsageError, debug, explain
 from engine.precision import precision_for
 from engine.runtime import Runtime, pick_device
 
@@ -61,12 +65,65 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
         start_method="spawn",
     )
     try:
-        results = elastic_launch(launch_config, worker)(config)
+        with _quiet_launcher():
+            results = elastic_launch(launch_config, _rank)(worker, config)
     except ChildFailedError as failure:
-        rank, error = failure.get_first_failure()
-        message = error.message.get("message", "") if isinstance(error.message, dict) else error.message
+        rank, message, stack = _reported_failure(failure)
+        kind, _, sentence = message.partition(": ")  # torch's error file holds "ExceptionType: message"
+        if kind in SENTENCES:  # the rank's own sentence, as if this process had failed so
+            raise SENTENCES[kind](sentence) from failure
+        if stack and not debug():  # a bug: its traceback (with --debug, torch's launcher logged it already)
+            print(stack, file=sys.stderr, end="")
         raise UsageError(f"rank {rank} failed, so every rank was stopped: {message}".strip()) from failure
     return results[0]
+
+
+SENTENCES = {"UsageError": UsageError, "DiskError": DiskError}  # what _rank raises for a parent to show as is
+
+
+def _rank(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
+    """`worker(config)` on a spawned rank; a failure errors.explain words becomes a UsageError or DiskError of
+    that sentence, which is what torch's error file then records for the parent."""
+    try:
+        return worker(config)
+    except Exception as error:
+        explained = explain(error, config.out)
+        if explained is None:
+            raise
+        raise (DiskError if explained[0] == 1 else UsageError)(explained[1]) from error
+
+
+def _reported_failure(failure) -> tuple[int, str, str]:
+    """(rank, message, traceback) of the failure to show: the first rank that failed with a sentence of its own
+    (the others may only have lost their peer), else the first to fail."""
+    failures = []
+    for rank, failed in sorted(failure.failures.items(), key=lambda item: item[1].timestamp):
+        message = failed.message.get("message", "") if isinstance(failed.message, dict) else failed.message
+        stack = failed.message.get("extraInfo", {}).get("py_callstack", "") if isinstance(failed.message, dict) else ""
+        failures.append((rank, message, stack))
+    return next((f for f in failures if f[1].partition(": ")[0] in SENTENCES), failures[0])
+
+
+@contextlib.contextmanager
+def _quiet_launcher() -> Iterator[None]:
+    """Without --debug, torch's launcher logs nothing: it would log every failed rank's traceback and each
+    rank it stops, where the user should read one sentence."""
+    if debug():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher",
+                                                    "torch.multiprocessing")]
+    silence = logging.NullHandler()
+    saved = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.propagate = False
+        logger.addHandler(silence)
+    try:
+        yield
+    finally:
+        for logger, propagate in zip(loggers, saved):
+            logger.propagate = propagate
+            logger.removeHandler(silence)
 
 
 def setup_runtime(config: TrainConfig) -> Runtime:

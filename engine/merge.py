@@ -15,6 +15,7 @@ import lora
 import models
 from errors import UsageError
 from engine.export import TRAINING_CONFIG, export_pretrained
+from engine.output_folder import check_new
 from engine.precision import precision_for
 from engine.runtime import pick_device
 from models.targets import QUANT_SKIP, VISION_ENCODER
@@ -22,10 +23,11 @@ from quant import dequantize, quantize
 
 
 def merge_adapter(adapter: Path, output: Path, model_spec: str | None = None, device: str = "auto") -> Path:
+    check_new(output, "--output")  # before anything loads; merge never deletes what is there
     target = pick_device(device, 1)
     dtype = precision_for("auto", target).frozen_dtype
     model, processor = load_merged(adapter, model_spec, target, dtype)
-    return export_pretrained(model, processor, output, dtype)
+    return export_pretrained(model, processor, output, dtype, replace=False)
 
 
 def load_merged(adapter: Path, model_spec: str | None, device: torch.device, dtype: torch.dtype) \

@@ -3,13 +3,15 @@
 Per optimizer step: collate this rank's micro-batches, count the answer tokens of the whole
 global batch, let the strategy run forward and backward with that divisor (so the gradient is the
 exact global mean), clip by the global norm, step. Every `eval_every` of the run: validation loss,
-TensorBoard point, atomic checkpoint. Resume restores the trainable weights, optimizer, scheduler
+TensorBoard point, atomic checkpoint. A loss or gradient norm of inf or nan stops the run at that step,
+before anything of it is saved. Resume restores the trainable weights, optimizer, scheduler
 and RNG; the data position is the step number itself (see BatchPlan). Everything that depends on
 the parallelism is the strategy's (engine/strategies/); nothing here asks which one runs.
 """
 
 import contextlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -24,12 +26,15 @@ from transformers import ProcessorMixin
 from engine import checkpoint
 from engine.batches import BatchPlan
 from engine.collate import Collator
-from engine.config import TrainConfig
+from engine.config import TrainConfig, result_settings
+from engine.data_checks import check_data
 from engine.data_sources import load_splits
 from engine.launch import setup_runtime
 from engine.loss import answer_token_count
 from engine.metrics import Scalars, quantized_summary
 from engine.optim import adamw, cosine_with_warmup, scaled_lr
+from engine.output_folder import claim, prepare_for_run
+from engine.resume import refuse_finished, resume
 from engine.runtime import Runtime, resolve_model
 from engine.strategies import Single, strategy_for
 from engine.tensorboard_server import check_port_free, serve
@@ -62,10 +67,11 @@ def train(config: TrainConfig) -> dict:
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
         else contextlib.nullcontext()
     started = time.perf_counter()
-    with server as url:
+    bar = tqdm(total=run.total_steps, initial=run.start, disable=not runtime.is_main, desc=config.approach)
+    with server as url, bar:  # closed on any error too, so an error message starts on a line of its own
         if url:
             print(f"TensorBoard: {url}")
-        step, history, stats = loop(run, scalars)
+        step, history, stats = loop(run, scalars, bar)
     wall = time.perf_counter() - started
     completed = step == run.total_steps
     if completed:
@@ -93,14 +99,20 @@ def setup(config: TrainConfig) -> Run:
     """Ranks, data, this rank's model as its strategy prepares it, optimizer and schedule; resumed
     from the last checkpoint on --resume."""
     runtime = setup_runtime(config)
+    prepare_for_run(config.out, config.resume, config.overwrite, runtime)  # before anything loads
     # Same seed on every rank and in every world size: adapters start identical, dropout matches.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     spec = resolve_model(config.model, runtime.device)
+    if config.resume:
+        refuse_finished(config.out)
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
+    check_data(splits, config, spec)  # every image decodes, every row fits: before the model loads
     strategy = strategy_for(config, runtime)
+    if runtime.is_main:
+        claim(config.out, config.to_json())  # the first file in OUT, before OUT/base
     # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
     processor = strategy.build(config.out / "base" if spec == "tiny" else None)
     plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data.world_size, config.seed)
@@ -112,7 +124,8 @@ def setup(config: TrainConfig) -> Run:
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {"approach": config.approach, "model": spec, "total_steps": total_steps,
                    "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
-                   "global_batch": plan.global_batch, **strategy.fingerprint()}
+                   "global_batch": plan.global_batch, "world_size": runtime.world_size,
+                   "precision": runtime.precision.name, "settings": result_settings(config), **strategy.fingerprint()}
     start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume else 0
     if runtime.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
@@ -120,19 +133,19 @@ def setup(config: TrainConfig) -> Run:
     return Run(config, runtime, strategy, processor, splits, plan, total_steps, optimizer, scheduler, fingerprint, start)
 
 
-def loop(run: Run, scalars: Scalars) -> tuple[int, dict, dict]:
+def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
     config, strategy, plan = run.config, run.strategy, run.plan
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
     stats = {"step_times": [], "tokens": 0, "memory": {}}
     eval_interval = max(1, round(run.total_steps * config.eval_every))
     collator = Collator(run.processor, config.max_length)
-    bar = tqdm(total=run.total_steps, initial=run.start, disable=not run.runtime.is_main, desc=config.approach)
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
         batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data.rank)]
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
+        refuse_divergence(step + 1, config, training_loss=loss, gradient_norm=grad_norm)
         stats["memory"] = stats["memory"] or strategy.memory(run.optimizer)  # grads still exist: measured once
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -152,15 +165,27 @@ def loop(run: Run, scalars: Scalars) -> tuple[int, dict, dict]:
         val_loss = None
         if step % eval_interval == 0 or step == run.total_steps:
             val_loss = strategy.validation_loss(run.splits["validation"], collator, config.batch_size)
+            refuse_divergence(step, config, validation_loss=val_loss)
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
         if val_loss is not None or stopping:
-            strategy.save_checkpoint(config.out / "checkpoints", step, checkpoint.train_state(run.optimizer, run.scheduler),
+            rng_by_rank = run.runtime.gather(checkpoint.rng_state())  # every rank's, for an exact resume
+            strategy.save_checkpoint(config.out / "checkpoints", step, checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank),
                                      dict(run.fingerprint, val_loss=val_loss), config.keep_last)
         if stopping:
             break
-    bar.close()
     return step, history, stats
+
+
+def refuse_divergence(step: int, config: TrainConfig, **values: float) -> None:
+    """Stops the run at `step` if a loss or gradient norm is inf or nan: before that step's checkpoint or the final
+    export could save weights of nan. The numbers are global, so every rank stops here, together."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            empty = "" if name == "validation_loss" else \
+                ", or a batch holds no answer tokens (an empty answer, or too short a --max-length)"
+            raise UsageError(f"step {step}: the {name.replace('_', ' ')} is {value:g}, so the run stopped before "
+                             f"saving anything of it; the learning rate (--lr {config.lr:g}) is likely too high{empty}.")
 
 
 def train_step(strategy: Single, optimizer: torch.optim.Optimizer, batches: list[dict],
@@ -172,18 +197,6 @@ def train_step(strategy: Single, optimizer: torch.optim.Optimizer, batches: list
     grad_norm = strategy.clip_(max_grad_norm)
     optimizer.step()
     return loss, grad_norm, answer_tokens
-
-
-def resume(folder: Path, strategy: Single, optimizer, scheduler, fingerprint: dict) -> int:
-    """Restore the newest complete checkpoint; returns the step to continue from (0 if none)."""
-    saved = checkpoint.complete(folder)
-    if not saved:
-        print(f"--resume: no checkpoint in {folder}; starting from step 0.")
-        return 0
-    state, meta = strategy.load_checkpoint(saved[-1], fingerprint)
-    checkpoint.restore_train_state(state, optimizer, scheduler)
-    print(f"--resume: continuing from {saved[-1]} (step {meta['step']}).")
-    return meta["step"]
 
 
 def export_final(strategy: Single, processor: ProcessorMixin, fingerprint: dict) -> None:

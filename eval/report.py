@@ -3,9 +3,9 @@ scores beside them.
 
 A run folder gives `summary.json` (written by training) and `eval/results.json` (written by
 evaluation, if it ran). The reference rows are the averages in the last row of each of the
-original project's result files (../shared/musequest/seed_results): Idefics2-8B on MuseQuest's
-test split, scored by each fine-tuned model itself (`--scorer self`), so they compare with our
-`self` scores only.
+original project's result files (eval/seed_results/, CC0, shipped with the package): Idefics2-8B on
+MuseQuest's test split, scored by each fine-tuned model itself (`--scorer self`), so they compare
+with our `self` scores only.
 """
 
 import json

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel,
+                          ProcessorMixin)
 
 from errors import UsageError
-from models.tiny import build_tiny, shipped_processor, tiny_processor
+from models.tiny import build_tiny, shipped_processor, tiny_idefics2_config, tiny_processor
 
 SUPPORTED_TYPES = ("idefics2", "idefics3")
 
@@ -35,7 +36,18 @@ def load(
     return model.to(device=device, dtype=dtype), processor
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+def config_and_processor(spec: str) -> tuple[PretrainedConfig, ProcessorMixin]:
+    """The model's config and the processor `load` gives with it, without any weights: cheap enough to
+    count a data set's tokens before the model is loaded."""
+    if spec == "tiny":
+        return tiny_idefics2_config(), tiny_processor()
+    if spec.endswith(".json"):
+        config = _json_config(Path(spec))
+        return config, shipped_processor(config)
+    return _pretrained_config(spec), AutoProcessor.from_pretrained(spec)
+
+
+def _pretrained_config(spec: str) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(spec)
     except (OSError, ValueError) as error:
@@ -43,6 +55,22 @@ def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) ->
         raise UsageError(f"cannot load a model config from {spec!r} as a {where}: {error}") from error
     if config.model_type not in SUPPORTED_TYPES:
         raise UsageError(f"{spec!r} is a {config.model_type!r} model; this engine fine-tunes {' and '.join(SUPPORTED_TYPES)} only.")
+    return config
+
+
+def _json_config(path: Path) -> PretrainedConfig:
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read a model config from {str(path)!r}: {error}") from error
+    if settings.get("model_type") != "idefics2":
+        raise UsageError(f"{str(path)!r} is not an Idefics2 config; random weights come with the shipped Idefics2 "
+                         "processor, so only Idefics2 configs are accepted.")
+    return AutoConfig.for_model(**settings)
+
+
+def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+    _pretrained_config(spec)
     processor = AutoProcessor.from_pretrained(spec)
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
     return model, processor
@@ -52,14 +80,7 @@ def _random_from_config(path: Path, dtype: torch.dtype, device: torch.device, at
                         seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Random weights drawn from `seed` alone, made directly on `device` in `dtype` (an 8B model in
     fp32 on the CPU first would take 32 GB), with the real Idefics2 processor shipped here, fitted."""
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read a model config from {str(path)!r}: {error}") from error
-    if settings.get("model_type") != "idefics2":
-        raise UsageError(f"{str(path)!r} is not an Idefics2 config; random weights come with the shipped Idefics2 "
-                         "processor, so only Idefics2 configs are accepted.")
-    config = AutoConfig.for_model(**settings)
+    config = _json_config(path)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)

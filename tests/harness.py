@@ -1,6 +1,6 @@
 """What more than one test file uses, in one place: test files import from here, never from each other.
 
-- Paths: `ROOT` (the repository) and `SEED_RESULTS` (the original's results files).
+- Paths: `ROOT` (the repository) and `SEED_RESULTS` (the original's results files, shipped in eval/).
 - Multiprocess harness: `spawn(world, scenario, out, **kwargs)` runs `scenario(rank, world, **kwargs)` on
   `world` real gloo ranks on CPU (a rank's exception, or ranks still running after `DEADLINE_S`, fail the
   test) and returns every rank's result; `free_port` finds the port their rendezvous uses.
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_RESULTS = Path(__file__).resolve().parents[2] / "shared" / "musequest" / "seed_results"
+SEED_RESULTS = ROOT / "eval" / "seed_results"
 
 IGNORE = -100
 ROWS = 24  # global batch: splits into 2 or 4 ranks times 2 micro-batches

@@ -53,7 +53,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path, mo
 def test_corrupt_checkpoints_are_refused_clearly(tmp_path):
     path = _save(tmp_path, 1, 2.0)
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(UsageError, match="is corrupt"):
+    with pytest.raises(UsageError, match="is damaged: model.safetensors cannot be read"):
         checkpoint.load(path, META)
     (path / "meta.json").write_text("{")
     with pytest.raises(UsageError, match="cannot read meta.json"):
