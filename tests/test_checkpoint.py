@@ -63,3 +63,12 @@ def test_corrupt_checkpoints_are_refused_clearly(tmp_path):
 def test_meta_records_step_and_validation_loss(tmp_path):
     path = _save(tmp_path, 4, 0.25)
     assert json.loads((path / "meta.json").read_text()) == dict(META, val_loss=0.25, step=4)
+
+
+def test_a_damaged_older_checkpoint_blocks_neither_the_best_nor_the_next_save(tmp_path):
+    _save(tmp_path, 1, 1.0)  # the best so far
+    _save(tmp_path, 2, 2.0)
+    (tmp_path / "step-000001" / "meta.json").write_text("{")  # damaged after it was written
+    assert checkpoint.best(tmp_path).name == "step-000002"  # a damaged checkpoint is no candidate
+    _save(tmp_path, 3, 3.0)  # rotation reads every meta.json: it must not stop at the damaged one
+    assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-000002", "step-000003"]

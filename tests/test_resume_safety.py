@@ -16,6 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine import checkpoint
+from engine.config import from_approach, result_settings
+from errors import UsageError
 from harness import ROOT, assert_one_sentence, run_cli, snapshot
 
 # 4 LoRA steps on 2 exhibits with dropout on (the default 0.1), a checkpoint after every step.
@@ -44,14 +47,23 @@ def runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag,value,named", [("--lr", "1e-2", "--lr"), ("--lora-alpha", "16", "--lora-alpha"),
-                                              ("--seed", "1", "--seed"), ("--precision", "bf16-mixed", "precision")])
-def test_a_setting_that_changes_the_result_is_refused_by_name(runs, flag, value, named):
+def test_a_setting_that_changes_the_result_is_refused_by_name(runs):
     before = snapshot(runs / "stopped")
-    result = run_cli(*RUN, "--output-dir", str(runs / "stopped"), "--resume", flag, value, cwd=runs)
-    assert_one_sentence(result, named)
-    assert "does not match this run" in result.stderr
+    result = run_cli(*RUN, "--output-dir", str(runs / "stopped"), "--resume", "--lr", "1e-2", cwd=runs)
+    assert_one_sentence(result, "does not match this run: its --lr is 0.005, this run's is 0.01")
     assert snapshot(runs / "stopped") == before
+
+
+@pytest.mark.parametrize("change,named", [(dict(lora_alpha=16), "--lora-alpha"), (dict(seed=1), "--seed"),
+                                          (dict(lora_rslora=False), "--lora-rslora"), (dict(dataset="other"), "--dataset"),
+                                          (dict(warmup_ratio=0.5), "--warmup-ratio")])
+def test_every_setting_that_changes_the_result_is_compared(change, named, tmp_path):
+    """The same comparison the CLI test above runs, for more flags: what the checkpoint recorded against this run."""
+    saved = checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, {}, {"settings": result_settings(from_approach("lora"))}, 2)
+    with pytest.raises(UsageError, match=f"its {named} is .*, this run's is"):
+        checkpoint.load(saved, {"settings": result_settings(from_approach("lora", **change))})
+    for harmless in (dict(keep_last=5), dict(tensorboard=True), dict(stop_after_steps=1), dict(skip_eval=True)):
+        checkpoint.load(saved, {"settings": result_settings(from_approach("lora", **harmless))})
 
 
 @pytest.mark.slow
@@ -64,6 +76,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_ends_exactly(r
     result = run_cli(*RUN, "--output-dir", str(out), "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipping" in result.stdout and "step 2" in result.stdout
+    assert "cannot be read as a training state" in result.stdout and "weights_only" not in result.stdout + result.stderr
     _assert_bit_identical(_adapter(out), _adapter(runs / "whole"))
     # Now finished: resuming again says so and changes nothing.
     before = snapshot(out)
