@@ -15,7 +15,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -75,7 +74,7 @@ def train(config: TrainConfig) -> dict:
     wall = time.perf_counter() - started
     completed = step == run.total_steps
     if completed:
-        export_final(run.strategy, run.processor, run.fingerprint)
+        run.strategy.export_final(run.processor, run.fingerprint)
     summary = {
         "approach": config.approach, "model": run.fingerprint["model"], "world_size": runtime.world_size,
         "completed": completed, "steps": step, "total_steps": run.total_steps,
@@ -170,8 +169,9 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
             scalars.log(step, {"eval/loss": val_loss})
         if val_loss is not None or stopping:
             rng_by_rank = run.runtime.gather(checkpoint.rng_state())  # every rank's, for an exact resume
-            strategy.save_checkpoint(config.out / "checkpoints", step, checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank),
-                                     dict(run.fingerprint, val_loss=val_loss), config.keep_last)
+            state = checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank)
+            strategy.save_checkpoint(config.out / "checkpoints", step, state, dict(run.fingerprint, val_loss=val_loss),
+                                     config.keep_last)
         if stopping:
             break
     return step, history, stats
@@ -197,15 +197,3 @@ def train_step(strategy: Single, optimizer: torch.optim.Optimizer, batches: list
     grad_norm = strategy.clip_(max_grad_norm)
     optimizer.step()
     return loss, grad_norm, answer_tokens
-
-
-def export_final(strategy: Single, processor: ProcessorMixin, fingerprint: dict) -> None:
-    """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
-    adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id or folder."""
-    config, spec = strategy.config, fingerprint["model"]
-    best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
-    if best is not None:
-        strategy.load_checkpoint(best, fingerprint)
-    base = config.out / "base" if spec == "tiny" else Path(spec)
-    strategy.export(config.out / "final", processor, None if config.adapter != "lora" else
-                    str(base.resolve()) if base.exists() else spec)

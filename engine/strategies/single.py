@@ -161,6 +161,17 @@ class Single:
                 param.copy_(tensors[name])
         return state, meta
 
+    def export_final(self, processor: ProcessorMixin, fingerprint: dict) -> None:
+        """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
+        adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id or folder."""
+        config, spec = self.config, fingerprint["model"]
+        best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
+        if best is not None:
+            self.load_checkpoint(best, fingerprint)
+        base = config.out / "base" if spec == "tiny" else Path(spec)
+        self.export(config.out / "final", processor, None if config.adapter != "lora" else
+                    str(base.resolve()) if base.exists() else spec)
+
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
         """OUT/final: a PEFT adapter folder on `adapter_base` when an adapter trained, else the
         whole model in the frozen weights' dtype. Every rank calls it."""
