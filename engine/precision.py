@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-CHOICES = ("fp32", "bf16-mixed")
-
 
 @dataclass(frozen=True)
 class Precision:

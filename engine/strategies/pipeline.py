@@ -67,8 +67,7 @@ class PipelineParallel(Single):
         return True
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
-        mine = {id(p) for p in self.parts[0].parameters()}
-        own = {name: tensor for name, tensor in self.model.named_parameters() if id(tensor) in mine}
+        own = self.named(list(self.parts[0].parameters()))
         export_pretrained_by_rank(self.model, own, processor, folder, self.precision.frozen_dtype,
                                   self.runtime.rank, self.runtime.world_size)
 

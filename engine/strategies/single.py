@@ -130,8 +130,12 @@ class Single:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors under the model's own names: what its checkpoint holds."""
-        mine = {id(p) for p in self.parameters()}
-        return {name: p for name, p in self.model.named_parameters() if id(p) in mine}
+        return self.named(self.parameters())
+
+    def named(self, params: list[nn.Parameter]) -> dict[str, nn.Parameter]:
+        """`params` under the whole model's own names (a stage or a wrapper would name them otherwise)."""
+        ids = {id(p) for p in params}
+        return {name: p for name, p in self.model.named_parameters() if id(p) in ids}
 
     def fingerprint(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
