@@ -39,6 +39,8 @@ def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: 
     spec = dict(dest=field.name, default=None, help=meta["help"] + (f" (default: {shown})" if shown else ""))
     if kind is bool:
         spec["action"] = "store_false" if default else "store_true"
+    elif kind == bool | None:  # --flag and --no-flag, neither: the default decides by device
+        spec["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is tuple:
         spec.update(nargs="+", type=typing.get_args(kind)[0])
     else:  # int, float, str, or one of them | None

@@ -101,7 +101,13 @@ class TrainConfig:
     train_modules: tuple[str, ...] = option(("projections",), "what full fine-tuning trains: 'all', presets "
                                             "(projections, text, connector, vision, all-linear) or regexes over "
                                             "module paths")
-    activation_checkpointing: bool = option(False, "recompute decoder-layer activations in backward to save memory")
+    optimizer: str = option("adamw", "adamw (moments in the trained weights' dtype) or adamw8bit (both moments in "
+                                     "8-bit blocks, bitsandbytes' quantization: 2 bytes a trained weight)",
+                            choices=("adamw", "adamw8bit"))
+    activation_checkpointing: bool | None = option(None, "recompute the activations of the decoder layers, the "
+                                                         "connector (and vision layers that train) in backward "
+                                                         "instead of keeping them",
+                                                   default_help="on for CUDA, off on CPU")
     # pipeline (full_mp)
     micro_batches: int = option(4, "full_mp: micro-batches each batch is cut into so the stages work at once; "
                                    "1 is the original's naive split", minimum=1)
@@ -129,9 +135,11 @@ class TrainConfig:
     # runtime
     seed: int = option(0, "seed for the tiny model, data order and dropout")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = option("auto", "fp32 (everything fp32; the CPU default) or bf16-mixed (frozen weights bf16, "
-                                    "trained weights fp32, compute under bf16 autocast; the CUDA default); auto "
-                                    "picks by device", choices=("auto", "fp32", "bf16-mixed"))
+    precision: str = option("auto", "fp32 (everything fp32; the CPU default), bf16-mixed (frozen weights bf16, "
+                                    "trained weights fp32, compute under bf16 autocast; the CUDA default) or bf16 "
+                                    "(trained weights and their gradients and moments bf16 too, every update "
+                                    "stochastically rounded); auto picks by device",
+                            choices=("auto", "fp32", "bf16-mixed", "bf16"))
     gpus: int | None = option(None, "number of ranks; on a machine without CUDA the ranks are CPU processes on gloo",
                               default_help="what torchrun started, else 1", minimum=1)
     attn_implementation: str = option("sdpa", "attention kernel", choices=("sdpa", "eager", "flash_attention_2"))

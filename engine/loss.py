@@ -2,12 +2,23 @@
 
 The trainer divides each micro-batch's sum by the answer-token count of the whole global
 batch (all micro-batches, all ranks), so the gradient is the same however the batch is cut.
+
+The training loss never builds the logits of the whole batch (batch x sequence x vocabulary, the
+largest activation of a VLM step: 128 of the tiny model's ~160 MiB): `answer_loss` applies the
+output layer only at positions that carry loss (prompt, image and padding tokens carry none), in
+chunks of `CHUNK` positions. For a plain linear output layer it works out each chunk's gradient in
+the forward pass itself, so neither the logits nor their gradient ever exist beyond one chunk, and
+nothing is recomputed. An output layer with an adapter (`--lora-target ... lm_head`) runs as a
+module, chunk by chunk, and autograd keeps the answer positions' logits for backward (recomputing
+them instead would need the layer's weights after its forward, which FSDP has freed by then).
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE = -100
+CHUNK = 256  # positions whose logits exist at once: 33 MB of fp32 for Idefics2's 32k vocabulary
 
 
 def answer_token_count(labels: torch.Tensor) -> int:
@@ -15,12 +26,98 @@ def answer_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """What each position predicts: the labels moved left by one; the last position predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over labelled positions, in fp32.
+    """Sum (not mean) of next-token cross-entropy over labelled positions of full logits, in fp32.
 
     The labels move left by one, not the logits: slicing off the logits' last position would copy
-    the whole (batch, sequence, vocabulary) tensor in forward and again in backward (bench/run.py
-    measured that as a quarter of a tiny-model step on the CPU). The last position gets no label.
+    the whole (batch, sequence, vocabulary) tensor in forward and again in backward.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_tokens(labels).flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def logits_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The plain way, with the full logits: what `answer_loss` must equal, and the peers' loss in bench/."""
+    return summed_token_loss(head(hidden), labels)
+
+
+def answer_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """`summed_token_loss(head(hidden), labels)` without the full logits: the output layer `head` applied
+    at answer positions only, chunk by chunk."""
+    targets = next_tokens(labels)
+    keep = targets != IGNORE
+    answers, targets = hidden[keep], targets[keep]
+    chunks = zip(answers.split(CHUNK), targets.split(CHUNK))
+    if type(head) is not nn.Linear or head.bias is not None:
+        return sum((F.cross_entropy(head(h).float(), t, reduction="sum") for h, t in chunks),
+                   torch.zeros((), device=hidden.device))
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else answers.dtype
+    if torch.is_grad_enabled() and (answers.requires_grad or head.weight.requires_grad):
+        return _ChunkedLoss.apply(answers, head.weight, targets, dtype)
+    with torch.no_grad():
+        return sum((_picked(_log_probs(h, head.weight, dtype), t).sum() for h, t in chunks),
+                   torch.zeros((), device=hidden.device))
+
+
+def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Log-softmax of one chunk's logits: the matmul in `dtype` (autocast's, if on), the rest in fp32,
+    as F.cross_entropy over `.float()` logits computes it."""
+    return (hidden.to(dtype) @ weight.to(dtype).T).float().log_softmax(-1)
+
+
+def _picked(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's negative log-probability of its target: its cross-entropy."""
+    return -log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Forward computes, chunk by chunk, the loss and its gradient with respect to the answers'
+    hidden states and to the output layer (the gradient of summed cross-entropy by the logits is
+    softmax minus one-hot); backward only scales them. The matmuls are the three of an autograd
+    step (logits, and two for the gradients), in the same dtypes."""
+
+    @staticmethod
+    def forward(ctx, answers: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        grad_answers = torch.zeros_like(answers) if answers.requires_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), device=answers.device)
+        compute_weight = weight.to(dtype)
+        for start in range(0, len(answers), CHUNK):
+            rows = slice(start, start + CHUNK)
+            log_probs = _log_probs(answers[rows], compute_weight, dtype)
+            total += _picked(log_probs, targets[rows]).sum()
+            grad = log_probs.exp_()  # the softmax, in place: one chunk-sized tensor at a time
+            grad[torch.arange(len(grad), device=grad.device), targets[rows]] -= 1
+            grad = grad.to(dtype)
+            if grad_answers is not None:
+                grad_answers[rows] = grad @ compute_weight
+            if grad_weight is not None:
+                grad_weight += (grad.T @ answers[rows].to(dtype)).float()
+        ctx.save_for_backward(grad_answers, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_answers, grad_weight = ctx.saved_tensors
+        return (None if grad_answers is None else grad_answers * grad_total,
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None)
+
+
+def loss_forward(model: nn.Module) -> None:
+    """`model(labels=..., **inputs)` returns `answer_loss` instead of logits: installed from outside, as
+    activation checkpointing and autocast are, so that wrappers around the model's forward (FSDP's
+    gathers, DDP) enclose the loss too. For training only: generation needs the logits."""
+    base, head = model.model, model.get_output_embeddings()
+
+    def forward(labels: torch.Tensor, **inputs) -> torch.Tensor:
+        hidden = base(**inputs, use_cache=False).last_hidden_state
+        return answer_loss(hidden, head, labels)
+
+    model.forward = forward

@@ -6,6 +6,10 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from engine.adamw import AdamW
+from engine.config import TrainConfig
+from engine.precision import Precision
+
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
@@ -30,15 +34,31 @@ def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) 
     return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[scaling]
 
 
-def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float],
-          weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer."""
+def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
+          moments: str = "fp32", seed: int = 0) -> torch.optim.Optimizer:
+    """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
+
+    fp32 moments of fp32 weights: torch's AdamW. Moments in bf16 or 8 bits, or bf16 weights (which need
+    stochastic rounding): engine/adamw.py, seeded with `seed`.
+    """
     trainable = [p for p in parameters if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
+    if moments != "fp32" or any(p.dtype != torch.float32 for p in trainable):
+        return AdamW(groups, lr=lr, betas=betas, moments=moments, seed=seed)
     # On a GPU, the fused kernel: the default foreach one allocates a temporary as large as all the
     # second moments (31 GB for the 7.7B weights `full` trains on Idefics2-8B), on top of the state.
     fused = bool(trainable) and all(p.is_cuda for p in trainable)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def optimizer_for(config: TrainConfig, precision: Precision, parameters: Iterable[torch.nn.Parameter],
+                  lr: float) -> torch.optim.Optimizer:
+    """The run's AdamW: `--optimizer adamw8bit` keeps both moments in 8-bit blocks; plain adamw keeps
+    them in the trained weights' dtype (bf16 under --precision bf16)."""
+    moments = "8bit" if config.optimizer == "adamw8bit" else \
+        "bf16" if precision.trained_dtype == torch.bfloat16 else "fp32"
+    return adamw(parameters, lr, config.betas, config.weight_decay, moments, config.seed)

@@ -31,7 +31,7 @@ from engine.data_sources import load_splits
 from engine.launch import setup_runtime
 from engine.loss import answer_token_count
 from engine.metrics import Scalars, quantized_summary
-from engine.optim import adamw, cosine_with_warmup, scaled_lr
+from engine.optim import cosine_with_warmup, optimizer_for, scaled_lr
 from engine.output_folder import claim, prepare_for_run
 from engine.resume import refuse_finished, resume
 from engine.runtime import Runtime, resolve_model
@@ -119,7 +119,7 @@ def setup(config: TrainConfig) -> Run:
         raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     peak_lr = scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch)
-    optimizer = adamw(strategy.parameters(), peak_lr, config.betas, config.weight_decay)
+    optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {"approach": config.approach, "model": spec, "total_steps": total_steps,
                    "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),

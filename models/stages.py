@@ -18,8 +18,8 @@ from transformers.masking_utils import create_causal_mask
 from errors import UsageError
 from models.parts import decoder_layers
 
-# (logits, labels) -> the micro-batch's summed loss
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (final hidden states, output layer, labels) -> the micro-batch's summed loss
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Stage(nn.Module):
@@ -52,7 +52,7 @@ class Stage(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
         if self.last:
-            return self.loss(self.lm_head(self.norm(hidden)), batch["labels"])
+            return self.loss(self.norm(hidden), self.lm_head, batch["labels"])
         return hidden
 
     def _embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,7 +102,7 @@ def split_points(model: PreTrainedModel, stages: int, split: tuple[int, ...] = (
 
 
 def stage(model: PreTrainedModel, points: list[int], rank: int, loss: Loss) -> Stage:
-    """Rank `rank`'s stage of the split at `points`; the last one returns `loss(logits, labels)`."""
+    """Rank `rank`'s stage of the split at `points`; the last one returns `loss(hidden, lm_head, labels)`."""
     bounds = [0, *points, len(decoder_layers(model))]
     return Stage(model, bounds[rank], bounds[rank + 1], first=rank == 0, last=rank == len(bounds) - 2, loss=loss)
 

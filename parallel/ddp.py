@@ -29,7 +29,9 @@ class _Bucket:
     def __init__(self, params: list[nn.Parameter]):
         self.params = params
         sizes = [p.numel() for p in params]
-        self.flat = torch.zeros(sum(sizes) + len(params), dtype=params[0].dtype, device=params[0].device)
+        # Summed in fp32 even for bf16 gradients (--precision bf16): a bf16 sum over ranks loses small ones.
+        self.flat = torch.zeros(sum(sizes) + len(params), dtype=torch.promote_types(params[0].dtype, torch.float32),
+                                device=params[0].device)
         *chunks, self.used = self.flat.split([*sizes, len(params)])
         self.views = [chunk.view_as(p) for chunk, p in zip(chunks, params)]
         self.ready: set[int] = set()

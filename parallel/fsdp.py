@@ -72,16 +72,14 @@ class _Flat:
     differently (seeds, LoRA's random A).
     """
 
-    def __init__(self, params: list[tuple[str, nn.Module, str, nn.Parameter]], group: dist.ProcessGroup | None,
-                 read: Read | None, device: torch.device):
+    def __init__(self, params: list[tuple[str, nn.Module, str, nn.Parameter]], dtype: torch.dtype,
+                 group: dist.ProcessGroup | None, read: Read | None, device: torch.device):
         self.names = [name for name, *_ in params]
         self.owners = [(module, attr) for _, module, attr, _ in params]
         self.shapes = [param.shape for *_, param in params]
         self.sizes = [param.numel() for *_, param in params]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         trainable = params[0][3].requires_grad
-        # Trainable weights keep an fp32 master; a frozen base keeps its own (first parameter's) dtype.
-        dtype = torch.float32 if trainable else params[0][3].dtype
         per_rank = -(-sum(self.sizes) // world)
         low, high = rank * per_rank, (rank + 1) * per_rank
         pieces, offset = [], 0
@@ -114,12 +112,15 @@ class _Unit:
     """A module whose own parameters (those of no other unit) are gathered around its forward."""
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Module, str, nn.Parameter]],
-                 compute_dtype: torch.dtype | None, group: dist.ProcessGroup | None, recompute: bool,
-                 read: Read | None, device: torch.device):
+                 compute_dtype: torch.dtype | None, master_dtype: torch.dtype, group: dist.ProcessGroup | None,
+                 recompute: bool, read: Read | None, device: torch.device):
         self.compute_dtype, self.group, self.recompute = compute_dtype, group, recompute
         trainable = [p for p in params if p[3].requires_grad]
         frozen = [p for p in params if not p[3].requires_grad]
-        self.flats = [_Flat(kind, group, read, device) for kind in (trainable, frozen) if kind]
+        # Trainable weights keep their master dtype; a frozen base keeps its own (first parameter's).
+        self.flats = [_Flat(kind, dtype, group, read, device)
+                      for kind, dtype in ((trainable, master_dtype), (frozen, frozen[0][3].dtype if frozen else None))
+                      if kind]
         for flat in self.flats:
             for owner, attr in flat.owners:
                 del owner._parameters[attr]
@@ -160,13 +161,13 @@ def _first_rank(group: dist.ProcessGroup | None) -> int:
 
 def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.dtype | None = None,
                 process_group: dist.ProcessGroup | None = None, read: Read | None = None,
-                device: torch.device | str = "cpu") -> nn.Module:
+                device: torch.device | str = "cpu", master_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shards `model` in place across `process_group`, one unit per block plus the root; returns it.
 
     Call on every rank with the same model structure; rank 0's real weights and buffers win.
     Parameters left on the meta device (a model built without weights) are filled from `read`,
     each rank reading only its own slices, so no rank ever holds the whole model. Shards land
-    on `device`. Afterwards `model.parameters()` are the shards: build the optimizer on them,
+    on `device`, trainable ones in `master_dtype`. Afterwards `model.parameters()` are the shards: build the optimizer on them,
     clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied parameters and nested
     blocks are refused.
     """
@@ -185,7 +186,8 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     prefixes = {id(module): name for name, module in model.named_modules()}
     units = [(block, _params(block, prefixes[id(block)], set()), True) for block in blocks]
     units.append((model, _params(model, "", set().union(*inside)), False))
-    model.fsdp_units = [_Unit(module, params, compute_dtype, process_group, recompute, read, torch.device(device))
+    model.fsdp_units = [_Unit(module, params, compute_dtype, master_dtype, process_group, recompute, read,
+                                      torch.device(device))
                         for module, params, recompute in units if params]
     return model
 

@@ -92,14 +92,15 @@ def test_entries_give_ours_over_peer_per_metric():
     measured = dict(step_s=0.5, param_bytes=2**20, grad_bytes=0, optimizer_bytes=0, activation_bytes=3 * 2**20,
                     peak_bytes=None, flops=None)
     report = {"measured": {"ours": measured, "peer": dict(measured, step_s=0.25, activation_bytes=2**20)},
-              "rows": 8, "tokens": 2000, "largest_batch": None, "peak_flops": None}
-    rows = {e["name"]: e for e in bench_run.entries("lora_ddp", 2, report, "torch DDP")}
+              "rows": 8, "tokens": 2000, "largest_batch": None, "peak_flops": None, "peer": "torch DDP"}
+    rows = {e["name"]: e for e in bench_run.entries("lora_ddp", 2, report)}
     assert rows["lora_ddp (2 ranks): step time"]["ratio"] == 2.0
     assert rows["lora_ddp (2 ranks): samples/s"]["ours"] == 16 and rows["lora_ddp (2 ranks): samples/s"]["ratio"] == 0.5
     assert rows["lora_ddp (2 ranks): tokens/s"]["peer"] == 8000
     assert rows["lora_ddp (2 ranks): activations per rank"]["ratio"] == 3.0
     assert rows["lora_ddp (2 ranks): grads per rank"]["ratio"] is None  # 0 / 0
-    assert all(set(e) >= {"name", "ours", "peer", "unit", "ratio"} for e in rows.values())
+    assert all(set(e) >= {"name", "ours", "peer", "unit", "ratio"} and e["peer_name"] == "torch DDP"
+               for e in rows.values())
 
 
 def test_a_config_file_gives_random_weights_of_that_architecture_and_a_fitted_processor(tmp_path):

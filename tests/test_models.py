@@ -88,10 +88,21 @@ def test_activation_checkpointing_keeps_gradients_even_with_frozen_inputs(proces
 
 def test_blocks_are_every_repeated_layer_in_forward_order(tiny_model):
     inner = tiny_model.model
-    expected = [*inner.vision_model.encoder.layers, *inner.connector.perceiver_resampler.layers, *inner.text_model.layers]
-    assert models.blocks(tiny_model) == expected
+    connector = [inner.connector.modality_projection, *inner.connector.perceiver_resampler.layers]
+    assert models.blocks(tiny_model) == [*inner.vision_model.encoder.layers, *connector, *inner.text_model.layers]
     idefics3, _ = models.tiny_idefics3(0)
     assert models.blocks(idefics3)[-1] is idefics3.model.text_model.layers[-1]
+    assert idefics3.model.connector.modality_projection in models.blocks(idefics3)
+
+
+def test_checkpointing_reaches_the_connector_and_vision_layers_only_when_they_train(tiny_model):
+    inner = tiny_model.model
+    tiny_model.requires_grad_(False)
+    frozen_vision = models.checkpointed_blocks(tiny_model)
+    assert frozen_vision == [inner.connector.modality_projection, *inner.connector.perceiver_resampler.layers,
+                             *inner.text_model.layers]
+    inner.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad_(True)
+    assert models.checkpointed_blocks(tiny_model) == [*inner.vision_model.encoder.layers, *frozen_vision]
 
 
 def test_a_weightless_model_has_real_buffers_and_reads_any_slice(tiny_model, processor, tmp_path):
@@ -115,7 +126,7 @@ def test_a_weightless_model_has_real_buffers_and_reads_any_slice(tiny_model, pro
 
 @pytest.mark.parametrize("family", ["idefics2", "idefics3"])
 def test_stages_chained_give_the_models_own_loss(family, processor, tiny_model):
-    from engine.loss import summed_token_loss
+    from engine.loss import answer_loss, summed_token_loss
     from models.stages import split_points, stage
 
     model = tiny_model if family == "idefics2" else models.tiny_idefics3(0)[0].eval()
@@ -126,18 +137,18 @@ def test_stages_chained_give_the_models_own_loss(family, processor, tiny_model):
         for stages in (1, 2, 4):
             points, hidden = split_points(model, stages), None
             for rank in range(stages):
-                hidden = stage(model, points, rank, summed_token_loss)(hidden, batch)
+                hidden = stage(model, points, rank, answer_loss)(hidden, batch)
             torch.testing.assert_close(hidden, expected, msg=f"{stages} stages")
 
 
 def test_balanced_split_minimises_the_largest_stage_and_a_given_split_is_checked(tiny_model):
     import itertools
 
-    from engine.loss import summed_token_loss
+    from engine.loss import answer_loss
     from models.stages import split_points, stage
 
     def largest(points: list[int]) -> int:
-        return max(sum(p.numel() for p in stage(tiny_model, points, r, summed_token_loss).parameters()) for r in range(len(points) + 1))
+        return max(sum(p.numel() for p in stage(tiny_model, points, r, answer_loss).parameters()) for r in range(len(points) + 1))
 
     for stages in (2, 3):
         best = min(largest(list(p)) for p in itertools.combinations(range(1, 4), stages - 1))

@@ -16,8 +16,8 @@ class DDP(Single):
         # One rank alone has nothing to sum with (and no process group to sum in).
         self.wrapped = DataParallel(model) if self.runtime.world_size > 1 else model
 
-    def forward(self, inputs: dict):
-        return self.wrapped(**inputs, use_cache=False).logits
+    def forward(self, batch: dict):
+        return self.wrapped(**batch)
 
     def accumulating(self, last: bool):
         return contextlib.nullcontext() if last or self.wrapped is self.model else self.wrapped.no_sync()

@@ -10,6 +10,7 @@ import models
 from engine import checkpoint
 from engine.build import load_without_weights
 from engine.export import export_adapter, export_pretrained_by_unit
+from engine.loss import loss_forward
 from engine.metrics import parameter_counts
 from engine.strategies.single import Single
 from parallel import fsdp
@@ -27,10 +28,11 @@ class FSDP(Single):
         return model, processor
 
     def prepare(self, model: PreTrainedModel) -> None:
+        loss_forward(model)  # before sharding: the root unit's gathers enclose the loss and its output layer
         # Every block is recomputed in backward by FSDP itself, which is activation checkpointing:
         # no checkpointing on top. Blocks are gathered in the frozen weights' dtype to compute.
         fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.read,
-                         device=self.runtime.device)
+                         device=self.runtime.device, master_dtype=self.precision.trained_dtype)
         del self.read  # the weight files' handles: every shard is filled now
         self.model, self.parts = model, [model]
         self.precision.autocast_forward(model, self.runtime.device)

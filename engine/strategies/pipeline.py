@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from engine import checkpoint
 from engine.build import load_without_weights
 from engine.export import export_pretrained_by_rank
-from engine.loss import summed_token_loss
+from engine.loss import answer_loss
 from engine.runtime import Runtime
 from engine.strategies.single import Single
 from models.lazy import materialize
@@ -34,7 +34,7 @@ class PipelineParallel(Single):
 
     def prepare(self, model: PreTrainedModel) -> None:
         points = split_points(model, self.runtime.world_size, self.config.split)
-        own = stage(model, points, self.runtime.rank, summed_token_loss)
+        own = stage(model, points, self.runtime.rank, answer_loss)
         materialize(model, own, self.read, self.runtime.device)  # the other stages stay on meta
         del self.read
         self.model, self.parts = model, [own]

@@ -21,11 +21,11 @@ from engine.build import apply_approach, load_whole
 from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.export import export_adapter, export_pretrained
-from engine.loss import answer_token_count, summed_token_loss
+from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts
 from engine.runtime import Runtime
 from errors import UsageError
-from models.parts import decoder_layers
+from models.parts import checkpointed_blocks
 
 
 class Single:
@@ -55,12 +55,16 @@ class Single:
 
     def prepare(self, model: PreTrainedModel) -> None:
         self.model, self.parts = model, [model]
+        loss_forward(model)
         self.checkpoint_activations(model)
         self.precision.autocast_forward(model, self.runtime.device)
 
     def checkpoint_activations(self, model: PreTrainedModel) -> None:
-        if self.config.activation_checkpointing:
-            apply_activation_checkpointing(decoder_layers(model))
+        """On CUDA unless --no-activation-checkpointing (every one of the original's runs had it on);
+        off on CPU, where memory is rarely what limits a run, unless --activation-checkpointing."""
+        wanted = self.config.activation_checkpointing
+        if wanted or (wanted is None and self.runtime.device.type == "cuda"):
+            apply_activation_checkpointing(checkpointed_blocks(model))
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps on this rank."""
@@ -82,15 +86,14 @@ class Single:
         local = 0.0
         for index, batch in enumerate(batches):
             with self.accumulating(last=index == len(batches) - 1):
-                batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                loss = summed_token_loss(self.forward(batch), labels) / divisor
+                loss = self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}) / divisor
                 loss.backward()
             local += loss.item()
         return self.data.sum_over_ranks(local)
 
-    def forward(self, inputs: dict) -> torch.Tensor:
-        return self.model(**inputs, use_cache=False).logits
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The summed answer-token loss of one micro-batch, labels included (engine/loss.py's loss_forward)."""
+        return self.model(**batch)
 
     def accumulating(self, last: bool):
         """The context of one micro-batch's backward; DDP reduces only after the last."""
@@ -118,9 +121,7 @@ class Single:
 
     def eval_loss(self, batch: dict) -> float:
         """The summed loss of one whole validation batch, which every rank of `data` has."""
-        batch = {k: v.to(self.runtime.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        return float(summed_token_loss(self.forward(batch), labels))
+        return float(self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}))
 
     def clip_(self, max_norm: float) -> float:
         """Clip to the global gradient norm; returns the norm before."""
