@@ -8,7 +8,8 @@ process:
 
 - params: every parameter and buffer this rank holds (a sharded one: its local shard; NF4 weights
   with their quant state), between steps;
-- grads and optimizer: gradients after a step's backward, and the optimizer's state tensors;
+- grads and optimizer: gradients after a step's backward, and the optimizer's state tensors (one
+  shared by several parameters' states, as bitsandbytes' quantization maps, once);
 - activations: the peak bytes autograd keeps for backward during a step (saved tensors, counted
   once per storage, not counting the storage of params), from `torch.autograd.graph` hooks. Inside
   activation-checkpointed blocks nothing is kept (and so nothing counted) but their inputs, which
@@ -75,8 +76,8 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
     return {
         "param_bytes": tensor_bytes([*params, *model.buffers()]),
         "grad_bytes": tensor_bytes(p.grad for p in params if p.grad is not None),
-        "optimizer_bytes": tensor_bytes(t for s in optimizer.state.values() for t in s.values()
-                                        if torch.is_tensor(t)),
+        "optimizer_bytes": tensor_bytes({id(t): t for s in optimizer.state.values() for t in s.values()
+                                         if torch.is_tensor(t)}.values()),
     }
 
 

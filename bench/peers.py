@@ -14,6 +14,22 @@ the same parameters with the same AdamW settings on the same batches, and clips 
   activation checkpointing on the blocks, since ours recomputes every block too;
 - full_mp: `torch.distributed.pipelining` (`ScheduleGPipe`, as many micro-batches as ours) over the
   very same `Stage` modules, through the adapter of bench/pipeline_vs_torch.py.
+
+A case with an option (bench/ours.py OPTIONS) changes its approach's peer as users would, read
+off the config:
+
+- +bf16 (`precision` bf16): the whole model in bf16, trained weights too, under bf16 autocast, and
+  torch's AdamW on the bf16 weights (bf16 moments, every update rounded to nearest): plain bf16
+  training, as the original project did;
+- +adamw8bit (`optimizer` adamw8bit): bitsandbytes' `AdamW8bit` with `min_8bit_size=0`, so that,
+  as ours, every tensor's moments are 8-bit;
+- +checkpointing (`activation_checkpointing`): transformers' own `activation_checkpointing_enable`
+  (non-reentrant; `gradient_checkpointing_enable` before transformers 5) on the (PEFT) model, as
+  HF Trainer does for `activation_checkpointing=True`. It checkpoints the vision encoder's and the
+  decoder's layers (only the decoder's keep anything for backward here: nothing in vision trains)
+  but not the connector's modality projection and perceiver layers, which ours recomputes too.
+
+Every peer's AdamW groups are the engine's (engine/optim.py `adamw`): 1-D weights do not decay.
 """
 
 import torch
@@ -24,7 +40,7 @@ import models
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import mark_trainable
 from engine.config import TrainConfig
-from engine.loss import answer_token_count, summed_token_loss
+from engine.loss import answer_token_count, logits_loss
 from engine.runtime import Runtime
 from measure import Batches, Contender
 from models.stages import split_points, stage
@@ -39,6 +55,13 @@ NAMES = {
 }
 
 
+def peer_name(config: TrainConfig) -> str:
+    """The peer of `config` in words: its approach's peer, and what the case's option changes."""
+    return (NAMES[config.approach] + (", all bf16 + torch AdamW" if config.precision == "bf16" else "")
+            + (" + bitsandbytes AdamW8bit" if config.optimizer == "adamw8bit" else "")
+            + (" + HF gradient checkpointing" if config.activation_checkpointing else ""))
+
+
 def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
     """The peer of `config.approach`, as its users would write it."""
     model, _ = models.load(config.model, runtime.precision.frozen_dtype, runtime.device, seed=config.seed)
@@ -51,6 +74,8 @@ def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
         model = _peft(model, config)
     else:
         mark_trainable(model, config.train_modules)
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained = model
     if config.parallel == "ddp":
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda"
@@ -63,7 +88,7 @@ def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
             fully_shard(block)
         fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = _adamw(params, config)
 
     def step(batches: Batches) -> None:
         for batch in batches:
@@ -74,6 +99,18 @@ def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
         optimizer.step()
 
     return Contender(model, optimizer, step)
+
+
+def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' AdamW8bit for --optimizer adamw8bit, in the engine's groups."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=config.betas, min_8bit_size=0)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
 def _peft(model: PreTrainedModel, config: TrainConfig) -> nn.Module:
@@ -112,7 +149,7 @@ def _pipelining(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -
     from pipeline_vs_torch import FIRST_INPUTS, KEYWORD_INPUTS, TorchAdapter
 
     mark_trainable(model, config.train_modules)
-    own = stage(model, split_points(model, runtime.world_size, config.split), runtime.rank, summed_token_loss)
+    own = stage(model, split_points(model, runtime.world_size, config.split), runtime.rank, logits_loss)
     own.to(runtime.device)
     pipe_stage = PipelineStage(TorchAdapter(own), runtime.rank, runtime.world_size, runtime.device)
     divisor = [1]  # the answer tokens of the step's whole batch, set by each step
@@ -120,7 +157,7 @@ def _pipelining(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -
     schedule = ScheduleGPipe(pipe_stage, config.micro_batches, loss_fn=lambda loss, _target: loss / divisor[0],
                              scale_grads=False)
     params = [p for p in own.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = _adamw(params, config)
 
     def step(batches: Batches) -> None:
         for batch in batches:

@@ -43,7 +43,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddp_vs_torch import WORLD, parse_args, random_batch, spawn  # noqa: E402
-from engine.loss import answer_token_count, summed_token_loss  # noqa: E402
+from engine.loss import answer_loss, answer_token_count  # noqa: E402
 from models.stages import Stage, split_points, stage  # noqa: E402
 from models.tiny import build_tiny  # noqa: E402
 from parallel.pipeline import Pipeline, bubble  # noqa: E402
@@ -130,7 +130,7 @@ def _torch(model_stage: Stage, schedule: str, batch: dict, micro_batches: int, d
 def _row(row: tuple[str, str, int], points: list[int], batch: dict, rank: int, clock: _WaitClock):
     """A fresh model's stage for `row`: its step function (loss, idle fraction) and its AdamW."""
     implementation, schedule, micro_batches = row
-    model_stage = stage(build_tiny(seed=0).train(), points, rank, summed_token_loss)
+    model_stage = stage(build_tiny(seed=0).train(), points, rank, answer_loss)
     divisor = answer_token_count(batch["labels"])
     if implementation == "ours":
         step = _ours(model_stage, schedule, batch, micro_batches, divisor)

@@ -1,10 +1,14 @@
 """Every benchmark in one command: each approach against its peer, a table, bench/RESULTS.md and
 bench/results.json.
 
-    python bench/run.py                     # CPU: the six approaches on the tiny model, each against its peer
+    python bench/run.py                     # CPU: every case on the tiny model, each against its peer
     python bench/run.py --device cuda       # GPU: Idefics2-8B's real config, random bf16 weights
 
-On the CPU every approach runs the engine's own build and step (bench/ours.py) and the same work
+A case is one of the six approaches, or an approach with one of the engine's options
+(bench/ours.py OPTIONS): full+bf16 (bf16 weights, grads and moments, stochastic rounding),
+full+adamw8bit and lora+adamw8bit (8-bit AdamW moments), lora+checkpointing and
+full+checkpointing (activation checkpointing); bench/peers.py says what each is compared with.
+On the CPU every case runs the engine's own build and step (bench/ours.py) and the same work
 done with the tools users pick instead (bench/peers.py), in one spawn of its ranks (2 gloo ranks
 for lora_ddp, full_fsdp and full_mp), taking turns a step at a time on the same real MuseQuest
 batches. Measured per approach: step time (median after warm-up), samples/s and tokens/s (every
@@ -42,22 +46,26 @@ sys.path.insert(0, str(BENCH.parent))
 
 from engine.collate import Collator  # noqa: E402
 from engine.data_sources import load_splits  # noqa: E402
+from engine.precision import precision_for  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
 from measure import Batches, Measurement, measure  # noqa: E402
-from ours import engine_config, engine_contender  # noqa: E402
-from peers import NAMES, peer_contender  # noqa: E402
+from ours import approach_of, engine_config, engine_contender  # noqa: E402
+from peers import peer_contender, peer_name  # noqa: E402
 from real_size import largest_batch, peak_flops, step_fits  # noqa: E402
 
 REAL_CONFIG = BENCH.parent / "models" / "idefics2_8b_config.json"
 SINGLE = ("lora", "qlora", "full")
 PARALLEL = ("lora_ddp", "full_fsdp", "full_mp")
+OPTIONAL = ("full+bf16", "full+adamw8bit", "lora+adamw8bit", "lora+checkpointing", "full+checkpointing")
+CASES = SINGLE + PARALLEL + OPTIONAL
 MIB, GIB = 2**20, 2**30
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--approaches", nargs="+", default=None, help="a subset (default: all that fit the device)")
+    parser.add_argument("--approaches", nargs="+", default=None, metavar="CASE",
+                        help="a subset of the cases (default: all on CPU, those that fit on GPU)")
     parser.add_argument("--batch", type=int, default=4, help="rows per rank and step (the original's 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
@@ -73,10 +81,10 @@ def rows_of(split, start: int, count: int) -> list[dict]:
     return [split[(start + i) % len(split)] for i in range(count)]
 
 
-def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args: argparse.Namespace,
+def _case_rank(rank: int, world: int, port: int, case: str, spec: str, args: argparse.Namespace,
                workdir: Path, results) -> None:
-    """One rank of one approach: build ours (and the peer), measure, and (on a GPU, alone) search the
-    largest batch. Rank 0 puts the per-rank maxima on `results`."""
+    """One rank of one case: build ours (and the peer), measure, and (on a GPU, alone) search the
+    largest batch. Rank 0 puts the per-rank maxima (and the peer's name) on `results`."""
     cuda = args.device == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
@@ -87,8 +95,8 @@ def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, device_id=device if cuda else None,
                                 timeout=datetime.timedelta(minutes=15))  # a stuck rank ends the run, not the slot
-    runtime = Runtime(device, rank, world)
-    config = engine_config(approach, spec, runtime, workdir)
+    config = engine_config(case, spec, device, world, workdir)
+    runtime = Runtime(device, rank, world, precision_for(config.precision, device))
     ours, processor = engine_contender(config, runtime, workdir)
     contenders = {"ours": ours} if cuda else {"ours": ours, "peer": peer_contender(config, runtime)}
     collate, train = Collator(processor), load_splits("musequest")["train"]
@@ -113,7 +121,7 @@ def _case_rank(rank: int, world: int, port: int, approach: str, spec: str, args:
     ranks = runtime.gather({name: asdict(m) for name, m in measured.items()})
     if rank == 0:
         results.put({"measured": larger_rank(ranks), "rows": batch * data_ranks, "tokens": tokens, "largest_batch": largest,
-                     "peak_flops": peak_flops(device, args.peak_tflops)})
+                     "peak_flops": peak_flops(device, args.peak_tflops), "peer": None if cuda else peer_name(config)})
     if world > 1:
         # Torch DDP's reducer holds the process group; freed after it is destroyed, it joins gloo's
         # worker thread while holding the GIL that thread waits for, and the rank hangs at exit.
@@ -128,24 +136,24 @@ def larger_rank(ranks: list[dict[str, dict]]) -> dict[str, dict]:
             for name, fields in ranks[0].items()}
 
 
-def run_case(approach: str, world: int, spec: str, args: argparse.Namespace) -> dict:
-    """`approach` in `world` freshly spawned ranks; rank 0's report."""
+def run_case(case: str, world: int, spec: str, args: argparse.Namespace) -> dict:
+    """`case` in `world` freshly spawned ranks; rank 0's report."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
     workdir = Path(tempfile.mkdtemp(prefix="museft-bench-"))
     try:
-        mp.spawn(_case_rank, args=(world, port, approach, spec, args, workdir, results), nprocs=world)
+        mp.spawn(_case_rank, args=(world, port, case, spec, args, workdir, results), nprocs=world)
         return results.get()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def entries(approach: str, world: int, report: dict, peer: str | None) -> list[dict]:
-    """The report of one approach as results.json entries (name, ours, peer, unit, ratio)."""
-    ours, other = report["measured"].get("ours"), report["measured"].get("peer")
-    label = f"{approach} ({world} rank{'s' if world > 1 else ''})"
+def entries(case: str, world: int, report: dict) -> list[dict]:
+    """The report of one case as results.json entries (name, ours, peer, unit, ratio, peer_name)."""
+    ours, other, peer = report["measured"].get("ours"), report["measured"].get("peer"), report["peer"]
+    label = f"{case} ({world} rank{'s' if world > 1 else ''})"
     if ours is None:
         return [dict(name=f"{label}: largest batch", ours=0, peer=None, unit="rows", ratio=None, peer_name=None)]
 
@@ -220,17 +228,18 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda was asked for, but no CUDA GPU is visible on this machine.")
     gpus = torch.cuda.device_count() if cuda else 0
-    wanted = args.approaches or (SINGLE + (PARALLEL if gpus > 1 else ()) if cuda else SINGLE + PARALLEL)
-    unknown = sorted(set(wanted) - set(SINGLE + PARALLEL))
+    wanted = args.approaches or (SINGLE + (PARALLEL if gpus > 1 else ()) if cuda else CASES)
+    unknown = sorted(set(wanted) - set(CASES))
     if unknown:
-        sys.exit(f"unknown approach(es) {', '.join(unknown)}; choose from {', '.join(SINGLE + PARALLEL)}.")
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}.")
     spec = str(REAL_CONFIG) if cuda else "tiny"
     rows = []
-    for approach in wanted:
-        world = 1 if approach in SINGLE else (gpus if cuda else args.ranks)
-        print(f"{approach} on {world} {'GPU' if cuda else 'CPU rank'}{'s' if world > 1 else ''} ...", flush=True)
-        rows += entries(approach, world, run_case(approach, world, spec, args), None if cuda else NAMES[approach])
-    model = "Idefics2-8B config, random bf16 weights" if cuda else "tiny Idefics2 (4.4M parameters), fp32"
+    for case in wanted:
+        world = 1 if approach_of(case) in SINGLE else (gpus if cuda else args.ranks)
+        print(f"{case} on {world} {'GPU' if cuda else 'CPU rank'}{'s' if world > 1 else ''} ...", flush=True)
+        rows += entries(case, world, run_case(case, world, spec, args))
+    model = ("Idefics2-8B config, random bf16 weights" if cuda else
+             "tiny Idefics2 (4.4M parameters), fp32 (+bf16 cases: bf16)")
     section = {"machine": machine(args.device), "command": "python bench/run.py " + " ".join(sys.argv[1:]),
                "date": datetime.date.today().isoformat(),
                "setting": f"{model}; real MuseQuest batches of {args.batch} rows per rank; median of {args.steps} "
