@@ -105,6 +105,21 @@ def test_checkpointing_reaches_the_connector_and_vision_layers_only_when_they_tr
     assert models.checkpointed_blocks(tiny_model) == [*inner.vision_model.encoder.layers, *frozen_vision]
 
 
+@pytest.mark.parametrize("device,flag,expected", [("cuda", None, True), ("cuda", False, False), ("cpu", None, False),
+                                                   ("cpu", True, True)])
+def test_checkpointing_is_on_by_default_on_cuda_only(device, flag, expected):
+    """The decision alone: the strategy's runtime says CUDA (nothing is put on it), the flag may override."""
+    from engine.config import from_approach
+    from engine.runtime import Runtime
+    from engine.strategies import Single
+
+    model = models.build_tiny(0)
+    config = from_approach("lora", activation_checkpointing=flag)
+    Single(config, Runtime(torch.device(device))).checkpoint_activations(model)
+    wrapped = [layer for layer in models.blocks(model) if "forward" in vars(layer)]  # an instance attribute
+    assert wrapped == (models.checkpointed_blocks(model) if expected else [])
+
+
 def test_a_weightless_model_has_real_buffers_and_reads_any_slice(tiny_model, processor, tmp_path):
     from models.lazy import load_on_meta
 
