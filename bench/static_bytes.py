@@ -8,7 +8,8 @@ allocated), with the approach applied as a run applies it (`apply_approach`: LoR
 full fine-tuning trains, in the precision's master dtype); a pipeline stage is `models.stages.stage`
 of the original's split; FSDP holds 1/N of everything. Bytes per trained weight: the weight and its
 gradient in the trained dtype, and the two AdamW moments (fp32, bf16, or 8 bits plus an fp32 scale
-per block of 256: engine/adamw.py). Activations come on top (the next issue's `run.py plan`).
+per block of 256: engine/adamw.py), or with the optimizer offloaded (engine/offload.py) only the
+weight and gradient, the fp32 masters and moments being in host memory. Activations come on top.
 """
 
 import sys
@@ -38,23 +39,25 @@ RUNS = [
     ("full_fsdp, 4x A6000 48 GB", "full_fsdp", 4, 48, ()),
     ("lora, 1x A6000 48 GB", "lora", 1, 48, ()),
 ]
-# (column, --precision, --optimizer)
+# (column, --precision, --optimizer, or "offload" for --optimizer-offload cpu)
 OPTIONS = [("bf16-mixed, adamw (16 B)", "bf16-mixed", "adamw"), ("bf16-mixed, adamw8bit (10 B)", "bf16-mixed", "adamw8bit"),
-           ("bf16, adamw (8 B)", "bf16", "adamw"), ("bf16, adamw8bit (6 B)", "bf16", "adamw8bit")]
+           ("bf16, adamw (8 B)", "bf16", "adamw"), ("bf16, adamw8bit (6 B)", "bf16", "adamw8bit"),
+           ("bf16, offload cpu (4 B)", "bf16", "offload")]
 
 
 def tensor_bytes(param: torch.nn.Parameter, optimizer: str) -> int:
-    """The parameter, and if it trains its gradient and moments."""
+    """The parameter, and if it trains its gradient and moments (none on the GPU when offloaded)."""
     size = param.numel() * param.element_size()
     if not param.requires_grad:
         return size
+    if optimizer == "offload":
+        return 2 * size
     moments = 2 * param.numel() + 8 * -(-param.numel() // BLOCK) if optimizer == "adamw8bit" else 2 * size
     return 2 * size + moments
 
 
 def largest_gpu_bytes(approach: str, gpus: int, split: tuple[int, ...], precision: str, optimizer: str) -> int:
-    config = from_approach(approach, model=CONFIG, precision=precision, optimizer=optimizer, gpus=gpus, split=split,
-                           device="cpu")
+    config = from_approach(approach, model=CONFIG, precision=precision, gpus=gpus, split=split, device="cpu")
     runtime = Runtime(META, precision=PRECISIONS[precision])
     model, _ = load(CONFIG, PRECISIONS[precision].frozen_dtype, META)
     apply_approach(model, config, runtime)

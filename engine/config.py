@@ -104,6 +104,9 @@ class TrainConfig:
     optimizer: str = option("adamw", "adamw (moments in the trained weights' dtype) or adamw8bit (both moments in "
                                      "8-bit blocks, bitsandbytes' quantization: 2 bytes a trained weight)",
                             choices=("adamw", "adamw8bit"))
+    optimizer_offload: str = option("none", "cpu: AdamW's fp32 master weights and moments in host memory, "
+                                            "stepped on the CPU; the GPU keeps the weights and gradients only "
+                                            "(4 bytes a trained weight under --precision bf16)", choices=("none", "cpu"))
     activation_checkpointing: bool | None = option(None, "recompute the activations of the decoder layers, the "
                                                          "connector (and vision layers that train) in backward "
                                                          "instead of keeping them",
@@ -205,6 +208,9 @@ def validate(config: TrainConfig) -> None:
         limits = out_of_range(value, field.metadata) if isinstance(value, (int, float)) else ""
         if limits:
             raise UsageError(f"{flag(field)} must be {limits}, not {value:g}.")
+    if config.optimizer == "adamw8bit" and config.optimizer_offload != "none":
+        raise UsageError("--optimizer adamw8bit keeps its moments on the GPU; --optimizer-offload cpu keeps fp32 "
+                         "moments in host memory instead: choose one.")
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
     if config.quant == "nf4" and config.parallel == "fsdp":

@@ -8,6 +8,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from engine.adamw import AdamW
 from engine.config import TrainConfig
+from engine.offload import HostAdamW
 from engine.precision import Precision
 
 
@@ -35,11 +36,12 @@ def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) 
 
 
 def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-          moments: str = "fp32", seed: int = 0) -> torch.optim.Optimizer:
+          moments: str = "fp32", seed: int = 0, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
 
     fp32 moments of fp32 weights: torch's AdamW. Moments in bf16 or 8 bits, or bf16 weights (which need
-    stochastic rounding): engine/adamw.py, seeded with `seed`.
+    stochastic rounding): engine/adamw.py, seeded with `seed`. `offload`: torch's AdamW on fp32 masters
+    in host memory (engine/offload.py).
     """
     trainable = [p for p in parameters if p.requires_grad]
     groups = [
@@ -47,6 +49,8 @@ def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[floa
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if offload:
+        return HostAdamW(groups, lr=lr, betas=betas)
     if moments != "fp32" or any(p.dtype != torch.float32 for p in trainable):
         return AdamW(groups, lr=lr, betas=betas, moments=moments, seed=seed)
     # On a GPU, the fused kernel: the default foreach one allocates a temporary as large as all the
@@ -58,7 +62,9 @@ def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[floa
 def optimizer_for(config: TrainConfig, precision: Precision, parameters: Iterable[torch.nn.Parameter],
                   lr: float) -> torch.optim.Optimizer:
     """The run's AdamW: `--optimizer adamw8bit` keeps both moments in 8-bit blocks; plain adamw keeps
-    them in the trained weights' dtype (bf16 under --precision bf16)."""
+    them in the trained weights' dtype (bf16 under --precision bf16), or with `--optimizer-offload cpu`
+    in fp32 on the host, beside fp32 masters."""
     moments = "8bit" if config.optimizer == "adamw8bit" else \
         "bf16" if precision.trained_dtype == torch.bfloat16 else "fp32"
-    return adamw(parameters, lr, config.betas, config.weight_decay, moments, config.seed)
+    return adamw(parameters, lr, config.betas, config.weight_decay, moments, config.seed,
+                 offload=config.optimizer_offload == "cpu")

@@ -14,6 +14,8 @@ from harness import run_cli
     (["--approach", "full", "--gpus", "2"], "runs on one device; --gpus 2 needs a parallel approach"),
     (["--approach", "full", "--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--approach", "full", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--optimizer", "adamw8bit", "--optimizer-offload", "cpu"], "--optimizer-offload cpu keeps fp32 moments in host"),
+    (["--precision", "bf8"], "--precision must be auto, fp32, bf16-mixed or bf16, not 'bf8'"),
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
     (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
 ])

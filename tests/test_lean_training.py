@@ -11,6 +11,7 @@ import torch
 import engine.loss
 from engine.adamw import AdamW, stochastic_round
 from engine.loss import IGNORE, answer_loss, logits_loss
+from engine.offload import HostAdamW
 from lora.lora_linear import LoRALinear
 
 
@@ -66,7 +67,7 @@ def test_bf16_adamw_with_stochastic_rounding_tracks_fp32_where_plain_bf16_stalls
     assert gap(rounded) < 0.1 * gap(plain)
 
 
-def _steps(make, dtype=torch.float32, steps=12, start=None) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+def _steps(make, dtype=torch.float32, steps=12) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(3000, 7).to(dtype))  # 21000 weights: 82 blocks, the last partial
     optimizer = make([param])
@@ -93,20 +94,56 @@ def test_8bit_moments_match_bitsandbytes_adamw8bit():
     assert state["exp_avg"].dtype == torch.uint8 and state["exp_avg_scale"].numel() == -(-21000 // 256)
 
 
-@pytest.mark.parametrize("moments,dtype", [("8bit", torch.bfloat16), ("bf16", torch.bfloat16), ("8bit", torch.float32)])
-def test_a_saved_and_reloaded_optimizer_continues_bit_identically(moments, dtype):
-    straight, _ = _steps(lambda p: AdamW(p, lr=1e-3, moments=moments, seed=3), dtype, steps=6)
-    half, optimizer = _steps(lambda p: AdamW(p, lr=1e-3, moments=moments, seed=3), dtype, steps=3)
+SAVABLE = {  # optimizers whose state_dict must continue a run bit for bit, and the dtype of their weights
+    "8bit, bf16 weights": (lambda p, seed: AdamW(p, lr=1e-3, moments="8bit", seed=seed), torch.bfloat16),
+    "bf16": (lambda p, seed: AdamW(p, lr=1e-3, moments="bf16", seed=seed), torch.bfloat16),
+    "8bit, fp32 weights": (lambda p, seed: AdamW(p, lr=1e-3, moments="8bit", seed=seed), torch.float32),
+    "offloaded": (lambda p, seed: HostAdamW([{"params": p}], lr=1e-3), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("kind", list(SAVABLE))
+def test_a_saved_and_reloaded_optimizer_continues_bit_identically(kind):
+    make, dtype = SAVABLE[kind]
+    straight, _ = _steps(lambda p: make(p, 3), dtype, steps=6)
+    half, optimizer = _steps(lambda p: make(p, 3), dtype, steps=3)
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
     param = torch.nn.Parameter(half.to(dtype))
-    resumed = AdamW([param], lr=1e-3, moments=moments, seed=99)  # the seed is overridden by the saved generator
+    resumed = make([param], 99)  # a seed is overridden by the saved generator
     resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
-    assert next(iter(resumed.state.values()))["exp_avg"].dtype == (torch.uint8 if moments == "8bit" else dtype)
     for step in range(3, 6):
         param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
         resumed.step()
     assert torch.equal(param.detach().float(), straight)
+
+
+def test_8bit_state_keeps_its_dtypes_through_a_reload():
+    _, optimizer = _steps(lambda p: AdamW(p, lr=1e-3, moments="8bit"), torch.bfloat16, steps=1)
+    reloaded = AdamW([torch.nn.Parameter(torch.zeros(3000, 7, dtype=torch.bfloat16))], lr=1e-3, moments="8bit")
+    reloaded.load_state_dict(optimizer.state_dict())  # torch's own would cast the codes to bf16
+    state = next(iter(reloaded.state.values()))
+    assert (state["exp_avg"].dtype, state["exp_avg_scale"].dtype) == (torch.uint8, torch.float32)
+
+
+def test_offloaded_masters_follow_fp32_adamw_exactly_and_the_device_holds_them_rounded():
+    """bf16 weights on the device; gradients from real backwards, cleared by zero_grad between steps
+    (a device gradient left over would accumulate into the next step's)."""
+    torch.manual_seed(0)
+    device = torch.nn.Parameter(torch.randn(300, 7).bfloat16())
+    reference = torch.nn.Parameter(device.detach().float())
+    offloaded = HostAdamW([{"params": [device]}], lr=1e-3, weight_decay=0.01)
+    plain = torch.optim.AdamW([reference], lr=1e-3, weight_decay=0.01)
+    for step in range(5):
+        target = torch.randn(300, 7, generator=torch.Generator().manual_seed(step))
+        (device.float() * target).sum().backward()
+        reference.grad = device.grad.float()
+        offloaded.step(), plain.step()
+        offloaded.zero_grad(), plain.zero_grad()
+        assert device.grad is None
+    master = offloaded.param_groups[0]["params"][0]
+    assert torch.equal(master, reference) and master.device.type == "cpu" and master.dtype == torch.float32
+    assert torch.equal(device, reference.detach().bfloat16())
 
 
 # ---- the loss ------------------------------------------------------------------------------------

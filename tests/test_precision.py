@@ -52,12 +52,12 @@ def single(tmp_path_factory):
     """One-process runs by (approach, precision), each run once for the whole module."""
     runs = {}
 
-    def run(approach: str, precision: str, optimizer: str = "adamw"):
-        key = approach, precision, optimizer
+    def run(approach: str, precision: str, optimizer: str = "adamw", offload: str = "none"):
+        key = approach, precision, optimizer, offload
         if key not in runs:
             out = tmp_path_factory.mktemp("-".join(key))
             runs[key] = out, run_engine(out, approach, 4, None, precision=precision, optimizer=optimizer,
-                                        eval_every=1 / 3, **SETTINGS[approach])
+                                        optimizer_offload=offload, eval_every=1 / 3, **SETTINGS[approach])
         return runs[key]
 
     return run
@@ -121,16 +121,21 @@ BLOCK_SCALES = 2 * 4  # two moments, an fp32 scale each per block of 256 weights
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,optimizer,weight,grad,state", [
-    ("bf16", "adamw", 2, 2, 4), ("bf16-mixed", "adamw8bit", 4, 4, 2), ("bf16", "adamw8bit", 2, 2, 2)])
-def test_bytes_per_trained_weight_are_8_10_and_6(precision, optimizer, weight, grad, state, single, tiny_model):
-    out, summary = single("full", precision, optimizer)
+@pytest.mark.parametrize("precision,optimizer,offload,weight,grad,state", [
+    ("bf16", "adamw", "none", 2, 2, 4), ("bf16-mixed", "adamw8bit", "none", 4, 4, 2),
+    ("bf16", "adamw8bit", "none", 2, 2, 2), ("bf16", "adamw", "cpu", 2, 2, 12)])
+def test_bytes_per_trained_weight_are_8_10_6_and_4_offloaded(precision, optimizer, offload, weight, grad, state,
+                                                             single, tiny_model):
+    """Offloaded, the optimizer's 12 bytes (fp32 master and moments) are in host memory, and torch's
+    AdamW keeps a step count per tensor."""
+    out, summary = single("full", precision, optimizer, offload)
     rank = summary["ranks"][0]
     sizes = [p.numel() for p in tiny_model.parameters()]  # FULL trains every weight of the tiny model
     assert summary["trainable_params"] == summary["total_params"] == sum(sizes)
-    scales = sum(-(-size // 256) * BLOCK_SCALES for size in sizes) if optimizer == "adamw8bit" else 0
+    extra = sum(-(-size // 256) * BLOCK_SCALES for size in sizes) if optimizer == "adamw8bit" else \
+        4 * len(sizes) if offload == "cpu" else 0
     assert (rank["param_bytes"], rank["grad_bytes"], rank["optimizer_bytes"]) == \
-        (weight * sum(sizes), grad * sum(sizes), state * sum(sizes) + scales)
+        (weight * sum(sizes), grad * sum(sizes), state * sum(sizes) + extra)
     assert _values(summary, "val_loss")[-1] < _values(summary, "val_loss")[0] - 0.1  # and it learns
     assert {t.dtype for t in saved_weights(out / "final").values()} == {torch.bfloat16}
 
