@@ -25,6 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from engine.config import as_given
 from errors import UsageError
 
 PREFIX = "step-"
@@ -119,10 +120,14 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
     meta = read_meta(checkpoint)
     for key, value in expected.items():
         saved = meta.get(key)
-        if key == "settings" and isinstance(saved, dict):  # the flags that change a run's result, by name
-            key, saved, value = next(((f"--{name.replace('_', '-')}", saved.get(name), setting)
-                                      for name, setting in value.items() if saved.get(name) != setting), (key, 0, 0))
-        if saved != value:
+        if key == "settings" and isinstance(saved, dict):  # the flags that change a run's result, by flag
+            differing = next((name for name, setting in value.items() if saved.get(name) != setting), None)
+            if differing is not None:
+                raise UsageError(f"checkpoint {checkpoint} does not match this run: it was written "
+                                 f"{as_given(differing, saved.get(differing))}, this run "
+                                 f"{as_given(differing, value[differing])}; --resume needs the same settings, or "
+                                 "start a new run.")
+        elif saved != value:
             raise UsageError(
                 f"checkpoint {checkpoint} does not match this run: its {key} is {saved!r}, "
                 f"this run's is {value!r}; --resume needs the same settings, or start a new run."

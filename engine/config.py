@@ -182,6 +182,17 @@ def result_settings(config: TrainConfig) -> dict[str, Any]:
                                   if field.name not in RESUMABLE}))
 
 
+def as_given(name: str, value: Any) -> str:
+    """A setting of `result_settings` as a command line gives it: "with --lr 0.005", "with --no-rslora",
+    "without --max-length" (for messages that name what differs)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    if value is None or (isinstance(value, bool) and value == field.default):
+        return f"without {flag(field)}"
+    if isinstance(value, bool):
+        return f"with {flag(field)}"
+    return f"with {flag(field)} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
 def from_approach(approach: str, **overrides) -> TrainConfig:
     """The preset's three choices, then the user's overrides; validated."""
     if approach not in APPROACHES:
