@@ -92,8 +92,9 @@ class TrainConfig:
     lr_scaling: str = option("none", "scale --lr by the square root of (or linearly in) global batch / "
                                      "--lr-reference-batch, as some of the original's multi-GPU runs did",
                              choices=("none", "sqrt", "linear"))
-    lr_reference_batch: int = option(4, "the global batch --lr was tuned for; the default is the original's "
-                                        "one-GPU batch", minimum=1)
+    lr_reference_batch: int = option(10, "the global batch --lr was tuned for; the default is the original's "
+                                         "one-GPU full fine-tuning batch, from which its FSDP runs scaled",
+                                     minimum=1)
     weight_decay: float = option(0.01, "AdamW weight decay", minimum=0, finite=True)
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
     warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up", minimum=0, maximum=1)

@@ -50,6 +50,10 @@ def test_adamw_does_not_decay_biases_or_norm_scales():
 
 def test_lr_scaling_by_global_batch_over_the_reference_batch():
     assert scaled_lr(1e-5, "none", 16, 4) == 1e-5
-    assert scaled_lr(1e-5, "sqrt", 16, 4) == pytest.approx(2e-5)  # 4 ranks of the original's batch of 4
+    assert scaled_lr(1e-5, "sqrt", 16, 4) == pytest.approx(2e-5)
+    # The original's FSDP runs, from its one-GPU full fine-tuning batch of 10 at 1e-5 (its README's footnote 5)
+    assert round(scaled_lr(1e-5, "sqrt", 2 * 14, 10), 6) == 1.7e-5 and scaled_lr(1e-5, "sqrt", 4 * 10, 10) == 2e-5
+    from engine.config import TrainConfig
+    assert TrainConfig().lr_reference_batch == 10
     assert scaled_lr(1e-5, "linear", 16, 4) == pytest.approx(4e-5)
     assert scaled_lr(1e-5, "sqrt", 8, 8) == 1e-5  # a global batch of the reference size needs no scaling
