@@ -137,7 +137,7 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     config, strategy, plan = run.config, run.strategy, run.plan
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
     stats = {"step_times": [], "tokens": 0, "memory": {}}
-    eval_interval = max(1, round(run.total_steps * config.eval_every))
+    eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))  # HF Trainer's rounding: the original's cadence
     collator = Collator(run.processor, config.max_length)
     step = run.start
     while step < run.total_steps:
