@@ -41,6 +41,7 @@ from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import mark_trainable
 from engine.config import TrainConfig
 from engine.loss import answer_token_count, logits_loss
+from engine.optim import decay_groups
 from engine.runtime import Runtime
 from measure import Batches, Contender
 from models.stages import split_points, stage
@@ -103,9 +104,7 @@ def peer_contender(config: TrainConfig, runtime: Runtime) -> Contender:
 
 def _adamw(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """torch's AdamW, or bitsandbytes' AdamW8bit for --optimizer adamw8bit, in the engine's groups."""
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = decay_groups(params, config.weight_decay)
     if config.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 

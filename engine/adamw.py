@@ -42,6 +42,12 @@ def stochastic_round(value: torch.Tensor, generator: torch.Generator) -> torch.T
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
+def _block_scales(state: dict, name: str, part: slice, stored: torch.Tensor) -> torch.Tensor:
+    """The fp32 scales of the 8-bit blocks that slice `part` of moment `name` (its codes: `stored`) spans;
+    slices start on a block boundary (SLICE is a multiple of BLOCK)."""
+    return state[f"{name}_scale"][part.start // BLOCK:-(-(part.start + stored.numel()) // BLOCK)]
+
+
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, moments: str = "fp32", seed: int = 0):
@@ -108,15 +114,14 @@ class AdamW(torch.optim.Optimizer):
         stored = state[name][part]
         if self.moments != "8bit":
             return stored.float()
-        scales = state[f"{name}_scale"][part.start // BLOCK:-(-(part.start + stored.numel()) // BLOCK)]
-        return bnbf.dequantize_blockwise(stored, absmax=scales, code=self._map(name, stored.device), blocksize=BLOCK)
+        return bnbf.dequantize_blockwise(stored, absmax=_block_scales(state, name, part, stored),
+                                         code=self._map(name, stored.device), blocksize=BLOCK)
 
     def _write(self, state: dict, name: str, part: slice, value: torch.Tensor) -> None:
         stored = state[name][part]
         if self.moments == "8bit":
-            scales = state[f"{name}_scale"][part.start // BLOCK:-(-(part.start + stored.numel()) // BLOCK)]
-            bnbf.quantize_blockwise(value, code=self._map(name, value.device), absmax=scales, out=stored,
-                                    blocksize=BLOCK)
+            bnbf.quantize_blockwise(value, code=self._map(name, value.device),
+                                    absmax=_block_scales(state, name, part, stored), out=stored, blocksize=BLOCK)
         elif value.data_ptr() != stored.data_ptr():
             stored.copy_(self._round(value))
 

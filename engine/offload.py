@@ -19,8 +19,8 @@ class HostAdamW(torch.optim.AdamW):
     """torch's AdamW over host fp32 copies of `groups`' parameters, which it keeps updated."""
 
     def __init__(self, groups: list[dict], **settings):
-        pin = any(p.is_cuda for group in groups for p in group["params"])
-        self.pairs = [(param, _host_master(param, pin)) for group in groups for param in group["params"]]
+        self.cuda = any(p.is_cuda for group in groups for p in group["params"])  # then pinned host copies
+        self.pairs = [(param, _host_master(param, self.cuda)) for group in groups for param in group["params"]]
         masters = iter(master for _, master in self.pairs)
         super().__init__([dict(group, params=[next(masters) for _ in group["params"]]) for group in groups],
                          foreach=True, **settings)
@@ -29,7 +29,7 @@ class HostAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         for param, master in self.pairs:
             master.grad = None if param.grad is None else param.grad.to(master.device, torch.float32, non_blocking=True)
-        if any(param.is_cuda for param, _ in self.pairs):
+        if self.cuda:
             torch.cuda.synchronize()  # the gradients' copies have landed
         super().step()
         for param, master in self.pairs:

@@ -35,6 +35,13 @@ def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) 
     return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[scaling]
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Parameter groups as HF Trainer makes them: matrices decay, biases and norm scales (1-D) do not."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
           moments: str = "fp32", seed: int = 0, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
@@ -44,11 +51,7 @@ def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[floa
     in host memory (engine/offload.py).
     """
     trainable = [p for p in parameters if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = decay_groups(trainable, weight_decay)
     if offload:
         return HostAdamW(groups, lr=lr, betas=betas)
     if moments != "fp32" or any(p.dtype != torch.float32 for p in trainable):

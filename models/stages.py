@@ -19,7 +19,7 @@ from errors import UsageError
 from models.parts import decoder_layers
 
 # (final hidden states, output layer, labels) -> the micro-batch's summed loss
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Loss = Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
 
 
 class Stage(nn.Module):

@@ -167,9 +167,9 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     Call on every rank with the same model structure; rank 0's real weights and buffers win.
     Parameters left on the meta device (a model built without weights) are filled from `read`,
     each rank reading only its own slices, so no rank ever holds the whole model. Shards land
-    on `device`, trainable ones in `master_dtype`. Afterwards `model.parameters()` are the shards: build the optimizer on them,
-    clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied parameters and nested
-    blocks are refused.
+    on `device`, trainable ones in `master_dtype`. Afterwards `model.parameters()` are the shards:
+    build the optimizer on them, clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied
+    parameters and nested blocks are refused.
     """
     named = list(model.named_parameters(remove_duplicate=False))
     if len({id(param) for _, param in named}) != len(named):
