@@ -53,16 +53,21 @@ def add_option(parser: argparse.ArgumentParser, field: dataclasses.Field, kind: 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
-        epilog=approach_help() + "\n\nsubcommands (each with --help):\n  merge      fold an adapter into its base\n"
+        epilog=approach_help() + "\n\nsubcommands (each with --help):\n  plan       memory per GPU and disk, before "
+               "anything loads\n  merge      fold an adapter into its base\n"
                "  eval       answer and score the test split\n  score      re-score a results CSV\n"
                "  report     compare runs in one markdown table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_training_flags(parser)
+    return add_debug(parser)
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
     kinds = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.metadata["cli"]:
             add_option(parser, field, kinds[field.name])
-    return add_debug(parser)
 
 
 def add_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -165,7 +170,33 @@ def report(args: argparse.Namespace) -> str:
     return markdown + f"\nwritten to {args.output}"
 
 
-SUBCOMMANDS = {"merge": (merge_parser, merge), "eval": (eval_parser, evaluate), "score": (score_parser, score),
+def plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py plan", description="Each rank's memory for a run (parameters, gradients, optimizer state, "
+        "activations, peak), whether it fits, the largest batch that does, and the disk it writes; for GPUs unless "
+        "--device cpu. It takes the training flags; no weights are loaded: seconds on a CPU.")
+    add_training_flags(parser)
+    parser.add_argument("--gpu-memory", type=float, help="GiB of each GPU, as torch reports it (default: the "
+                                                         "visible GPU's); 8%% is kept free")
+    parser.add_argument("--sequence-length", type=int, help="tokens a row (default: the widest batch of the data set)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    return parser
+
+
+def plan(args: argparse.Namespace) -> str:
+    from engine.fit import budget_for, describe, plan_run
+
+    settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
+                if name not in ("gpu_memory", "sequence_length", "json", "debug", "approach")}
+    config = from_approach(args.approach or TrainConfig.approach, **settings)
+    if args.sequence_length is not None and args.sequence_length < 1:
+        raise UsageError(f"--sequence-length must be 1 or more, not {args.sequence_length}.")
+    gpu = config.device != "cpu"
+    result = plan_run(config, gpu, budget_for(gpu, config.memory_budget, args.gpu_memory), args.sequence_length)
+    return json.dumps(result) if args.json else describe(config, result)
+
+
+SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eval": (eval_parser, evaluate), "score": (score_parser, score),
                "report": (report_parser, report)}
 
 

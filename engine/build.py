@@ -63,7 +63,8 @@ def apply_approach(model: PreTrainedModel, config: TrainConfig, runtime: Runtime
     """NF4 base, LoRA or the modules full fine-tuning trains, and fp32 masters for what trains."""
     if config.quant == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if config.quant_keep_vision else []), device=runtime.device)
-        model.to(runtime.device)
+        if any(t.device != runtime.device for t in [*model.parameters(), *model.buffers()]):
+            model.to(runtime.device)  # the layers left unquantized; not asked of a plan's fake tensors, which it cannot move
     if config.adapter == "lora":
         add_lora(model, config)
     else:

@@ -154,6 +154,9 @@ class TrainConfig:
                                  "way), base (the base model: one judge for every approach) or a model folder")
     max_new_tokens: int = option(512, "answer length cap in evaluation", minimum=1)
     keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
+    memory_budget: float | None = option(None, "GiB each rank may use: before loading, refuse a run whose planned "
+                                               "peak (run.py plan) is more", above=0,
+                                         default_help="the GPU's memory less 8%; none on CPU")
     final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
                         choices=("best", "last"))
     resume: bool = option(False, "continue from the last complete checkpoint")
@@ -174,7 +177,7 @@ class TrainConfig:
 # device, and the ranks through the global batch and the world size.)
 RESUMABLE = {"resume", "overwrite", "stop_after_steps", "tensorboard", "tensorboard_port", "skip_eval", "scorer",
              "max_new_tokens", "keep_last", "output_dir", "device", "precision", "gpus", "batch_size", "grad_accum",
-             "micro_batches", "schedule", "activation_checkpointing"}
+             "micro_batches", "schedule", "activation_checkpointing", "memory_budget"}
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:

@@ -49,10 +49,13 @@ def launch(config: TrainConfig, worker: Callable[[TrainConfig], Any]) -> Any:
     torch's `errors.record`, so that a rank's exception reaches the parent's report.
     """
     wanted = ranks_wanted(config)
-    if wanted > 1 and torchrun_world_size() == 1:
-        pick_device(config.device, wanted)  # refuse more GPUs than present before starting anyone
-        return _spawn(config, worker, wanted)
-    return worker(config)
+    spawning = wanted > 1 and torchrun_world_size() == 1
+    device = pick_device(config.device, wanted if spawning else 1)  # more GPUs than present: refused here
+    if device.type == "cuda" or config.memory_budget is not None:
+        from engine.fit import refuse_if_unfit_before_loading
+
+        refuse_if_unfit_before_loading(config, wanted, gpu=device.type == "cuda")
+    return _spawn(config, worker, wanted) if spawning else worker(config)
 
 
 def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int) -> Any:

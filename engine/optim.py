@@ -43,12 +43,13 @@ def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[
 
 
 def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-          moments: str = "fp32", seed: int = 0, offload: bool = False) -> torch.optim.Optimizer:
+          moments: str = "fp32", seed: int = 0, offload: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
 
     fp32 moments of fp32 weights: torch's AdamW. Moments in bf16 or 8 bits, or bf16 weights (which need
     stochastic rounding): engine/adamw.py, seeded with `seed`. `offload`: torch's AdamW on fp32 masters
-    in host memory (engine/offload.py).
+    in host memory (engine/offload.py). `fused`: torch's fused kernel (default: on a GPU; a plan of a
+    GPU run asks for it on fake CPU tensors, engine/plan.py).
     """
     trainable = [p for p in parameters if p.requires_grad]
     groups = decay_groups(trainable, weight_decay)
@@ -58,16 +59,17 @@ def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[floa
         return AdamW(groups, lr=lr, betas=betas, moments=moments, seed=seed)
     # On a GPU, the fused kernel: the default foreach one allocates a temporary as large as all the
     # second moments (31 GB for the 7.7B weights `full` trains on Idefics2-8B), on top of the state.
-    fused = bool(trainable) and all(p.is_cuda for p in trainable)
+    if fused is None:
+        fused = bool(trainable) and all(p.is_cuda for p in trainable)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def optimizer_for(config: TrainConfig, precision: Precision, parameters: Iterable[torch.nn.Parameter],
-                  lr: float) -> torch.optim.Optimizer:
+                  lr: float, fused: bool | None = None) -> torch.optim.Optimizer:
     """The run's AdamW: `--optimizer adamw8bit` keeps both moments in 8-bit blocks; plain adamw keeps
     them in the trained weights' dtype (bf16 under --precision bf16), or with `--optimizer-offload cpu`
     in fp32 on the host, beside fp32 masters."""
     moments = "8bit" if config.optimizer == "adamw8bit" else \
         "bf16" if precision.trained_dtype == torch.bfloat16 else "fp32"
     return adamw(parameters, lr, config.betas, config.weight_decay, moments, config.seed,
-                 offload=config.optimizer_offload == "cpu")
+                 offload=config.optimizer_offload == "cpu", fused=fused)

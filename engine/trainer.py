@@ -115,8 +115,6 @@ def setup(config: TrainConfig) -> Run:
     # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
     processor = strategy.build(config.out / "base" if spec == "tiny" else None)
     plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data.world_size, config.seed)
-    if plan.steps_per_epoch == 0:
-        raise UsageError(f"the train split has {plan.num_rows} rows, fewer than one global batch of {plan.global_batch}.")
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     peak_lr = scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch)
     optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)

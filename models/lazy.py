@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from errors import UsageError
-from models.load import SUPPORTED_TYPES, use_real_pad_token
+from models.load import SUPPORTED_TYPES, config_and_processor, use_real_pad_token
 
 INDEX = "model.safetensors.index.json"
 
@@ -84,6 +84,18 @@ def load_on_meta(folder: Path, dtype: torch.dtype, attn_implementation: str = "s
     return model, processor, SliceReader(folder)
 
 
+def build_on_meta(spec: str, dtype: torch.dtype, attn_implementation: str = "sdpa") \
+        -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The model `spec` names (as `models.load` takes it) with parameters on meta, and its processor:
+    no weights are read or drawn (engine/plan.py fills them with fake tensors)."""
+    config, processor = config_and_processor(spec)
+    config._attn_implementation = attn_implementation
+    with parameters_on_meta():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    use_real_pad_token(processor, model)
+    return model, processor
+
+
 def local_folder(spec: str) -> Path:
     """A folder as is; a hub id downloaded (config, processor and safetensors only) into the HF cache."""
     if Path(spec).is_dir():
@@ -105,4 +117,6 @@ def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: to
             if param is not None and param.is_meta:
                 weight = read(names[id(param)], 0, param.numel()).view(param.shape).to(device, param.dtype)
                 module._parameters[attr] = nn.Parameter(weight, requires_grad=param.requires_grad)
-    part.to(device)  # the buffers (rotary tables) too
+        for attr, buffer in module._buffers.items():  # the rotary tables; not by part.to(), which would
+            if buffer is not None:  # swap the parameters just set, and cannot swap fake ones (engine/plan.py)
+                module._buffers[attr] = buffer.to(device)

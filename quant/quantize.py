@@ -39,7 +39,7 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
     paths = [path for path, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(path)]
     for path in paths:
         linear = model.get_submodule(path)
-        if device is not None:
+        if device is not None and linear.weight.device != device:  # (a plan's fake tensors cannot be moved)
             linear.to(device)
         _replace(model, path, Linear4bit.from_linear(linear, compute_dtype))
     return len(paths)

@@ -8,24 +8,19 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 import models
 from engine import checkpoint
-from engine.build import load_without_weights
 from engine.export import export_adapter, export_pretrained_by_unit
 from engine.loss import loss_forward
 from engine.metrics import parameter_counts
-from engine.strategies.single import Single
+from engine.strategies.single import ReadsOwnPiece
 from parallel import fsdp
 
 
-class FSDP(Single):
+class FSDP(ReadsOwnPiece):
     min_ranks = 2
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
         self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
-
-    def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
-        model, processor, self.read = load_without_weights(self.config, self.runtime, base_copy)
-        return model, processor
 
     def prepare(self, model: PreTrainedModel) -> None:
         loss_forward(model)  # before sharding: the root unit's gathers enclose the loss and its output layer

@@ -8,18 +8,17 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from engine import checkpoint
-from engine.build import load_without_weights
 from engine.export import export_pretrained_by_rank
 from engine.loss import answer_loss
 from engine.runtime import Runtime
-from engine.strategies.single import Single
+from engine.strategies.single import ReadsOwnPiece
 from models.lazy import materialize
 from models.stages import activation_shape, split_points, stage
 from parallel import clip
 from parallel.pipeline import Pipeline, bubble
 
 
-class PipelineParallel(Single):
+class PipelineParallel(ReadsOwnPiece):
     min_ranks = 2
 
     def __init__(self, config, runtime):
@@ -27,10 +26,6 @@ class PipelineParallel(Single):
         self.data = Runtime(runtime.device, precision=runtime.precision)  # every stage sees the whole batch
         self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
         self.idle: list[float] = []
-
-    def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
-        model, processor, self.read = load_without_weights(self.config, self.runtime, base_copy)
-        return model, processor
 
     def prepare(self, model: PreTrainedModel) -> None:
         points = split_points(model, self.runtime.world_size, self.config.split)

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from engine import checkpoint
 from engine.activation_checkpoint import apply_activation_checkpointing
-from engine.build import apply_approach, load_whole
+from engine.build import apply_approach, load_whole, load_without_weights
 from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.export import export_adapter, export_pretrained
@@ -25,6 +25,7 @@ from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts
 from engine.runtime import Runtime
 from errors import UsageError
+from models.lazy import SliceReader, materialize
 from models.parts import checkpointed_blocks
 
 
@@ -52,6 +53,11 @@ class Single:
 
     def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
         return load_whole(self.config, self.runtime, base_copy)
+
+    def adopt(self, model: PreTrainedModel, read: SliceReader) -> None:
+        """Take a model built on meta whose weights `read` gives, instead of `materialize`'s (engine/plan.py
+        reads fake tensors): this strategy reads them all now; sharding and staging ones in `prepare`."""
+        materialize(model, model, read, self.runtime.device)
 
     def prepare(self, model: PreTrainedModel) -> None:
         self.model, self.parts = model, [model]
@@ -197,3 +203,15 @@ class Single:
     def run_report(self) -> dict:
         """The run's rows of summary.json that only this parallelism has."""
         return {}
+
+
+class ReadsOwnPiece(Single):
+    """A strategy whose ranks each read only their own piece of the weights (a shard, a stage), in `prepare`."""
+
+    def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
+        model, processor, read = load_without_weights(self.config, self.runtime, base_copy)
+        self.adopt(model, read)
+        return model, processor
+
+    def adopt(self, model: PreTrainedModel, read: SliceReader) -> None:
+        self.read = read

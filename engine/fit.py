@@ -1,0 +1,205 @@
+"""Whether a run fits: its plan (engine/plan.py) on the widest batch of its data, against the GPU's
+memory and the free disk where it writes; the largest batch that fits; and the refusal, in one
+sentence, of a run that does not, before any weight loads (engine/launch.py)."""
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.build import configure_processor
+from engine.collate import Collator
+from engine.config import TrainConfig
+from engine.data_checks import row_lengths
+from engine.data_sources import load_splits
+from engine.loss import IGNORE
+from engine.plan import RankPlan, plan_ranks
+from engine.precision import Precision, precision_for
+from errors import UsageError
+from models.load import config_and_processor
+
+GIB = 2**30
+HEADROOM = 0.08  # of a GPU's memory, kept free: the CUDA context and the caching allocator's unused blocks
+SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8b_config.json")
+
+
+def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length: int | None = None,
+             search: bool = True) -> dict:
+    """The whole plan of a run as `run.py plan --json` prints it. `gpu`: plan for GPUs (bf16 weights and
+    activation checkpointing by default, as a GPU run has them) or for this CPU; `budget`: the bytes a
+    rank may use (None: fit is not judged); `search`: find the largest batch that fits even if this one does."""
+    if gpu and config.activation_checkpointing is None:
+        config = dataclasses.replace(config, activation_checkpointing=True)
+    if config.model == "auto":  # the same shapes as the hub's Idefics2-8B, without fetching it
+        config = dataclasses.replace(config, model="tiny" if not gpu else SHIPPED_8B)
+    precision = precision_for(config.precision, torch.device("cuda" if gpu else "cpu"))
+    widest = WidestBatch(config, sequence_length)
+    ranks = plan_ranks(config, precision, widest(config.batch_size), gpu)
+    peak = max(rank.peak_bytes for rank in ranks)
+    plan = {"fits": None if budget is None else peak <= budget, "budget_bytes": budget, "peak_bytes": peak,
+            "max_batch_size": None, "batch_size": config.batch_size, "sequence_length": widest.length,
+            "device": "cuda" if gpu else "cpu", "precision": precision.name,
+            "activation_checkpointing": bool(config.activation_checkpointing),
+            "ranks": [dataclasses.asdict(rank) for rank in ranks], "disk": disk_plan(config, ranks)}
+    if budget is not None and (search or not plan["fits"]):
+        plan["max_batch_size"] = max_batch_size(config, precision, widest, gpu, budget, peak, widest.rows)
+    return plan
+
+
+class WidestBatch:
+    """Batches of n copies of the data set's longest training row, as the collator makes them: the
+    widest batch a run will see (or rows cut or padded to `sequence_length` tokens)."""
+
+    def __init__(self, config: TrainConfig, sequence_length: int | None):
+        _, processor = config_and_processor(config.model)
+        configure_processor(processor, config)
+        train = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["train"]
+        lengths = row_lengths(train, processor)
+        self.row = train[max(range(len(lengths)), key=lengths.__getitem__)]
+        self.rows = len(train)
+        limit = min(filter(None, (config.max_length, sequence_length)), default=None)
+        self.collator, self.pad = Collator(processor, limit), processor.tokenizer.pad_token_id
+        self.length = sequence_length or self.collator([self.row])["input_ids"].shape[1]
+
+    def __call__(self, rows: int) -> dict[str, torch.Tensor]:
+        batch = self.collator([self.row] * rows)
+        extra = self.length - batch["input_ids"].shape[1]
+        for key, fill in (("input_ids", self.pad), ("attention_mask", 0), ("labels", IGNORE)):
+            batch[key] = F.pad(batch[key], (extra, 0), value=fill)  # left, as the collator pads
+        return batch
+
+
+def max_batch_size(config: TrainConfig, precision: Precision, widest: WidestBatch, gpu: bool, budget: int,
+                   planned_peak: int, rows: int) -> int:
+    """The largest batch (a multiple of --micro-batches for a pipeline; at most the train split's `rows`) whose
+    peak fits `budget`. The peak grows about linearly with the batch, so each next try is where the line
+    through the last two meets the budget, kept strictly between the largest batch known to fit and the
+    smallest known not to: a handful of plans of seconds each."""
+    unit = config.micro_batches if config.parallel == "pipeline" else 1
+    known = {config.batch_size: planned_peak}
+
+    def peak(batch: int) -> int:
+        if batch not in known:
+            sized = dataclasses.replace(config, batch_size=batch)
+            known[batch] = max(rank.peak_bytes for rank in plan_ranks(sized, precision, widest(batch), gpu))
+        return known[batch]
+
+    fits, over = 0, rows // unit * unit + unit  # batches known to fit and not to (past the split: never useful)
+    batch = config.batch_size
+    while over - fits > unit:
+        if peak(batch) <= budget:
+            fits = batch
+        else:
+            over = batch
+        others = [b for b in known if b != batch]
+        other = min(others, key=lambda b: abs(b - batch)) if others else (batch + unit if batch == unit else unit)
+        slope = max(1.0, (peak(batch) - peak(other)) / (batch - other))
+        guess = (batch + int((budget - peak(batch)) / slope)) // unit * unit
+        batch = min(max(guess, fits + unit), over - unit)
+        if batch in known:  # the line points where it has been: halve the interval instead
+            batch = (fits + over) // 2 // unit * unit
+            if batch <= fits:
+                break
+    return fits
+
+
+def disk_plan(config: TrainConfig, ranks: list[RankPlan]) -> dict:
+    """What the run writes at most at once, against the free space where it writes: checkpoints (every
+    rank's piece: the trainable weights and the optimizer state), the final export and, for the tiny
+    model, OUT/base."""
+    checkpoint = sum(rank.checkpoint_bytes for rank in ranks)
+    kept = config.keep_last + 2  # --keep-last, the best one, and the one being written before the oldest goes
+    export = ranks[0].export_bytes
+    base = ranks[0].model_bytes if config.model == "tiny" else 0
+    folder = config.out
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    total = checkpoint * kept + export + base
+    return {"checkpoint_bytes": checkpoint, "checkpoints_kept": kept, "export_bytes": export, "base_bytes": base,
+            "total_bytes": total, "free_bytes": free, "fits": total <= free}
+
+
+def refuse_if_unfit_before_loading(config: TrainConfig, ranks: int, gpu: bool) -> None:
+    """A GPU run, or one given --memory-budget, is planned before anything loads and refused if it cannot fit."""
+    config = dataclasses.replace(config, gpus=ranks)
+    refuse_if_unfit(config, plan_run(config, gpu, budget_for(gpu, config.memory_budget, None), search=False))
+
+
+def refuse_if_unfit(config: TrainConfig, plan: dict) -> None:
+    """One sentence before anything loads: the predicted peak against the budget and what would fit, or
+    the bytes the run writes against the free disk."""
+    disk = plan["disk"]
+    if not disk["fits"]:
+        raise UsageError(
+            f"this run would write up to {disk['total_bytes'] / GIB:.1f} GiB to {config.out} ({disk['checkpoints_kept']} "
+            f"checkpoints of {disk['checkpoint_bytes'] / GIB:.1f} GiB at once: --keep-last {config.keep_last}, the best "
+            f"and the one being written; the final export of {disk['export_bytes'] / GIB:.1f} GiB), but only "
+            f"{disk['free_bytes'] / GIB:.1f} GiB is free there; lower --keep-last or free space.")
+    if plan["fits"] is False:
+        raise UsageError(
+            f"the plan's peak is {plan['peak_bytes'] / GIB:.1f} GiB per GPU, over the budget of "
+            f"{plan['budget_bytes'] / GIB:.1f} GiB; {remedies(config, plan)} (run.py plan shows the numbers).")
+
+
+def remedies(config: TrainConfig, plan: dict) -> str:
+    """What would make an unfit run fit, as flags."""
+    options = []
+    if plan["max_batch_size"]:
+        rows = plan["max_batch_size"]
+        options.append(f"--batch-size {rows} --grad-accum {math.ceil(config.batch_size * config.grad_accum / rows)}")
+    if not plan["activation_checkpointing"]:
+        options.append("--activation-checkpointing")
+    if config.optimizer == "adamw" and config.optimizer_offload == "none":
+        options.append("--optimizer adamw8bit")
+    if plan["precision"] == "bf16-mixed" and config.adapter == "none":
+        options.append("--precision bf16")
+    if config.parallel == "fsdp" or config.parallel == "pipeline":
+        options.append("more GPUs (--gpus)")
+    elif config.adapter == "none":
+        options.append("--approach full_fsdp with more GPUs")
+    return "try " + ", or ".join(options) if options else "no flag of this build makes it fit"
+
+
+def budget_for(gpu: bool, memory_budget: float | None, gpu_memory: float | None) -> int | None:
+    """The bytes a rank may use: --memory-budget as given; else the GPU's memory (--gpu-memory, or the
+    visible GPU's) less the headroom; None on a CPU or with no GPU to ask."""
+    if memory_budget is not None:
+        return int(memory_budget * GIB)
+    if gpu_memory is None and gpu and torch.cuda.is_available():
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory / GIB
+    return None if gpu_memory is None or not gpu else int(gpu_memory * (1 - HEADROOM) * GIB)
+
+
+def describe(config: TrainConfig, plan: dict) -> str:
+    """The plan as a table, one row per rank, and the verdicts."""
+    unit, size = ("GiB", GIB) if plan["peak_bytes"] >= GIB else ("MiB", 2**20)
+    gib = lambda value: f"{value / size:.2f}"  # noqa: E731
+    disk_gib = lambda value: f"{value / GIB:.2f}"  # noqa: E731
+    ranks = plan["ranks"]
+    where = f"{len(ranks)} {'GPU' if plan['device'] == 'cuda' else 'rank'}{'s' if len(ranks) > 1 else ''}"
+    lines = [f"plan: {config.approach} on {where}, batch {plan['batch_size']}, {plan['sequence_length']} tokens a row, "
+             f"{plan['precision']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}",
+             "", f"| rank | parameters {unit} | gradients | optimizer | activations | peak | held between steps |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for rank in ranks:
+        dtypes = ", ".join(f"{name} {gib(size)}" for name, size in rank["param_bytes_by_dtype"].items())
+        lines.append(f"| {rank['rank']} | {gib(rank['param_bytes'])} ({dtypes}) | {gib(rank['grad_bytes'])} | "
+                     f"{gib(rank['optimizer_bytes'])} | {gib(rank['activation_bytes'])} | {gib(rank['peak_bytes'])} | "
+                     f"{gib(rank['held_bytes'])} |")
+    lines.append("")
+    if plan["fits"] is None:
+        lines.append(f"peak {gib(plan['peak_bytes'])} {unit} per {'GPU' if plan['device'] == 'cuda' else 'rank'}; "
+                     "give --gpu-memory GiB (the card's memory) or --memory-budget GiB to judge the fit")
+    else:
+        lines.append(f"{'fits' if plan['fits'] else 'does not fit'}: peak {gib(plan['peak_bytes'])} {unit} of "
+                     f"{gib(plan['budget_bytes'])} {unit} usable; the largest batch that fits: {plan['max_batch_size']}")
+    disk = plan["disk"]
+    lines.append(f"disk: up to {disk_gib(disk['total_bytes'])} GiB ({disk['checkpoints_kept']} checkpoints of "
+                 f"{disk_gib(disk['checkpoint_bytes'])} GiB, export {disk_gib(disk['export_bytes'])} GiB"
+                 f"{', OUT/base ' + disk_gib(disk['base_bytes']) + ' GiB' if disk['base_bytes'] else ''}) of "
+                 f"{disk_gib(disk['free_bytes'])} GiB free at {config.out}: {'fits' if disk['fits'] else 'does not fit'}")
+    return "\n".join(lines)

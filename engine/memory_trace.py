@@ -1,0 +1,85 @@
+"""The bytes a stretch of PyTorch code holds on its device, counted op by op: real or fake tensors.
+
+`MemoryTrace` sees every aten op's outputs (a TorchDispatchMode, below autograd, so backward's ops
+and the tensors autograd saves are seen too) and counts each new tensor storage once, until it is
+freed. Its `peak` is the most those storages held at once. On a GPU, PyTorch's caching allocator
+rounds every block up to 512 bytes; `granularity` does the same, so a CUDA plan counts as CUDA does.
+
+`RealShapes` lets a step run on fake tensors (torch's FakeTensorMode: shapes and dtypes, no data)
+while the batch stays real: an op whose tensors are all real runs for real (token ids, masks:
+small), and an op that indexes a fake tensor with a real boolean mask gets the mask's positions,
+so the shapes that depend on the data (how many images are real, which tokens carry loss) are
+exact. A fake's value asked for by Python (`loss.item()` for a log line) reads as 0.
+"""
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+CUDA_BLOCK = 512  # bytes: the smallest block of PyTorch's CUDA caching allocator
+
+
+class MemoryTrace(TorchDispatchMode):
+    def __init__(self, granularity: int = 1, at_peak: Callable[[], int] = lambda: 0):
+        super().__init__()
+        self.granularity, self._at_peak = granularity, at_peak
+        self.live = self.peak = self.at_peak = 0  # at_peak: what `at_peak()` said when the peak was reached
+        self._seen: set[int] = set()  # storages counted, by the address of their StorageImpl
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._count(tensor.untyped_storage())
+        if self.live > self.peak:
+            self.peak, self.at_peak = self.live, self._at_peak()
+        return out
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._seen:
+            return
+        size = -(-storage.nbytes() // self.granularity) * self.granularity
+        self._seen.add(key)
+        self.live += size
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+
+class RealShapes(TorchDispatchMode):
+    """Under a FakeTensorMode: real tensors drive the data-dependent shapes of fake ones (see above)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 0.0 if args[0].is_floating_point() else 0
+        if func in _MASKED:
+            args = (args[0], _positions(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+_MASKED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+           torch.ops.aten._index_put_impl_.default}
+
+
+def _positions(indices: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Boolean masks among `indices` as the integer positions they select, one index per masked dimension."""
+    def expand(index):
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool and not isinstance(index, FakeTensor):
+            with _disable_current_modes():
+                return list(index.nonzero().unbind(1))
+        return [index]
+
+    return [position for index in indices for position in expand(index)]
+

@@ -1,0 +1,153 @@
+"""What each rank of a run will hold on its device, worked out before any weight exists.
+
+Every rank's training step runs as the engine runs it -- the strategy's own build, sharding or
+stage, the approach, the optimizer, `train_step` -- on fake tensors (shapes and dtypes, no data:
+engine/memory_trace.py), with the real batch that will be the widest of the data set. Ranks of a
+parallel run are played one at a time in one process, each in a fake process group of the run's
+size, so every collective has its real shapes. An 8B model costs no memory and takes seconds.
+
+A GPU plan runs on CPU fakes (fake CUDA tensors cannot run backward without a GPU), corrected for
+what differs on CUDA: the caching allocator's 512-byte blocks, the fused AdamW kernel (the engine's
+choice on a GPU: no temporaries), and dropout's 1-byte masks (CPU keeps a mask as wide as the input).
+
+Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer state; the bytes
+held between steps (weights and optimizer state: what a run holds after its optimizer step); and
+the peak of a step, which is those plus what the step itself allocates at its fullest. The
+activations are that step allocation less the gradients alive at that moment: saved activations,
+gathered weights, communication buffers, temporaries, and on a GPU the batch itself.
+"""
+
+import contextlib
+import dataclasses
+import io
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from engine.build import apply_approach
+from engine.config import TrainConfig
+from engine.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
+from engine.metrics import memory_breakdown
+from engine.optim import optimizer_for
+from engine.precision import Precision
+from engine.runtime import Runtime
+from engine.strategies import strategy_for
+from engine.trainer import train_step
+from models.lazy import build_on_meta
+
+CPU = torch.device("cpu")
+
+
+@dataclasses.dataclass
+class RankPlan:
+    rank: int
+    param_bytes: int
+    param_bytes_by_dtype: dict[str, int]
+    buffer_bytes: int  # NF4 weights (buffers, not parameters) and rotary tables
+    grad_bytes: int
+    optimizer_bytes: int
+    held_bytes: int  # between steps: parameters, buffers, optimizer state
+    activation_bytes: int
+    peak_bytes: int
+    checkpoint_bytes: int  # this rank's piece of a checkpoint (0: another rank writes it)
+    model_bytes: int  # the whole model in the frozen weights' dtype: a full export, or OUT/base
+    export_bytes: int  # OUT/final: the whole model, or the adapter
+
+
+def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], gpu: bool) -> list[RankPlan]:
+    """Each rank's plan for one step on `batch` (one rank's micro-batch; a pipeline's whole batch).
+    Replicas and shards are alike, so rank 0 stands for all of them; pipeline stages are each planned."""
+    world = config.gpus or 1
+    ranks = range(world) if config.parallel == "pipeline" else range(1)
+    plans = [plan_rank(config, precision, batch, rank, world, gpu) for rank in ranks]
+    return [dataclasses.replace(plans[0], rank=rank) for rank in range(world)] if len(plans) == 1 else plans
+
+
+def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], rank: int, world: int,
+              gpu: bool) -> RankPlan:
+    model, _ = build_on_meta(config.model, precision.frozen_dtype, config.attn_implementation)
+    with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), \
+            cuda_dropout(gpu), contextlib.redirect_stdout(io.StringIO()):  # apply_approach's count line
+        runtime = Runtime(CPU, rank, world, precision)
+        strategy = strategy_for(config, runtime)
+        strategy.adopt(model, read=lambda name, start, stop: torch.empty(stop - start))
+        apply_approach(model, config, runtime)
+        strategy.prepare(model)
+        optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr, fused=gpu or None)
+        params = [p for part in strategy.parts for p in part.parameters()]
+        by_dtype: dict[str, int] = {}
+        for p in params:
+            by_dtype[str(p.dtype).removeprefix("torch.")] = by_dtype.get(str(p.dtype).removeprefix("torch."), 0) \
+                + p.numel() * p.element_size()
+        steps = [traced_step(strategy, optimizer, batch, config, params, gpu) for _ in range(2)]
+        buffers = _bytes({b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()})
+        trainable, total = strategy.parameter_counts()
+        writes = strategy.writes_checkpoints
+    model_bytes = total * precision.frozen_dtype.itemsize
+    export = trainable * precision.trained_dtype.itemsize if config.adapter != "none" else model_bytes
+    # The fullest moment of either step: the first has no optimizer state until its end.
+    _, start, allocated, grads = max(steps, key=lambda step: step[1] + step[2])
+    memory = steps[-1][0]  # while the gradients exist, as a run measures it
+    held = memory["param_bytes"] + buffers + memory["optimizer_bytes"]
+    return RankPlan(rank, memory["param_bytes"], by_dtype, buffers, memory["grad_bytes"], memory["optimizer_bytes"],
+                    held, allocated - grads, start + allocated,
+                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
+
+
+def traced_step(strategy, optimizer: torch.optim.Optimizer, batch: dict, config: TrainConfig,
+                params: list[nn.Parameter], gpu: bool) -> tuple[dict[str, int], int, int, int]:
+    """(the step's memory_breakdown while its gradients exist, bytes held before the step, the most the
+    step allocated at once, the gradients' bytes at that moment)."""
+    before = memory_breakdown(strategy.parts, optimizer)
+    before = before["param_bytes"] + before["optimizer_bytes"] + _bytes(
+        {b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()})
+    trace = MemoryTrace(CUDA_BLOCK if gpu else 1, at_peak=lambda: sum(
+        p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+    with trace:
+        if gpu:  # the batch is copied to the GPU
+            batch = {key: value.clone() for key, value in batch.items()}
+        train_step(strategy, optimizer, [batch] * min(config.grad_accum, 2), config.max_grad_norm)
+        memory = memory_breakdown(strategy.parts, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return memory, before, trace.peak, trace.at_peak
+
+
+def _bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@contextlib.contextmanager
+def fake_world(rank: int, world: int) -> Iterator[None]:
+    """This process as `rank` of a `world` whose collectives do nothing but have the real shapes."""
+    if world == 1:
+        yield
+        return
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def cuda_dropout(gpu: bool) -> Iterator[None]:
+    """Dropout as CUDA runs it, with a 1-byte mask kept for backward; the CPU keeps the scaled noise
+    in the input's dtype. The values differ, the shapes and dtypes a GPU allocates do not."""
+    if not gpu:
+        yield
+        return
+    dropout = F.dropout
+
+    def fused(input, p=0.5, training=True, inplace=False):
+        return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
+
+    F.dropout = fused
+    try:
+        yield
+    finally:
+        F.dropout = dropout
+
