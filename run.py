@@ -184,7 +184,15 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def plan(args: argparse.Namespace) -> str:
-    from engine.fit import budget_for, describe, plan_run
+    from engine.fit import describe
+
+    config, result = planned(args)
+    return json.dumps(result) if args.json else describe(config, result)
+
+
+def planned(args: argparse.Namespace, search: bool = True) -> tuple[TrainConfig, dict]:
+    """The config `run.py plan`'s flags give, and its plan (bench/original_runs.py runs it too)."""
+    from engine.fit import budget_for, plan_run
 
     settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
                 if name not in ("gpu_memory", "sequence_length", "json", "debug", "approach")}
@@ -192,8 +200,8 @@ def plan(args: argparse.Namespace) -> str:
     if args.sequence_length is not None and args.sequence_length < 1:
         raise UsageError(f"--sequence-length must be 1 or more, not {args.sequence_length}.")
     gpu = config.device != "cpu"
-    result = plan_run(config, gpu, budget_for(gpu, config.memory_budget, args.gpu_memory), args.sequence_length)
-    return json.dumps(result) if args.json else describe(config, result)
+    budget = budget_for(gpu, config.memory_budget, args.gpu_memory)
+    return config, plan_run(config, gpu, budget, args.sequence_length, search)
 
 
 SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eval": (eval_parser, evaluate), "score": (score_parser, score),

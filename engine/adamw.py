@@ -89,7 +89,7 @@ class AdamW(torch.optim.Optimizer):
             weight = weights[part].float()  # the weight itself when it is fp32
             weight.mul_(1 - lr * decay)
             weight.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bias2_sqrt).add_(eps), value=-lr / bias1)
-            if weight.data_ptr() != weights[part].data_ptr():
+            if weights[part].dtype != torch.float32:  # else `weight` is the weight, updated in place
                 weights[part].copy_(self._round(weight))
             self._write(state, "exp_avg", part, exp_avg)
             self._write(state, "exp_avg_sq", part, exp_avg_sq)

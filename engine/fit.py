@@ -22,6 +22,7 @@ from errors import UsageError
 from models.load import config_and_processor
 
 GIB = 2**30
+SEARCH_LIMIT = 128  # rows: the largest batch the search tries
 HEADROOM = 0.08  # of a GPU's memory, kept free: the CUDA context and the caching allocator's unused blocks
 SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8b_config.json")
 
@@ -74,7 +75,7 @@ class WidestBatch:
 
 def max_batch_size(config: TrainConfig, precision: Precision, widest: WidestBatch, gpu: bool, budget: int,
                    planned_peak: int, rows: int) -> int:
-    """The largest batch (a multiple of --micro-batches for a pipeline; at most the train split's `rows`) whose
+    """The largest batch (a multiple of --micro-batches for a pipeline; at most the train split's `rows` and SEARCH_LIMIT) whose
     peak fits `budget`. The peak grows about linearly with the batch, so each next try is where the line
     through the last two meets the budget, kept strictly between the largest batch known to fit and the
     smallest known not to: a handful of plans of seconds each."""
@@ -87,7 +88,9 @@ def max_batch_size(config: TrainConfig, precision: Precision, widest: WidestBatc
             known[batch] = max(rank.peak_bytes for rank in plan_ranks(sized, precision, widest(batch), gpu))
         return known[batch]
 
-    fits, over = 0, rows // unit * unit + unit  # batches known to fit and not to (past the split: never useful)
+    # Batches known to fit and not to; the search stops at the split's rows or SEARCH_LIMIT (the plan runs
+    # the real pixels of its batch for real: a few hundred rows of 8B images are gigabytes here).
+    fits, over = 0, min(rows, SEARCH_LIMIT) // unit * unit + unit
     batch = config.batch_size
     while over - fits > unit:
         if peak(batch) <= budget:
