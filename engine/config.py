@@ -156,7 +156,7 @@ class TrainConfig:
     keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
     memory_budget: float | None = option(None, "GiB each rank may use: before loading, refuse a run whose planned "
                                                "peak (run.py plan) is more", above=0,
-                                         default_help="the GPU's memory less 8%; none on CPU")
+                                         default_help="the GPU's memory less 8%%; none on CPU")
     final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
                         choices=("best", "last"))
     resume: bool = option(False, "continue from the last complete checkpoint")

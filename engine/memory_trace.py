@@ -24,14 +24,29 @@ CUDA_BLOCK = 512  # bytes: the smallest block of PyTorch's CUDA caching allocato
 
 
 class MemoryTrace(TorchDispatchMode):
-    def __init__(self, granularity: int = 1, at_peak: Callable[[], int] = lambda: 0):
+    def __init__(self, granularity: int = 1):
         super().__init__()
-        self.granularity, self._at_peak = granularity, at_peak
+        self.granularity, self._at_peak = granularity, lambda: 0
         self.live = self.peak = self.at_peak = 0  # at_peak: what `at_peak()` said when the peak was reached
         self._seen: set[int] = set()  # storages counted, by the address of their StorageImpl
+        self._ignoring = False
+
+    def at_peak_of(self, measure: Callable[[], int]) -> None:
+        """From now, the peak is counted afresh and `measure()` is taken whenever it is reached."""
+        self._at_peak, self.peak, self.at_peak = measure, self.live, measure()
+
+    def ignoring(self, run: Callable[[], object]) -> object:
+        """`run()` with what it allocates left uncounted (host memory, in a plan of a GPU run)."""
+        self._ignoring = True
+        try:
+            return run()
+        finally:
+            self._ignoring = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._ignoring:
+            return out
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 self._count(tensor.untyped_storage())

@@ -17,6 +17,7 @@ activations are that step allocation less the gradients alive at that moment: sa
 gathered weights, communication buffers, temporaries, and on a GPU the batch itself.
 """
 
+import collections
 import contextlib
 import dataclasses
 import io
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -49,7 +49,8 @@ class RankPlan:
     param_bytes_by_dtype: dict[str, int]
     buffer_bytes: int  # NF4 weights (buffers, not parameters) and rotary tables
     grad_bytes: int
-    optimizer_bytes: int
+    optimizer_bytes: int  # on the device
+    host_optimizer_bytes: int  # --optimizer-offload cpu on a GPU: the fp32 masters and moments in host memory
     held_bytes: int  # between steps: parameters, buffers, optimizer state
     activation_bytes: int
     peak_bytes: int
@@ -70,54 +71,67 @@ def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch
 def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], rank: int, world: int,
               gpu: bool) -> RankPlan:
     model, _ = build_on_meta(config.model, precision.frozen_dtype, config.attn_implementation)
-    with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), \
-            cuda_dropout(gpu), contextlib.redirect_stdout(io.StringIO()):  # apply_approach's count line
+    # A GPU run with --optimizer-offload cpu keeps the masters and moments in host memory and steps there.
+    on_host = gpu and config.optimizer_offload == "cpu"
+    trace = MemoryTrace(CUDA_BLOCK if gpu else 1)  # from the first weight on: the state a step replaces is seen freed
+    with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), cuda_dropout(gpu), \
+            contextlib.redirect_stdout(io.StringIO()), trace:  # (stdout: apply_approach's count line)
         runtime = Runtime(CPU, rank, world, precision)
         strategy = strategy_for(config, runtime)
         strategy.adopt(model, read=lambda name, start, stop: torch.empty(stop - start))
         apply_approach(model, config, runtime)
         strategy.prepare(model)
-        optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr, fused=gpu or None)
-        params = [p for part in strategy.parts for p in part.parameters()]
-        by_dtype: dict[str, int] = {}
-        for p in params:
-            by_dtype[str(p.dtype).removeprefix("torch.")] = by_dtype.get(str(p.dtype).removeprefix("torch."), 0) \
-                + p.numel() * p.element_size()
-        steps = [traced_step(strategy, optimizer, batch, config, params, gpu) for _ in range(2)]
-        buffers = _bytes({b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()})
+        make = lambda: optimizer_for(config, precision, strategy.parameters(), config.lr, fused=gpu or None)  # noqa: E731
+        optimizer = trace.ignoring(make) if on_host else make()
+        steps = [traced_step(trace, strategy, optimizer, batch, config, on_host) for _ in range(2)]
+        held = trace.live  # between steps, as torch.cuda.memory_allocated() after one
+        by_dtype = collections.Counter()
+        for p in (p for part in strategy.parts for p in part.parameters()):
+            by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
         trainable, total = strategy.parameter_counts()
         writes = strategy.writes_checkpoints
+        buffers = _buffer_bytes(strategy)
     model_bytes = total * precision.frozen_dtype.itemsize
     export = trainable * precision.trained_dtype.itemsize if config.adapter != "none" else model_bytes
-    # The fullest moment of either step: the first has no optimizer state until its end.
-    _, start, allocated, grads = max(steps, key=lambda step: step[1] + step[2])
-    memory = steps[-1][0]  # while the gradients exist, as a run measures it
-    held = memory["param_bytes"] + buffers + memory["optimizer_bytes"]
-    return RankPlan(rank, memory["param_bytes"], by_dtype, buffers, memory["grad_bytes"], memory["optimizer_bytes"],
-                    held, allocated - grads, start + allocated,
-                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
+    fullest = max(steps, key=lambda step: step.peak)  # the first has no optimizer state until its end
+    memory = steps[-1].memory  # while the gradients exist, as a run measures it
+    optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
+    return RankPlan(rank, memory["param_bytes"], dict(by_dtype), buffers, memory["grad_bytes"], optimizer_bytes,
+                    memory["optimizer_bytes"] - optimizer_bytes, held, fullest.peak - fullest.before - fullest.grads,
+                    fullest.peak, memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
 
 
-def traced_step(strategy, optimizer: torch.optim.Optimizer, batch: dict, config: TrainConfig,
-                params: list[nn.Parameter], gpu: bool) -> tuple[dict[str, int], int, int, int]:
-    """(the step's memory_breakdown while its gradients exist, bytes held before the step, the most the
-    step allocated at once, the gradients' bytes at that moment)."""
-    before = memory_breakdown(strategy.parts, optimizer)
-    before = before["param_bytes"] + before["optimizer_bytes"] + _bytes(
-        {b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()})
-    trace = MemoryTrace(CUDA_BLOCK if gpu else 1, at_peak=lambda: sum(
-        p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
-    with trace:
-        if gpu:  # the batch is copied to the GPU
-            batch = {key: value.clone() for key, value in batch.items()}
-        train_step(strategy, optimizer, [batch] * min(config.grad_accum, 2), config.max_grad_norm)
-        memory = memory_breakdown(strategy.parts, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-    return memory, before, trace.peak, trace.at_peak
+@dataclasses.dataclass
+class TracedStep:
+    memory: dict[str, int]  # memory_breakdown while the step's gradients exist
+    before: int  # bytes live as the step began
+    peak: int  # the most live during the step
+    grads: int  # the gradients' bytes at that moment
 
 
-def _bytes(tensors: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, batch: dict, config: TrainConfig,
+                on_host: bool = False) -> TracedStep:
+    """One `train_step` and its zero_grad under `trace` (entered before the model was built); `on_host`: the
+    optimizer's step is the host's, not counted. On a GPU the batch is copied there: a plan's batch is real
+    CPU tensors, copied here too, so that they count."""
+    params = [p for part in strategy.parts for p in part.parameters()]
+    trace.at_peak_of(lambda: sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+    before = trace.live
+    step = optimizer.step
+    if on_host:
+        optimizer.step = lambda: trace.ignoring(step)
+    batch = {key: value.clone() for key, value in batch.items()}
+    train_step(strategy, optimizer, [batch] * min(config.grad_accum, 2), config.max_grad_norm)
+    memory = memory_breakdown(strategy.parts, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.step = step
+    return TracedStep(memory, before, trace.peak, trace.at_peak)
+
+
+def _buffer_bytes(strategy) -> int:
+    """The buffers of this rank's parts (NF4 weights, rotary tables), each storage once."""
+    storages = {b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()}
+    return sum(b.numel() * b.element_size() for b in storages.values())
 
 
 @contextlib.contextmanager

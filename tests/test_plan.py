@@ -40,18 +40,18 @@ def test_trace_counts_storages_by_hand():
     assert rounded.peak == 512 and d.numel() == 10
 
 
-def measured_step(rank: int, world: int, out: Path, settings: dict) -> dict:
+def measured_step(rank: int, world: int, base: Path, settings: dict) -> dict:
     """A real step of the engine on the tiny model's real weights, traced as the plan traces its fake one."""
     config = from_approach(**settings, gpus=world, device="cpu")
     precision = PRECISIONS[config.precision if config.precision != "auto" else "fp32"]
-    strategy = strategy_for(config, Runtime(torch.device("cpu"), rank, world, precision))
-    strategy.build(out / "base")
-    optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr)
-    params = [p for part in strategy.parts for p in part.parameters()]
     batch = WidestBatch(config, None)(config.batch_size)
-    steps = [traced_step(strategy, optimizer, batch, config, params, gpu=False) for _ in range(2)]
-    memory, start, allocated, grads = max(steps, key=lambda step: step[1] + step[2])
-    return {**steps[-1][0], "activation_bytes": allocated - grads, "peak_bytes": start + allocated}
+    with MemoryTrace() as trace:
+        strategy = strategy_for(config, Runtime(torch.device("cpu"), rank, world, precision))
+        strategy.build(base)
+        optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr)
+        steps = [traced_step(trace, strategy, optimizer, batch, config) for _ in range(2)]
+    fullest = max(steps, key=lambda step: step.peak)
+    return {**steps[-1].memory, "activation_bytes": fullest.peak - fullest.before - fullest.grads}
 
 
 CASES = [
@@ -67,9 +67,9 @@ def test_plan_equals_a_real_step(tmp_path, approach, world, extra):
     """Static bytes exactly, activations within 10%, on every rank, for the CPU's own plan."""
     settings = dict(approach=approach, model="tiny", batch_size=4, limit_exhibits=4, **extra)
     if world == 1:
-        measured = [measured_step(0, 1, tmp_path, settings)]
+        measured = [measured_step(0, 1, tmp_path / "base", settings)]
     else:
-        measured = spawn(world, measured_step, tmp_path, settings=settings)
+        measured = spawn(world, measured_step, tmp_path, base=tmp_path / "base", settings=settings)
     config = from_approach(**settings, gpus=world, device="cpu")
     precision = PRECISIONS[extra.get("precision", "fp32")]
     planned = plan_ranks(config, precision, WidestBatch(config, None)(4), gpu=False)
