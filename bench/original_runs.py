@@ -1,6 +1,7 @@
 """Every run of the original project's table as a command of ours, and what `run.py plan` says of it.
 
-    python bench/original_runs.py          # prints the README's table (about 3 minutes on 2 CPU cores)
+    python bench/original_runs.py          # prints the README's table (14 minutes on 2 CPU cores, most of it the
+                                           # largest-batch searches)
 
 Each row keeps the original's GPUs, per-GPU batch and memory, and its deliberate settings that differ from
 our defaults: plain bf16 weights and AdamW state where it trained without an fp32 master copy (full,
@@ -20,22 +21,23 @@ from engine.fit import GIB  # noqa: E402
 from run import plan_parser, planned  # noqa: E402
 
 MODEL = "--model models/idefics2_8b_config.json"
-# (the original's run, our flags, the peak it logged in GiB or None where its notebook is not stored)
+# (the original's run, our flags, what it logged after its first step in GiB -- held (memory_allocated) and
+# peak (max_memory_allocated) -- or None where its notebook is not stored)
 RUNS = [
     ("LoRA, 1x A6000 48 GB, batch 14", "--approach lora --batch-size 14 --gpu-memory 47.53", None),
     ("QLoRA, 1x A5000 24 GB, batch 3", "--approach qlora --batch-size 3 --gpu-memory 23.68", None),
     ("QLoRA, 1x A4000 16 GB, batch 2", "--approach qlora --batch-size 2 --gpu-memory 15.73", None),
-    ("LoRA + DDP, 2x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 2 --batch-size 14 --gpu-memory 47.53", 37.72),
-    ("LoRA + DDP, 4x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 4 --batch-size 14 --gpu-memory 47.53", 37.72),
+    ("LoRA + DDP, 2x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 2 --batch-size 14 --gpu-memory 47.53", (16.28, 37.72)),
+    ("LoRA + DDP, 4x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 4 --batch-size 14 --gpu-memory 47.53", (16.28, 37.72)),
     ("full, 1x A100 80 GB, batch 10", "--approach full --batch-size 10 --precision bf16 --gpu-memory 79.25", None),
     ("full + MP, 2x A6000 48 GB, batch 8, split 13", "--approach full_mp --gpus 2 --batch-size 8 --split 13 "
      "--micro-batches 1 --precision bf16 --gpu-memory 47.53", None),
     ("full + MP, 4x A5000 24 GB, batch 5, split 5 14 23", "--approach full_mp --gpus 4 --batch-size 5 "
      "--split 5 14 23 --micro-batches 1 --precision bf16 --gpu-memory 23.68", None),
     ("full + FSDP, 2x A100 80 GB, batch 14", "--approach full_fsdp --gpus 2 --batch-size 14 --lr-scaling sqrt "
-     "--gpu-memory 79.25", 72.83),
+     "--gpu-memory 79.25", (44.06, 72.83)),
     ("full + FSDP, 4x A6000 48 GB, batch 10", "--approach full_fsdp --gpus 4 --batch-size 10 --lr-scaling sqrt "
-     "--gpu-memory 47.53", 36.49),
+     "--gpu-memory 47.53", (22.10, 36.49)),
 ]
 
 
@@ -45,13 +47,14 @@ def plan_of(flags: str, search: bool = True) -> dict:
 
 def main() -> None:
     print("| the original's run | our command (`python run.py plan` with these flags and `" + MODEL + "`) | "
-          "planned peak per GPU, GiB | held between steps | largest batch that fits | fits | the original's logged peak |")
+          "planned peak per GPU, GiB | held between steps | largest batch that fits | fits | the original's logged "
+          "held / peak |")
     print("|---|---|---:|---:|---:|---|---:|")
     for words, flags, logged in RUNS:
         plan = plan_of(flags)
         held = max(rank["held_bytes"] for rank in plan["ranks"]) / GIB
         print(f"| {words} | `{flags}` | {plan['peak_bytes'] / GIB:.2f} | {held:.2f} | {plan['max_batch_size']} | "
-              f"{'yes' if plan['fits'] else 'no'} | {'' if logged is None else f'{logged:.2f}'} |", flush=True)
+              f"{'yes' if plan['fits'] else 'no'} | {'' if logged is None else f'{logged[0]:.2f} / {logged[1]:.2f}'} |", flush=True)
 
 
 if __name__ == "__main__":

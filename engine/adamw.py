@@ -122,7 +122,7 @@ class AdamW(torch.optim.Optimizer):
         if self.moments == "8bit":
             bnbf.quantize_blockwise(value, code=self._map(name, value.device),
                                     absmax=_block_scales(state, name, part, stored), out=stored, blocksize=BLOCK)
-        elif value.data_ptr() != stored.data_ptr():
+        elif stored.dtype != torch.float32:  # an fp32 moment was `value` itself, updated in place
             stored.copy_(self._round(value))
 
     def _round(self, value: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,11 @@ A GPU plan runs on CPU fakes (fake CUDA tensors cannot run backward without a GP
 what differs on CUDA: the caching allocator's 512-byte blocks, the fused AdamW kernel (the engine's
 choice on a GPU: no temporaries), and dropout's 1-byte masks (CPU keeps a mask as wide as the input).
 
-Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer state; the bytes
-held between steps (weights and optimizer state: what a run holds after its optimizer step); and
-the peak of a step, which is those plus what the step itself allocates at its fullest. The
-activations are that step allocation less the gradients alive at that moment: saved activations,
-gathered weights, communication buffers, temporaries, and on a GPU the batch itself.
+Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer state; the bytes held
+between steps (everything still live after the optimizer step and zero_grad -- weights, optimizer
+state, DDP's buckets -- what torch.cuda.memory_allocated() says then); the peak, the most live at once
+during a step; and the activations at that peak: what the step had added by then, less the
+gradients (saved activations, gathered weights, communication buffers, temporaries, the batch).
 """
 
 import collections
@@ -35,7 +35,7 @@ from engine.metrics import memory_breakdown
 from engine.optim import optimizer_for
 from engine.precision import Precision
 from engine.runtime import Runtime
-from engine.strategies import strategy_for
+from engine.strategies import STRATEGIES, strategy_for
 from engine.trainer import train_step
 from models.lazy import build_on_meta
 
@@ -63,7 +63,7 @@ def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch
     """Each rank's plan for one step on `batch` (one rank's micro-batch; a pipeline's whole batch).
     Replicas and shards are alike, so rank 0 stands for all of them; pipeline stages are each planned."""
     world = config.gpus or 1
-    ranks = range(world) if config.parallel == "pipeline" else range(1)
+    ranks = range(1) if STRATEGIES[config.parallel].alike_ranks else range(world)
     plans = [plan_rank(config, precision, batch, rank, world, gpu) for rank in ranks]
     return [dataclasses.replace(plans[0], rank=rank) for rank in range(world)] if len(plans) == 1 else plans
 

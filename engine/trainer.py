@@ -81,7 +81,7 @@ def train(config: TrainConfig) -> dict:
         "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
         "final_val_loss": history["val_loss"][-1][1] if history["val_loss"] else None,
         "wall_time_s": wall, "mean_step_time_s": sum(stats["step_times"]) / max(1, len(stats["step_times"])),
-        "samples_per_s": run.plan.global_batch * (step - run.start) / wall if wall else 0.0,
+        "samples_per_s": stats["rows"] / wall if wall else 0.0,
         "tokens_per_s": stats["tokens"] / wall if wall else 0.0,
         "trainable_params": trainable, "total_params": total, **quantized_summary(run.strategy.model),
         "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(),
@@ -134,13 +134,14 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
     config, strategy, plan = run.config, run.strategy, run.plan
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
-    stats = {"step_times": [], "tokens": 0, "memory": {}}
+    stats = {"step_times": [], "tokens": 0, "rows": 0, "memory": {}}
     eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))  # HF Trainer's rounding: the original's cadence
     collator = Collator(run.processor, config.max_length)
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
         batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data.rank)]
+        rows = len(plan.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
         refuse_divergence(step + 1, config, training_loss=loss, gradient_norm=grad_norm)
         stats["memory"] = stats["memory"] or strategy.memory(run.optimizer)  # grads still exist: measured once
@@ -150,13 +151,14 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
         seconds = time.perf_counter() - tick
         stats["step_times"].append(seconds)
         stats["tokens"] += tokens
+        stats["rows"] += rows
         history["train_loss"].append((step, loss))
         history["grad_norm"].append((step, grad_norm))
         lr = run.scheduler.get_last_lr()[0]
         scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "throughput/samples_per_s": plan.global_batch / seconds,
+                           "throughput/samples_per_s": rows / seconds,
                            "throughput/tokens_per_s": tokens / seconds, "memory/peak_bytes": run.runtime.peak_memory_bytes()})
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{plan.global_batch / seconds:.1f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rows / seconds:.1f}")
         bar.update()
         stopping = config.stop_after_steps is not None and step - run.start >= config.stop_after_steps
         val_loss = None

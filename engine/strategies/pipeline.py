@@ -20,6 +20,7 @@ from parallel.pipeline import Pipeline, bubble
 
 class PipelineParallel(ReadsOwnPiece):
     min_ranks = 2
+    alike_ranks = False  # each stage holds its own layers
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)

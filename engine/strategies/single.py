@@ -31,6 +31,7 @@ from models.parts import checkpointed_blocks
 
 class Single:
     min_ranks = 1
+    alike_ranks = True  # every rank holds and allocates the same (replicas, shards): one stands for all in a plan
 
     def __init__(self, config: TrainConfig, runtime: Runtime):
         if runtime.world_size < self.min_ranks:
