@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import from_approach
-from engine.fit import GIB, SHIPPED_8B, WidestBatch, plan_run
+from engine.fit import GIB, WidestBatch
 from engine.memory_trace import CUDA_BLOCK, MemoryTrace
 from engine.optim import optimizer_for
 from engine.plan import plan_ranks, traced_step
@@ -80,18 +80,6 @@ def test_plan_equals_a_real_step(tmp_path, approach, world, extra):
         assert real["activation_bytes"] > 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("gpus, batch, logged_gib", [(2, 14, 44.06), (4, 10, 22.10)])
-def test_8b_fsdp_holds_what_the_original_logged(gpus, batch, logged_gib):
-    """The original's FSDP runs (fp32 masters, bf16 compute, vision encoder frozen) logged
-    torch.cuda.memory_allocated after their first optimizer step and zero_grad: the weights and AdamW state."""
-    config = from_approach("full_fsdp", model=SHIPPED_8B, gpus=gpus, batch_size=batch, precision="bf16-mixed")
-    plan = plan_run(config, gpu=True, budget=None)
-    held = plan["ranks"][0]["held_bytes"] / GIB
-    assert abs(held - logged_gib) <= 0.05 * logged_gib, held
-    assert plan["peak_bytes"] > plan["ranks"][0]["held_bytes"]
-
-
 def test_plan_command_json(tmp_path):
     """--json: one object with the fields the issue names; a longer --sequence-length needs more activations."""
     def plan(*flags):
@@ -140,8 +128,14 @@ def test_run_whose_checkpoints_cannot_fit_on_disk_is_refused(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_every_run_of_the_originals_table_fits():
-    """The README's table: each of the original's runs, as our command on its GPUs, fits in the plan."""
+    """The README's table: each of the original's runs, as our command on its GPUs, fits in the plan; where
+    the original logged torch.cuda.memory_allocated after its first optimizer step and zero_grad (its FSDP
+    runs, fp32 masters as accelerate kept them; its LoRA + DDP runs), the plan holds within 5% of it."""
     from bench.original_runs import RUNS, plan_of
 
-    for words, flags, _ in RUNS:
-        assert plan_of(flags, search=False)["fits"], words
+    for words, flags, logged in RUNS:
+        plan = plan_of(flags, search=False)
+        assert plan["fits"], words
+        if logged is not None:
+            held = plan["ranks"][0]["held_bytes"] / GIB
+            assert abs(held - logged[0]) <= 0.05 * logged[0], (words, held)
