@@ -117,6 +117,8 @@ def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: to
             if param is not None and param.is_meta:
                 weight = read(names[id(param)], 0, param.numel()).view(param.shape).to(device, param.dtype)
                 module._parameters[attr] = nn.Parameter(weight, requires_grad=param.requires_grad)
+            elif param is not None and param.device != device:  # made real before loading: LoRA's A and B
+                module._parameters[attr] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
         for attr, buffer in module._buffers.items():  # the rotary tables; not by part.to(), which would
             if buffer is not None:  # swap the parameters just set, and cannot swap fake ones (engine/plan.py)
                 module._buffers[attr] = buffer.to(device)

@@ -76,3 +76,24 @@ def test_the_headline_command_runs_on_four_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["completed"] and len(summary["ranks"]) == 4
+
+
+@pytest.mark.slow
+def test_lora_on_the_pipeline_equals_one_process_lora(tmp_path):
+    """Adapters on each stage's layers (and the last stage's lm_head), trained through the pipeline: the same
+    losses, gradient norms and adapter as one process; the PEFT export gathers every stage's adapters."""
+    from safetensors.torch import load_file
+
+    settings = dict(lr=5e-3, lora_target=("projections", "lm_head"))
+    reference = run_engine(tmp_path / "one", "lora", batch_size=4, gpus=None, **settings)
+    piped = run_engine(tmp_path / "piped", "lora", batch_size=4, gpus=2, parallel="pipeline", micro_batches=2,
+                       **settings)
+    assert_same_curves(piped, reference)
+    ours = load_file(tmp_path / "piped" / "final" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    assert ours.keys() == expected.keys() and len(ours) > 0
+    for name, tensor in expected.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)
+    # Each rank holds its stage only: the stages' weights add up to the whole model's.
+    assert sum(rank["param_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["param_bytes"]
+    assert sum(rank["grad_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["grad_bytes"]

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from engine import checkpoint
-from engine.export import export_pretrained_by_rank
+from engine.export import export_adapter, export_pretrained_by_rank
 from engine.loss import answer_loss
 from engine.runtime import Runtime
 from engine.strategies.single import ReadsOwnPiece
@@ -63,9 +63,16 @@ class PipelineParallel(ReadsOwnPiece):
         return True
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
-        own = self.named(list(self.parts[0].parameters()))
-        export_pretrained_by_rank(self.model, own, processor, folder, self.precision.frozen_dtype,
-                                  self.runtime.rank, self.runtime.world_size)
+        """The whole model, each stage writing its own layers; or the adapter, every stage's gathered on the main rank."""
+        if adapter_base is None:
+            own = self.named(list(self.parts[0].parameters()))
+            export_pretrained_by_rank(self.model, own, processor, folder, self.precision.frozen_dtype,
+                                      self.runtime.rank, self.runtime.world_size)
+            return
+        stages = self.runtime.gather({name: p.detach().cpu() for name, p in self.named(self.parameters()).items()})
+        if self.runtime.is_main:
+            adapter = {name: tensor for stage in stages for name, tensor in stage.items()}
+            export_adapter(self.model, processor, folder, adapter_base, self.config.to_json(), adapter)
 
     def rank_report(self) -> dict:
         """This rank's stage (its decoder layers) and the measured fraction of its step time spent waiting."""
