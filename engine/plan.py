@@ -93,12 +93,12 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
         buffers = _buffer_bytes(strategy)
     model_bytes = total * precision.frozen_dtype.itemsize
     export = trainable * precision.trained_dtype.itemsize if config.adapter != "none" else model_bytes
-    fullest = max(steps, key=lambda step: step.peak)  # the first has no optimizer state until its end
+    peak, activations = at_fullest(steps)
     memory = steps[-1].memory  # while the gradients exist, as a run measures it
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
     return RankPlan(rank, memory["param_bytes"], dict(by_dtype), buffers, memory["grad_bytes"], optimizer_bytes,
-                    memory["optimizer_bytes"] - optimizer_bytes, held, fullest.peak - fullest.before - fullest.grads,
-                    fullest.peak, memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
+                    memory["optimizer_bytes"] - optimizer_bytes, held, activations, peak,
+                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
 
 
 @dataclasses.dataclass
@@ -126,6 +126,13 @@ def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, 
     optimizer.zero_grad(set_to_none=True)
     optimizer.step = step
     return TracedStep(memory, before, trace.peak, trace.at_peak)
+
+
+def at_fullest(steps: list[TracedStep]) -> tuple[int, int]:
+    """(the peak, the activations at it) of the fullest of `steps` (the first has no optimizer state until its
+    end): what the step had added by then, less the gradients alive at that moment."""
+    fullest = max(steps, key=lambda step: step.peak)
+    return fullest.peak, fullest.peak - fullest.before - fullest.grads
 
 
 def _buffer_bytes(strategy) -> int:

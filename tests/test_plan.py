@@ -11,7 +11,7 @@ from engine.config import from_approach
 from engine.fit import GIB, WidestBatch
 from engine.memory_trace import CUDA_BLOCK, MemoryTrace
 from engine.optim import optimizer_for
-from engine.plan import plan_ranks, traced_step
+from engine.plan import at_fullest, plan_ranks, traced_step
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from engine.strategies import strategy_for
@@ -50,8 +50,7 @@ def measured_step(rank: int, world: int, base: Path, settings: dict) -> dict:
         strategy.build(base)
         optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr)
         steps = [traced_step(trace, strategy, optimizer, batch, config) for _ in range(2)]
-    fullest = max(steps, key=lambda step: step.peak)
-    return {**steps[-1].memory, "activation_bytes": fullest.peak - fullest.before - fullest.grads}
+    return {**steps[-1].memory, "activation_bytes": at_fullest(steps)[1]}
 
 
 CASES = [
