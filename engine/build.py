@@ -19,7 +19,7 @@ from engine.metrics import parameter_counts
 from engine.runtime import Runtime, resolve_model
 from models.lazy import SliceReader, load_on_meta, local_folder
 from models.targets import QUANT_SKIP, VISION_ENCODER
-from quant import Linear4bit, quantize
+from quant import Linear4bit, QuantizingReader, quantize
 
 LINEAR_LAYERS = (nn.Linear, Linear4bit)
 
@@ -63,8 +63,11 @@ def apply_approach(model: PreTrainedModel, config: TrainConfig, runtime: Runtime
     """NF4 base, LoRA or the modules full fine-tuning trains, and fp32 masters for what trains."""
     if config.quant == "nf4":
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if config.quant_keep_vision else []), device=runtime.device)
-        if any(t.device != runtime.device for t in [*model.parameters(), *model.buffers()]):
-            model.to(runtime.device)  # the layers left unquantized; not asked of a plan's fake tensors, which it cannot move
+        tensors = [*model.parameters(), *model.buffers()]
+        # The layers left unquantized; not asked of a plan's fake tensors, which it cannot move, nor of
+        # a model without weights yet (its strategy reads them onto the device, QuantizingReader).
+        if not any(t.is_meta for t in tensors) and any(t.device != runtime.device for t in tensors):
+            model.to(runtime.device)
     if config.adapter == "lora":
         add_lora(model, config)
     else:
@@ -73,6 +76,15 @@ def apply_approach(model: PreTrainedModel, config: TrainConfig, runtime: Runtime
     if runtime.is_main:
         trainable, total = parameter_counts(model)
         print(f"{config.approach}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+
+def quantizing(read: SliceReader, model: PreTrainedModel, device: torch.device) -> QuantizingReader:
+    """`read` for a model built without weights, whose NF4 layers `apply_approach` left empty: those
+    are read by quantizing their float weights onto `device`, as `load_whole`'s model was."""
+    layers = {path: module.base if isinstance(module, lora.LoRALinear) else module
+              for path, module in model.named_modules()}
+    return QuantizingReader(read, {path: layer for path, layer in layers.items() if isinstance(layer, Linear4bit)},
+                            device)
 
 
 def add_lora(model: PreTrainedModel, config: TrainConfig) -> list[str]:

@@ -231,9 +231,6 @@ def validate(config: TrainConfig) -> None:
     if config.quant == "nf4" and config.parallel == "fsdp":
         raise UsageError("an NF4 base cannot be sharded by FSDP (its packed weights and quant state are not "
                          "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
-    if config.parallel == "pipeline" and config.quant == "nf4":
-        raise UsageError("QLoRA on the pipeline is not built yet (each stage would read and quantize its own "
-                         "layers); use --parallel ddp, or LoRA on a bf16 base with --parallel pipeline.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
     if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):

@@ -56,14 +56,17 @@ def _bytes(tensors) -> int:
 
 
 def memory_breakdown(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds in the parameters of its model `parts`, their gradients and the
-    optimizer: its state and any weights of its own (offloaded masters). Call while grads exist."""
+    """Bytes this rank holds in the parameters of its model `parts`, their buffers (NF4 weights, rotary
+    tables; each storage once), their gradients and the optimizer: its state and any weights of its
+    own (offloaded masters). Call while grads exist."""
     params = [p for part in parts for p in part.parameters()]
+    buffers = {b.untyped_storage()._cdata: b for part in parts for b in part.buffers()}
     held = {id(p) for p in params}
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     own = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in held]
     return {
         "param_bytes": _bytes(params),
+        "buffer_bytes": _bytes(buffers.values()),
         "grad_bytes": _bytes(p.grad for p in params if p.grad is not None),
         "optimizer_bytes": _bytes(state) + _bytes(own),
     }

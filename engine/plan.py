@@ -90,14 +90,13 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
             by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
         trainable, total = strategy.parameter_counts()
         writes = strategy.writes_checkpoints
-        buffers = _buffer_bytes(strategy)
     model_bytes = total * precision.frozen_dtype.itemsize
     export = trainable * precision.trained_dtype.itemsize if config.adapter != "none" else model_bytes
     peak, activations = at_fullest(steps)
     memory = steps[-1].memory  # while the gradients exist, as a run measures it
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
-    return RankPlan(rank, memory["param_bytes"], dict(by_dtype), buffers, memory["grad_bytes"], optimizer_bytes,
-                    memory["optimizer_bytes"] - optimizer_bytes, held, activations, peak,
+    return RankPlan(rank, memory["param_bytes"], dict(by_dtype), memory["buffer_bytes"], memory["grad_bytes"],
+                    optimizer_bytes, memory["optimizer_bytes"] - optimizer_bytes, held, activations, peak,
                     memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
 
 
@@ -133,12 +132,6 @@ def at_fullest(steps: list[TracedStep]) -> tuple[int, int]:
     end): what the step had added by then, less the gradients alive at that moment."""
     fullest = max(steps, key=lambda step: step.peak)
     return fullest.peak, fullest.peak - fullest.before - fullest.grads
-
-
-def _buffer_bytes(strategy) -> int:
-    """The buffers of this rank's parts (NF4 weights, rotary tables), each storage once."""
-    storages = {b.untyped_storage()._cdata: b for part in strategy.parts for b in part.buffers()}
-    return sum(b.numel() * b.element_size() for b in storages.values())
 
 
 @contextlib.contextmanager

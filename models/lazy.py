@@ -110,8 +110,9 @@ def local_folder(spec: str) -> Path:
 
 def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: torch.device) -> None:
     """Read the weights of `part` (a piece of the weightless `model`) whole, onto `device`: a
-    pipeline rank's own stage, while the other stages' parameters stay on meta."""
-    names = {id(param): name for name, param in model.named_parameters()}
+    pipeline rank's own stage, while the other stages' parameters stay on meta. `read` may be
+    quant.QuantizingReader, for the buffers of NF4 layers quantized on meta."""
+    names = {id(tensor): name for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
     for module in part.modules():
         for attr, param in module._parameters.items():
             if param is not None and param.is_meta:
@@ -119,6 +120,11 @@ def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: to
                 module._parameters[attr] = nn.Parameter(weight, requires_grad=param.requires_grad)
             elif param is not None and param.device != device:  # made real before loading: LoRA's A and B
                 module._parameters[attr] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
-        for attr, buffer in module._buffers.items():  # the rotary tables; not by part.to(), which would
-            if buffer is not None:  # swap the parameters just set, and cannot swap fake ones (engine/plan.py)
+        # Buffers one by one, not by part.to(), which would swap the parameters just set and cannot swap
+        # fake ones (engine/plan.py): the rotary tables move; an empty NF4 layer's codes are read.
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                weight = read(names[id(buffer)], 0, buffer.numel()).view(buffer.shape)
+                module._buffers[attr] = weight.to(device, buffer.dtype)
+            elif buffer is not None:
                 module._buffers[attr] = buffer.to(device)

@@ -8,6 +8,6 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from quant.linear4bit import Linear4bit  # noqa: E402
-from quant.quantize import dequantize, quantize, quantized_bytes  # noqa: E402
+from quant.quantize import QuantizingReader, dequantize, quantize, quantized_bytes  # noqa: E402
 
-__all__ = ["Linear4bit", "dequantize", "quantize", "quantized_bytes"]
+__all__ = ["Linear4bit", "QuantizingReader", "dequantize", "quantize", "quantized_bytes"]

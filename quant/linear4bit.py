@@ -40,6 +40,17 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: to
     return bnbf.dequantize_4bit(packed, state)
 
 
+QUANT_STATE = ("weight", "absmax", "nested_absmax", "offset")  # a Linear4bit's buffers, in its state dict
+
+
+@torch.no_grad()
+def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The buffers of `QUANT_STATE` for the float `weight`, quantized on its own device."""
+    packed, state = bnbf.quantize_4bit(weight, blocksize=BLOCK_SIZE, compress_statistics=True,
+                                       quant_type="nf4", quant_storage=torch.uint8)
+    return dict(zip(QUANT_STATE, (packed, state.absmax, state.state2.absmax, state.offset)))
+
+
 class _NF4Matmul(torch.autograd.Function):
     """x @ W.T that saves only the packed weight and dequantizes it again in backward.
 
@@ -88,12 +99,8 @@ class Linear4bit(nn.Module):
         if device.type == "meta":
             return layer
         with torch.no_grad():
-            packed, state = bnbf.quantize_4bit(linear.weight, blocksize=BLOCK_SIZE, compress_statistics=True,
-                                               quant_type="nf4", quant_storage=torch.uint8)
-            layer.weight.copy_(packed)
-            layer.absmax.copy_(state.absmax)
-            layer.nested_absmax.copy_(state.state2.absmax)
-            layer.offset.copy_(state.offset)
+            for name, tensor in quantize_nf4(linear.weight).items():
+                layer._buffers[name].copy_(tensor)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer

@@ -6,7 +6,10 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from quant.linear4bit import Linear4bit
+from quant.linear4bit import QUANT_STATE, Linear4bit, quantize_nf4
+
+# (name, start, stop) -> elements [start, stop) of a weight, flattened (models/lazy.py's SliceReader)
+Read = Callable[[str, int, int], torch.Tensor]
 
 
 def _skip_predicate(model: nn.Module, skip: Callable[[str], bool] | list[str] | None) -> Callable[[str], bool]:
@@ -39,10 +42,35 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
     paths = [path for path, module in model.named_modules() if type(module) is nn.Linear and not is_skipped(path)]
     for path in paths:
         linear = model.get_submodule(path)
-        if device is not None and linear.weight.device != device:  # (a plan's fake tensors cannot be moved)
+        # (A plan's fake tensors cannot be moved; a meta linear becomes an empty layer, for QuantizingReader.)
+        if device is not None and linear.weight.device != device and not linear.weight.is_meta:
             linear.to(device)
         _replace(model, path, Linear4bit.from_linear(linear, compute_dtype))
     return len(paths)
+
+
+class QuantizingReader:
+    """A weights reader for a model whose NF4 layers are still empty (quantized on the meta device):
+    such a layer's tensors (`<path>.weight`, the packed codes, `.absmax`, ...) are read by quantizing
+    the float `<path>.weight` of the files whole, on `device`, as `quantize` would have; every other
+    name is read as it is. The last layer's quantization is kept, so a rank reading that layer's
+    tensors a slice at a time (FSDP) quantizes it once.
+    """
+
+    def __init__(self, read: Read, layers: dict[str, Linear4bit], device: torch.device):
+        self.read, self.layers, self.device = read, layers, device
+        self.path, self.state = "", {}
+
+    def __call__(self, name: str, start: int, stop: int) -> torch.Tensor:
+        path, _, tensor = name.rpartition(".")
+        layer = self.layers.get(path)
+        if layer is None or tensor not in QUANT_STATE:
+            return self.read(name, start, stop)
+        if path != self.path:
+            shape = torch.Size((layer.out_features, layer.in_features))
+            weight = self.read(f"{path}.weight", 0, shape.numel()).view(shape)
+            self.path, self.state = path, quantize_nf4(weight.to(self.device, layer.compute_dtype))
+        return self.state[tensor].reshape(-1)[start:stop]
 
 
 def quantized_bytes(modules: Iterable[nn.Module]) -> tuple[int, int]:

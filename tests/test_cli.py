@@ -37,8 +37,6 @@ def test_help_lists_all_six_approaches(tmp_path):
 def test_unbuilt_approaches_are_refused_not_substituted():
     with pytest.raises(UsageError, match=r"--parallel must be none, ddp, fsdp or pipeline, not 'pipeline\+fsdp'\."):
         from_approach("full_mp", gpus=2, parallel="pipeline+fsdp")
-    with pytest.raises(UsageError, match="QLoRA on the pipeline is not built yet"):
-        from_approach("qlora", gpus=2, parallel="pipeline")
     with pytest.raises(UsageError, match="--micro-batches 3 must divide --batch-size 4"):
         from_approach("full_mp", gpus=2, micro_batches=3)
     with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):

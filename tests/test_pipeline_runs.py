@@ -15,6 +15,8 @@ import torch
 from harness import FULL, ROOT, assert_same_curves, run_engine, saved_logits, saved_weights
 from models.tiny import build_tiny
 
+ROTARY_BYTES = 2 * 8 * 4  # the tiny model's rotary tables (inv_freq, original_inv_freq: 8 fp32 each), in every stage
+
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[dict, dict]:
@@ -79,14 +81,16 @@ def test_the_headline_command_runs_on_four_cpu_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_on_the_pipeline_equals_one_process_lora(tmp_path):
+@pytest.mark.parametrize("approach", ["lora", "qlora"])
+def test_lora_on_the_pipeline_equals_one_process_lora(approach, tmp_path):
     """Adapters on each stage's layers (and the last stage's lm_head), trained through the pipeline: the same
-    losses, gradient norms and adapter as one process; the PEFT export gathers every stage's adapters."""
+    losses, gradient norms and adapter as one process; the PEFT export gathers every stage's adapters. Under
+    QLoRA each stage quantizes the layers it reads exactly as one process quantizes the whole model."""
     from safetensors.torch import load_file
 
     settings = dict(lr=5e-3, lora_target=("projections", "lm_head"))
-    reference = run_engine(tmp_path / "one", "lora", batch_size=4, gpus=None, **settings)
-    piped = run_engine(tmp_path / "piped", "lora", batch_size=4, gpus=2, parallel="pipeline", micro_batches=2,
+    reference = run_engine(tmp_path / "one", approach, batch_size=4, gpus=None, **settings)
+    piped = run_engine(tmp_path / "piped", approach, batch_size=4, gpus=2, parallel="pipeline", micro_batches=2,
                        **settings)
     assert_same_curves(piped, reference)
     ours = load_file(tmp_path / "piped" / "final" / "adapter_model.safetensors")
@@ -97,3 +101,6 @@ def test_lora_on_the_pipeline_equals_one_process_lora(tmp_path):
     # Each rank holds its stage only: the stages' weights add up to the whole model's.
     assert sum(rank["param_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["param_bytes"]
     assert sum(rank["grad_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["grad_bytes"]
+    # Buffers too (the NF4 codes): the stages' add up to one process's, but for the rotary tables every stage keeps.
+    stages, whole = [rank["buffer_bytes"] for rank in piped["ranks"]], reference["ranks"][0]["buffer_bytes"]
+    assert sum(stages) - whole == ROTARY_BYTES and (approach == "lora" or max(stages) < whole)

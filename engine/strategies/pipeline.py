@@ -31,7 +31,7 @@ class PipelineParallel(ReadsOwnPiece):
     def prepare(self, model: PreTrainedModel) -> None:
         points = split_points(model, self.runtime.world_size, self.config.split)
         own = stage(model, points, self.runtime.rank, answer_loss)
-        materialize(model, own, self.read, self.runtime.device)  # the other stages stay on meta
+        materialize(model, own, self.reader(model), self.runtime.device)  # the other stages stay on meta
         del self.read
         self.model, self.parts = model, [own]
         self.checkpoint_activations(model)

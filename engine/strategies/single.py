@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from engine import checkpoint
 from engine.activation_checkpoint import apply_activation_checkpointing
-from engine.build import apply_approach, load_whole, load_without_weights
+from engine.build import apply_approach, load_whole, load_without_weights, quantizing
 from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.export import export_adapter, export_pretrained
@@ -27,6 +27,7 @@ from engine.runtime import Runtime
 from errors import UsageError
 from models.lazy import SliceReader, materialize
 from models.parts import checkpointed_blocks
+from quant import QuantizingReader
 
 
 class Single:
@@ -216,3 +217,7 @@ class ReadsOwnPiece(Single):
 
     def adopt(self, model: PreTrainedModel, read: SliceReader) -> None:
         self.read = read
+
+    def reader(self, model: PreTrainedModel) -> QuantizingReader:
+        """The weights of `prepare`, read once the approach is applied: NF4 layers quantized as read."""
+        return quantizing(self.read, model, self.runtime.device)
