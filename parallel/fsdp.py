@@ -17,10 +17,16 @@ micro-batch's backward reduce-scatters and the shard gradients accumulate.
 
 Memory: a block runs under non-reentrant activation checkpointing together with its gather, so its
 full weights and activations are dropped after its forward and rebuilt (re-gathered, recomputed) in
-its backward: at any moment a rank holds its shards, the root unit and one block in full, plus the
-blocks' inputs. The root unit is gathered for the whole forward (it encloses the blocks) and kept
-by autograd until backward. The price is one extra forward of each block, as with activation
-checkpointing, which this includes: do not checkpoint the blocks again.
+its backward: at any moment a rank holds its shards, the root unit and one block in full (two with
+prefetch: the one computing and the next), plus the blocks' inputs. The root unit is gathered for the
+whole forward (it encloses the blocks) and kept by autograd until backward. The price is one extra
+forward of each block, as with activation checkpointing, which this includes: do not checkpoint the
+blocks again.
+
+Prefetch (`_Schedule`): as a unit starts computing, the next unit's all-gather is issued, so that it
+runs during this unit's compute; a unit's reduce-scatter runs during the next unit's backward, its
+full fp32 gradient kept until then. Each collective is the same as without prefetch, only issued
+earlier or waited for later: the results are equal bit for bit.
 """
 
 import functools
@@ -42,26 +48,46 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 Read = Callable[[str, int, int], torch.Tensor]
 
 
+class _AllGather:
+    """An all-gather in flight: every rank's shard, cast to `dtype`, into one full buffer."""
+
+    def __init__(self, shard: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None):
+        self.group = group
+        self.sent = shard.detach().to(dtype)  # kept until the collective is done with it
+        self.full = self.sent.new_empty(self.sent.numel() * dist.get_world_size(group))
+        self.work = _all_gather(self.full, self.sent, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()  # on NCCL: the current stream waits for the gather, the host does not
+        return self.full
+
+
 class _Gather(torch.autograd.Function):
-    """All-gather in forward, reduce-scatter (a sum, in fp32) in backward.
+    """The all-gathered buffer in forward, the reduce-scatter of its gradient (a sum, in fp32) in backward.
 
     A frozen shard builds no autograd node (no input requires grad), so it never reduce-scatters.
+    Without `overlap`, backward waits for the reduce-scatter and hands autograd the shard's gradient;
+    with it, backward hands the reduce-scatter in flight to `overlap(work, reduced, grad)`, which adds
+    `reduced` to the shard's `.grad` once it is done.
     """
 
     @staticmethod
-    def forward(ctx, shard: torch.Tensor, dtype: torch.dtype, group: dist.ProcessGroup | None) -> torch.Tensor:
-        ctx.group = group
-        full = shard.new_empty(shard.numel() * dist.get_world_size(group), dtype=dtype)
-        _all_gather(full, shard.to(dtype), group=group)
-        return full
+    def forward(ctx, shard: torch.Tensor, gather: _AllGather, overlap: Callable | None) -> torch.Tensor:
+        # `shard` is an input only so that autograd gives it the gradient (or, frozen, builds no node).
+        ctx.group, ctx.overlap = gather.group, overlap
+        return gather.wait()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Reduce in the fp32 master dtype: bf16 sums over many ranks lose the small gradients.
         grad = grad.to(torch.float32).contiguous()
         shard = grad.new_empty(grad.numel() // dist.get_world_size(ctx.group))
-        _reduce_scatter(shard, grad, group=ctx.group)
-        return shard, None, None
+        work = _reduce_scatter(shard, grad, group=ctx.group, async_op=True)
+        if ctx.overlap is None:
+            work.wait()
+            return shard, None, None
+        ctx.overlap(work, shard, grad)
+        return None, None, None
 
 
 class _Flat:
@@ -100,9 +126,6 @@ class _Flat:
                 torch.cat(pieces, out=shard[:sum(p.numel() for p in pieces)])
         self.shard = nn.Parameter(shard, requires_grad=trainable)
 
-    def gather(self, dtype: torch.dtype | None, group: dist.ProcessGroup | None) -> torch.Tensor:
-        return _Gather.apply(self.shard, dtype or self.shard.dtype, group)
-
     def views(self, full: torch.Tensor) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
         for (module, attr), shape, chunk in zip(self.owners, self.shapes, full[:sum(self.sizes)].split(self.sizes)):
             yield module, attr, chunk.view(shape)
@@ -113,8 +136,8 @@ class _Unit:
 
     def __init__(self, module: nn.Module, params: list[tuple[str, nn.Module, str, nn.Parameter]],
                  compute_dtype: torch.dtype | None, master_dtype: torch.dtype, group: dist.ProcessGroup | None,
-                 recompute: bool, read: Read | None, device: torch.device):
-        self.compute_dtype, self.group, self.recompute = compute_dtype, group, recompute
+                 recompute: bool, read: Read | None, device: torch.device, schedule: "_Schedule"):
+        self.compute_dtype, self.group, self.recompute, self.schedule = compute_dtype, group, recompute, schedule
         trainable = [p for p in params if p[3].requires_grad]
         frozen = [p for p in params if not p[3].requires_grad]
         # Trainable weights keep their master dtype; a frozen base keeps its own (first parameter's).
@@ -138,7 +161,7 @@ class _Unit:
         # Plain tensors (not Parameters) stand in for the deleted names only while forward runs, in
         # each owner's parameter table: the one contract relied on is nn.Module's, that attribute
         # lookup reads that table, so any module that reads its weights as attributes works.
-        views = [v for flat in self.flats for v in flat.views(flat.gather(self.compute_dtype, self.group))]
+        views = [v for flat, full in zip(self.flats, self.schedule.start(self)) for v in flat.views(full)]
         for module, attr, view in views:
             module._parameters[attr] = view
         try:
@@ -146,6 +169,123 @@ class _Unit:
         finally:
             for module, attr, _ in views:
                 del module._parameters[attr]
+            self.schedule.end(self)
+
+    def all_gathers(self) -> list[_AllGather]:
+        return [_AllGather(flat.shard, self.compute_dtype or flat.shard.dtype, self.group) for flat in self.flats]
+
+
+def _in_backward() -> bool:
+    # Only a checkpointed block recomputing runs a unit's forward inside backward.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _following(order: list[_Unit], unit: _Unit) -> _Unit | None:
+    """The unit after `unit` in `order`, where a unit is appended the first time it computes (then None)."""
+    if unit not in order:
+        order.append(unit)
+        return None
+    at = order.index(unit) + 1
+    return order[at] if at < len(order) else None
+
+
+class _Schedule:
+    """When a model's units issue and wait for their collectives.
+
+    With `prefetch`, a unit starting to compute issues the next unit's all-gathers, which that unit
+    then waits for instead of issuing its own: at most two blocks are gathered at once, the one
+    computing and the next (beside the root). A unit's reduce-scatter is waited for when the next one
+    is issued, or when backward ends (an autograd engine callback, as torch's FSDP1 does), and only
+    then added to its shard's `.grad`, as autograd would have: assigned, or added to the one there.
+
+    The next unit is the one that came next the first time (FSDP2 records the order the same way),
+    in forward and, apart, in backward's recomputes: the blocks need not be given in the order they
+    run, and backward's order leaves out the blocks it never recomputes (a frozen vision tower). It
+    depends on nothing but the units that ran, so every rank issues the same collectives in the same
+    order. Gathers issued for a unit that then does not run next are waited for and dropped: when
+    another unit starts, when the root's forward ends and when backward ends, so none outlives a step.
+    """
+
+    def __init__(self, prefetch: bool):
+        self.prefetch = prefetch
+        self.units: list[_Unit] = []  # fully_shard's, whose indices the events give
+        self.orders: tuple[list[_Unit], list[_Unit]] = ([], [])  # forward, backward (see _following)
+        self.ahead: tuple[_Unit, list[_AllGather]] | None = None
+        self.reducing: list[tuple[_Unit, nn.Parameter, dist.Work, torch.Tensor, torch.Tensor]] = []
+        self.finishing = -1  # the backward (autograd graph task) whose end will wait for the reduce-scatters
+        # A list to log (event, unit index) into, for tests; None by default: training would grow it forever.
+        self.events: list[tuple[str, int]] | None = None
+
+    def start(self, unit: _Unit) -> list[torch.Tensor]:
+        """`unit`'s full buffers, one per flat, as its compute starts; issues the next unit's gathers."""
+        backward = _in_backward()
+        if backward and self.prefetch:
+            self._finish_with_this_backward()
+        gathers = self._take(unit) or self._issue(unit)
+        fulls = [_Gather.apply(flat.shard, gather, functools.partial(self._reducing, unit, flat.shard)
+                               if self.prefetch else None) for flat, gather in zip(unit.flats, gathers)]
+        self._log("compute start", unit)
+        following = _following(self.orders[backward], unit)
+        if self.prefetch and following is not None:
+            self.ahead = following, self._issue(following)
+        return fulls
+
+    def end(self, unit: _Unit) -> None:
+        self._log("compute end", unit)
+        if not unit.recompute:  # the root encloses the blocks: the forward is over
+            self._drop_ahead()
+
+    def _issue(self, unit: _Unit) -> list[_AllGather]:
+        gathers = unit.all_gathers()
+        self._log("gather issued", unit)
+        return gathers
+
+    def _take(self, unit: _Unit) -> list[_AllGather] | None:
+        """The gathers issued ahead for `unit`, if they were; those of another unit are dropped."""
+        if self.ahead is not None and self.ahead[0] is unit:
+            gathers, self.ahead = self.ahead[1], None
+            return gathers
+        self._drop_ahead()
+        return None
+
+    def _drop_ahead(self) -> None:
+        ahead, self.ahead = self.ahead, None
+        for gather in ahead[1] if ahead else []:
+            gather.wait()  # not abandoned: on NCCL its buffers must outlive the collective writing them
+
+    def _reducing(self, unit: _Unit, shard: nn.Parameter, work: dist.Work, reduced: torch.Tensor,
+                  grad: torch.Tensor) -> None:
+        """_Gather.backward's reduce-scatter in flight; waits for the one before it."""
+        self._log("reduce-scatter issued", unit)
+        self._finish_with_this_backward()
+        earlier, self.reducing = self.reducing, [(unit, shard, work, reduced, grad)]
+        self._wait(earlier)
+
+    @torch.no_grad()
+    def _wait(self, reductions: list[tuple[_Unit, nn.Parameter, dist.Work, torch.Tensor, torch.Tensor]]) -> None:
+        for unit, shard, work, reduced, _ in reductions:
+            work.wait()
+            self._log("reduce-scatter waited", unit)
+            reduced = reduced.to(shard.dtype)  # autograd casts a gradient to its tensor's dtype too
+            if shard.grad is None:
+                shard.grad = reduced
+            else:
+                shard.grad += reduced
+
+    def _finish_with_this_backward(self) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self.finishing:  # an id, not a flag: a backward that raised never ran its callback
+            self.finishing = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
+
+    def _backward_ended(self) -> None:
+        reductions, self.reducing = self.reducing, []
+        self._wait(reductions)  # before backward returns: the optimizer sees whole gradients
+        self._drop_ahead()
+
+    def _log(self, event: str, unit: _Unit) -> None:
+        if self.events is not None:
+            self.events.append((event, self.units.index(unit)))
 
 
 def _params(module: nn.Module, prefix: str, skip: set[int]) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
@@ -161,7 +301,8 @@ def _first_rank(group: dist.ProcessGroup | None) -> int:
 
 def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.dtype | None = None,
                 process_group: dist.ProcessGroup | None = None, read: Read | None = None,
-                device: torch.device | str = "cpu", master_dtype: torch.dtype = torch.float32) -> nn.Module:
+                device: torch.device | str = "cpu", master_dtype: torch.dtype = torch.float32,
+                prefetch: bool = True) -> nn.Module:
     """Shards `model` in place across `process_group`, one unit per block plus the root; returns it.
 
     Call on every rank with the same model structure; rank 0's real weights and buffers win.
@@ -169,7 +310,8 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     each rank reading only its own slices, so no rank ever holds the whole model. Shards land
     on `device`, trainable ones in `master_dtype`. Afterwards `model.parameters()` are the shards:
     build the optimizer on them, clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied
-    parameters and nested blocks are refused.
+    parameters and nested blocks are refused. `prefetch` overlaps the collectives with compute (see
+    `_Schedule`, which is `model.fsdp_schedule`); the results are the same without it, bit for bit.
     """
     named = list(model.named_parameters(remove_duplicate=False))
     if len({id(param) for _, param in named}) != len(named):
@@ -186,9 +328,10 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     prefixes = {id(module): name for name, module in model.named_modules()}
     units = [(block, _params(block, prefixes[id(block)], set()), True) for block in blocks]
     units.append((model, _params(model, "", set().union(*inside)), False))
-    model.fsdp_units = [_Unit(module, params, compute_dtype, master_dtype, process_group, recompute, read,
-                                      torch.device(device))
-                        for module, params, recompute in units if params]
+    model.fsdp_schedule = schedule = _Schedule(prefetch)
+    model.fsdp_units = schedule.units = [_Unit(module, params, compute_dtype, master_dtype, process_group, recompute,
+                                               read, torch.device(device), schedule)
+                                         for module, params, recompute in units if params]
     return model
 
 
@@ -203,8 +346,7 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
         for flat in unit.flats:
             if trainable_only and not flat.shard.requires_grad:
                 continue
-            with torch.no_grad():
-                full = flat.gather(None, unit.group)
+            full = _AllGather(flat.shard, flat.shard.dtype, unit.group).wait()
             # Clones, so the unit's full buffer dies with this loop.
             tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full)))
         yield tensors

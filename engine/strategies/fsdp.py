@@ -27,7 +27,8 @@ class FSDP(ReadsOwnPiece):
         # Every block is recomputed in backward by FSDP itself, which is activation checkpointing:
         # no checkpointing on top. Blocks are gathered in the frozen weights' dtype to compute.
         fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.read,
-                         device=self.runtime.device, master_dtype=self.precision.trained_dtype)
+                         device=self.runtime.device, master_dtype=self.precision.trained_dtype,
+                         prefetch=self.config.fsdp_prefetch)
         del self.read  # the weight files' handles: every shard is filled now
         self.model, self.parts = model, [model]
         self.precision.autocast_forward(model, self.runtime.device)
