@@ -72,7 +72,7 @@ class TrainConfig:
     quant: str = option("none", "override the approach's base-weight format", choices=("none", "nf4"),
                         default_help=HYBRID)
     parallel: str = option("none", "override the approach's parallelism",
-                           choices=("none", "ddp", "fsdp", "pipeline"), default_help=HYBRID)
+                           choices=("none", "ddp", "fsdp", "pipeline", "pipeline+fsdp"), default_help=HYBRID)
     model: str = option("auto", "'tiny', a local folder, a config.json or a Hugging Face id",
                         default_help="tiny on CPU, HuggingFaceM4/idefics2-8b on CUDA")
     dataset: str = option("musequest", "'musequest' (built in), a Hugging Face id, a save_to_disk folder or an "
@@ -112,6 +112,10 @@ class TrainConfig:
                                                          "connector (and vision layers that train) in backward "
                                                          "instead of keeping them",
                                                    default_help="on for CUDA, off on CPU")
+    # FSDP
+    fsdp_prefetch: bool = option(True, "fsdp: gather each block only as it runs and wait for each reduce-scatter "
+                                       "at once, instead of overlapping both with the neighbouring block's compute "
+                                       "(the same results, slower, a block's weights and gradient less memory)")
     # pipeline (full_mp)
     micro_batches: int = option(4, "full_mp: micro-batches each batch is cut into so the stages work at once; "
                                    "1 is the original's naive split", minimum=1)
@@ -119,6 +123,9 @@ class TrainConfig:
                                     "backward, fewer activations alive (1f1b)", choices=("gpipe", "1f1b"))
     split: tuple[int, ...] = option((), "full_mp: first decoder layer of every stage after the first",
                                     default_help="balanced by parameters; the original's 4-GPU split is 5 14 23")
+    stages: int | None = option(None, "pipeline+fsdp: pipeline stages; the N ranks form S stages of N/S ranks, each "
+                                      "stage sharded FSDP-style over its ranks", minimum=2,
+                                default_help="needed with pipeline+fsdp; the pipeline alone has a stage per rank")
     # LoRA: the original project's settings
     lora_target: tuple[str, ...] = option(("projections",), "modules that get LoRA: presets (projections, text, "
                                           "connector, vision, all-linear) or regexes over module paths")
@@ -177,7 +184,7 @@ class TrainConfig:
 # device, and the ranks through the global batch and the world size.)
 RESUMABLE = {"resume", "overwrite", "stop_after_steps", "tensorboard", "tensorboard_port", "skip_eval", "scorer",
              "max_new_tokens", "keep_last", "output_dir", "device", "precision", "gpus", "batch_size", "grad_accum",
-             "micro_batches", "schedule", "activation_checkpointing", "memory_budget"}
+             "micro_batches", "schedule", "activation_checkpointing", "memory_budget", "fsdp_prefetch"}
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:
@@ -233,6 +240,11 @@ def validate(config: TrainConfig) -> None:
                          "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
-    if config.parallel == "pipeline" and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
+    if (config.stages is None) == (config.parallel == "pipeline+fsdp"):
+        raise UsageError("--parallel pipeline+fsdp needs --stages S (S stages of N/S ranks each)." if config.stages is None
+                         else "--stages is for --parallel pipeline+fsdp; --parallel pipeline has one stage per rank.")
+    if config.stages and config.gpus and config.gpus % config.stages:
+        raise UsageError(f"--gpus {config.gpus} cannot form --stages {config.stages} of equal size; give a multiple.")
+    if config.parallel.startswith("pipeline") and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
     check_scorer(config.scorer)

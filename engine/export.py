@@ -54,24 +54,28 @@ def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin,
     return _publish(folder, write_files)
 
 
-def export_pretrained_by_rank(model: PreTrainedModel, own: dict[str, torch.Tensor], processor: ProcessorMixin,
-                              folder: Path, dtype: torch.dtype, rank: int, world: int) -> None:
-    """`export_pretrained` for a pipeline: every rank writes its `own` weights (its stage's, by the
-    model's names) as one safetensors file of a shared temporary folder, which the main rank
-    completes with the index, config and processor and publishes. Every rank calls it."""
+def export_pretrained_by_stage(model: PreTrainedModel, own: dict[str, torch.Tensor] | None, processor: ProcessorMixin,
+                               folder: Path, dtype: torch.dtype, stage: int, stages: int, main: bool) -> None:
+    """`export_pretrained` for a pipeline: one rank of every stage writes `own`, the stage's weights by
+    the model's names, as one safetensors file of a shared temporary folder, which the `main` rank
+    (one of the writers) completes with the index, config and processor and publishes. `own` is None
+    on the stage's other ranks (pipeline+fsdp). Every rank calls it."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    if rank == 0:
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    piece = dict(own, **(_persistent_buffers(model) if rank == 0 else {}))
-    file = f"model-{rank + 1:05d}-of-{world:05d}.safetensors"
-    size = _save_piece(piece, tmp / file, dtype)
-    written = [None] * world
-    dist.all_gather_object(written, (file, sorted(piece), size))
-    if rank == 0:
-        weight_map = {name: file for file, names, _ in written for name in names}
-        _write_index_and_config(tmp, model, processor, weight_map, sum(size for *_, size in written))
+    written = None
+    if own is not None:
+        piece = dict(own, **(_persistent_buffers(model) if main else {}))
+        file = f"model-{stage + 1:05d}-of-{stages:05d}.safetensors"
+        written = (file, sorted(piece), _save_piece(piece, tmp / file, dtype))
+    pieces = [None] * dist.get_world_size()
+    dist.all_gather_object(pieces, written)
+    if main:
+        pieces = [piece for piece in pieces if piece is not None]
+        weight_map = {name: file for file, names, _ in pieces for name in names}
+        _write_index_and_config(tmp, model, processor, weight_map, sum(size for *_, size in pieces))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)

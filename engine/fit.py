@@ -79,7 +79,7 @@ def max_batch_size(config: TrainConfig, precision: Precision, widest: WidestBatc
     peak fits `budget`. The peak grows about linearly with the batch, so each next try is where the line
     through the last two meets the budget, kept strictly between the largest batch known to fit and the
     smallest known not to: a handful of plans of seconds each."""
-    unit = config.micro_batches if config.parallel == "pipeline" else 1
+    unit = config.micro_batches if config.parallel.startswith("pipeline") else 1
     known = {config.batch_size: planned_peak}
 
     def peak(batch: int) -> int:
@@ -160,7 +160,7 @@ def remedies(config: TrainConfig, plan: dict) -> str:
         options.append("--optimizer adamw8bit")
     if plan["precision"] == "bf16-mixed" and config.adapter == "none":
         options.append("--precision bf16")
-    if config.parallel == "fsdp" or config.parallel == "pipeline":
+    if config.parallel in ("fsdp", "pipeline", "pipeline+fsdp"):
         options.append("more GPUs (--gpus)")
     elif config.adapter == "none":
         options.append("--approach full_fsdp with more GPUs")

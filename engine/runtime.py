@@ -21,6 +21,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     precision: Precision = field(default=None)  # None: the device's default (precision_for "auto")
+    group: dist.ProcessGroup | None = None  # the ranks counted here, if not all (pipeline+fsdp's data ranks)
 
     def __post_init__(self):
         if self.precision is None:
@@ -35,7 +36,7 @@ class Runtime:
         if self.world_size == 1:
             return value
         total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.group)
         return float(total)
 
     def gather(self, value: object) -> list[object]:
@@ -43,7 +44,7 @@ class Runtime:
         if self.world_size == 1:
             return [value]
         values = [None] * self.world_size
-        dist.all_gather_object(values, value)
+        dist.all_gather_object(values, value, group=self.group)
         return values
 
     def peak_memory_bytes(self) -> int:

@@ -107,11 +107,13 @@ def stage(model: PreTrainedModel, points: list[int], rank: int, loss: Loss) -> S
     return Stage(model, bounds[rank], bounds[rank + 1], first=rank == 0, last=rank == len(bounds) - 2, loss=loss)
 
 
-def activation_shape(model: PreTrainedModel) -> Callable[[dict], tuple[torch.Size, torch.dtype]]:
+def activation_shape(model: PreTrainedModel, dtype: torch.dtype | None = None) \
+        -> Callable[[dict], tuple[torch.Size, torch.dtype]]:
     """What travels between any two stages for a micro-batch: the hidden states (batch, sequence,
-    hidden size), in the embeddings' dtype, which the residual stream keeps as in the unsplit model."""
+    hidden size), in the embeddings' dtype, which the residual stream keeps as in the unsplit model;
+    or in `dtype`, what the embeddings compute in when it is not their weights' (FSDP gathers them so)."""
     hidden_size = model.config.get_text_config().hidden_size
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = dtype or model.get_input_embeddings().weight.dtype
 
     def shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
         return torch.Size((*batch["input_ids"].shape, hidden_size)), dtype

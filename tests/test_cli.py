@@ -35,8 +35,14 @@ def test_help_lists_all_six_approaches(tmp_path):
 
 
 def test_unbuilt_approaches_are_refused_not_substituted():
-    with pytest.raises(UsageError, match=r"--parallel must be none, ddp, fsdp or pipeline, not 'pipeline\+fsdp'\."):
-        from_approach("full_mp", gpus=2, parallel="pipeline+fsdp")
+    with pytest.raises(UsageError, match=r"--parallel must be none, ddp, fsdp, pipeline or pipeline\+fsdp, not 'tp'\."):
+        from_approach("full_mp", gpus=2, parallel="tp")
+    with pytest.raises(UsageError, match=r"--parallel pipeline\+fsdp needs --stages S"):
+        from_approach("full_mp", gpus=4, parallel="pipeline+fsdp")
+    with pytest.raises(UsageError, match=r"--stages is for --parallel pipeline\+fsdp"):
+        from_approach("full_mp", gpus=4, stages=2)
+    with pytest.raises(UsageError, match="--gpus 6 cannot form --stages 4 of equal size"):
+        from_approach("full_mp", gpus=6, parallel="pipeline+fsdp", stages=4)
     with pytest.raises(UsageError, match="--micro-batches 3 must divide --batch-size 4"):
         from_approach("full_mp", gpus=2, micro_batches=3)
     with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):

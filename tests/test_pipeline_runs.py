@@ -69,6 +69,31 @@ def test_full_mp_resumes_from_per_stage_checkpoints(single, tmp_path):
 
 
 @pytest.mark.slow
+def test_pipeline_of_fsdp_stages_equals_one_process_full_and_resumes(single, tmp_path):
+    """4 ranks as 2 stages x 2 shards: two pipelines, each fed half of every batch of 4 (--batch-size is per
+    pipeline), each stage sharded over its 2 ranks. Stopped after 2 steps and resumed from the 4 ranks' own
+    checkpoint files, it trains, validates and exports what one process does with the whole batch."""
+    reference, reference_final = single
+    hybrid = dict(parallel="pipeline+fsdp", stages=2, micro_batches=2, **FULL)
+    first = run_engine(tmp_path, "full_mp", batch_size=2, gpus=4, stop_after_steps=2, **hybrid)
+    saved = {p.name for p in (tmp_path / "checkpoints").glob("step-*/*")}
+    assert {f"model-rank{rank:05d}-of-00004.safetensors" for rank in range(4)} <= saved
+    second = run_engine(tmp_path, "full_mp", batch_size=2, gpus=4, resume=True, **hybrid)
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        second["history"][key] = first["history"][key] + second["history"][key]
+    assert_same_curves(second, reference)
+    _assert_same_weights(tmp_path / "final", reference_final)
+    # Rank r is stage r // 2; a stage's two ranks hold a half of its weights each (to the shards' padding).
+    ranks, whole = second["ranks"], reference["ranks"][0]["param_bytes"]
+    assert [rank["stage"] for rank in ranks] == [0, 0, 1, 1]
+    padding = 4 * 64  # at most one fp32 element of padding per flat buffer, a few dozen flats per rank
+    assert whole <= sum(rank["param_bytes"] for rank in ranks) <= whole + 4 * padding
+    for first_shard, second_shard in (ranks[0:2], ranks[2:4]):
+        assert abs(first_shard["param_bytes"] - second_shard["param_bytes"]) <= padding
+        assert first_shard["param_bytes"] < whole / 2
+
+
+@pytest.mark.slow
 def test_the_headline_command_runs_on_four_cpu_processes(tmp_path):
     torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not on PATH")
     command = [torchrun, str(ROOT / "run.py"), "--approach", "full_mp", "--gpus", "4",

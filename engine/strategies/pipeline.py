@@ -8,14 +8,14 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from engine import checkpoint
-from engine.export import export_adapter, export_pretrained_by_rank
+from engine.export import export_adapter, export_pretrained_by_stage
 from engine.loss import answer_loss
 from engine.runtime import Runtime
 from engine.strategies.single import ReadsOwnPiece
 from models.lazy import materialize
-from models.stages import activation_shape, split_points, stage
+from models.stages import Stage, activation_shape, split_points, stage
 from parallel import clip
-from parallel.pipeline import Pipeline, bubble
+from parallel.pipeline import ActivationShape, Pipeline, bubble
 
 
 class PipelineParallel(ReadsOwnPiece):
@@ -26,23 +26,29 @@ class PipelineParallel(ReadsOwnPiece):
         super().__init__(config, runtime)
         self.data = Runtime(runtime.device, precision=runtime.precision)  # every stage sees the whole batch
         self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
+        self.stage_index, self.stages, self.pipe = runtime.rank, runtime.world_size, None  # None: every rank
         self.idle: list[float] = []
 
     def prepare(self, model: PreTrainedModel) -> None:
-        points = split_points(model, self.runtime.world_size, self.config.split)
-        own = stage(model, points, self.runtime.rank, answer_loss)
+        own = self.own_stage(model)
         materialize(model, own, self.reader(model), self.runtime.device)  # the other stages stay on meta
         del self.read
         self.model, self.parts = model, [own]
         self.checkpoint_activations(model)
+        self.start_pipeline(own, activation_shape(model))
+
+    def own_stage(self, model: PreTrainedModel) -> Stage:
+        return stage(model, split_points(model, self.stages, self.config.split), self.stage_index, answer_loss)
+
+    def start_pipeline(self, own: Stage, shape: ActivationShape) -> None:
         self.precision.autocast_forward(own, self.runtime.device)
-        self.pipeline = Pipeline(own, activation_shape(model), self.config.schedule, device=self.runtime.device)
+        self.pipeline = Pipeline(own, shape, self.config.schedule, group=self.pipe, device=self.runtime.device)
 
     def forward_backward(self, batches: list[dict], divisor: int) -> float:
         micro = [piece for batch in batches for piece in self.micro_batches(batch)]
         loss = self.pipeline.train_step(micro, divisor)
         self.idle.append(self.pipeline.last_idle_fraction)
-        return loss
+        return self.data.sum_over_ranks(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
 
     def eval_loss(self, batch: dict) -> float:
         return self.pipeline.evaluate(self.micro_batches(batch))
@@ -63,21 +69,25 @@ class PipelineParallel(ReadsOwnPiece):
         return True
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
-        """The whole model, each stage writing its own layers; or the adapter, every stage's gathered on the main rank."""
+        """The whole model, one file per stage; or the adapter, every stage's gathered on the main rank."""
+        own = self.stage_weights(trainable_only=adapter_base is not None)
         if adapter_base is None:
-            own = self.named(list(self.parts[0].parameters()))
-            export_pretrained_by_rank(self.model, own, processor, folder, self.precision.frozen_dtype,
-                                      self.runtime.rank, self.runtime.world_size)
+            export_pretrained_by_stage(self.model, own, processor, folder, self.precision.frozen_dtype,
+                                       self.stage_index, self.stages, self.runtime.is_main)
             return
-        stages = self.runtime.gather({name: p.detach().cpu() for name, p in self.named(self.parameters()).items()})
+        stages = self.runtime.gather({name: tensor.cpu() for name, tensor in (own or {}).items()})
         if self.runtime.is_main:
             adapter = {name: tensor for stage in stages for name, tensor in stage.items()}
             export_adapter(self.model, processor, folder, adapter_base, self.config.to_json(), adapter)
+
+    def stage_weights(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
+        """This stage's weights (or those that train) by the model's names, on the rank that writes them."""
+        params = [p for p in self.parts[0].parameters() if p.requires_grad or not trainable_only]
+        return {name: p.detach() for name, p in self.named(params).items()}
 
     def rank_report(self) -> dict:
         """This rank's stage (its decoder layers) and the measured fraction of its step time spent waiting."""
         return {"decoder_layers": list(self.parts[0].bounds), "idle_fraction": sum(self.idle) / max(1, len(self.idle))}
 
     def run_report(self) -> dict:
-        stages, micro = self.runtime.world_size, self.config.micro_batches * self.config.grad_accum
-        return {"theoretical_bubble": bubble(stages, micro)}
+        return {"theoretical_bubble": bubble(self.stages, self.config.micro_batches * self.config.grad_accum)}
