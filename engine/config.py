@@ -235,9 +235,6 @@ def validate(config: TrainConfig) -> None:
                          "moments in host memory instead: choose one.")
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
-    if config.quant == "nf4" and config.parallel == "fsdp":
-        raise UsageError("an NF4 base cannot be sharded by FSDP (its packed weights and quant state are not "
-                         "flat fp tensors); use --parallel ddp for QLoRA on several GPUs.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
         raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
     if (config.stages is None) == (config.parallel == "pipeline+fsdp"):

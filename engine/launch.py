@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import TrainConfig
-from errors import DiskError, UsageError, debug, explain
+from errors import PEER_GONE, DiskError, UsageError, debug, explain, lost_peer
 from engine.precision import precision_for
 from engine.runtime import Runtime, pick_device
 
@@ -86,25 +86,29 @@ SENTENCES = {"UsageError": UsageError, "DiskError": DiskError}  # what _rank rai
 
 def _rank(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
     """`worker(config)` on a spawned rank; a failure errors.explain words becomes a UsageError or DiskError of
-    that sentence, which is what torch's error file then records for the parent."""
+    that sentence, which is what torch's error file then records for the parent. A lost peer stays as it is: the
+    parent names the rank that went away instead."""
     try:
         return worker(config)
     except Exception as error:
         explained = explain(error, config.out)
-        if explained is None:
+        if explained is None or lost_peer(error):
             raise
         raise (DiskError if explained[0] == 1 else UsageError)(explained[1]) from error
 
 
 def _reported_failure(failure) -> tuple[int, str, str]:
     """(rank, message, traceback) of the failure to show: the first rank that failed with a sentence of its own
-    (the others may only have lost their peer), else the first to fail."""
+    (the others may only have lost their peer), else the first that did not just lose its peer (a rank killed by
+    a signal, or a bug), else the first to fail."""
     failures = []
     for rank, failed in sorted(failure.failures.items(), key=lambda item: item[1].timestamp):
         message = failed.message.get("message", "") if isinstance(failed.message, dict) else failed.message
         stack = failed.message.get("extraInfo", {}).get("py_callstack", "") if isinstance(failed.message, dict) else ""
         failures.append((rank, message, stack))
-    return next((f for f in failures if f[1].partition(": ")[0] in SENTENCES), failures[0])
+    own_sentence = [f for f in failures if f[1].partition(": ")[0] in SENTENCES]
+    not_a_lost_peer = [f for f in failures if not PEER_GONE.search(f[1])]
+    return (own_sentence or not_a_lost_peer or failures)[0]
 
 
 @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """What a run reports: TensorBoard scalars on the main rank, and per-rank memory bytes."""
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,13 +34,11 @@ class Scalars:
             self.writer.close()
 
 
-def parameter_counts(model: nn.Module, sizes: Iterable[tuple[int, bool]] | None = None) -> tuple[int, int]:
-    """(trainable, total) weights of the whole model. `sizes`: (weights, trainable?) of each parameter
-    when the parameters are not the weights themselves (FSDP's shards); NF4 weights are buffers, not
-    parameters, but count as weights."""
-    sizes = list(sizes) if sizes is not None else [(p.numel(), p.requires_grad) for p in model.parameters()]
-    trainable = sum(size for size, requires_grad in sizes if requires_grad)
-    return trainable, sum(size for size, _ in sizes) + quantized_bytes(lora.base_layers(model))[1] // 2
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) weights of the whole model; NF4 weights are buffers, not parameters, but count as weights."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + quantized_bytes(lora.base_layers(model))[1] // 2
+    return trainable, total
 
 
 def quantized_summary(model: nn.Module) -> dict:

@@ -30,7 +30,7 @@ from engine.data_checks import check_data
 from engine.data_sources import load_splits
 from engine.launch import setup_runtime
 from engine.loss import answer_token_count
-from engine.metrics import Scalars, quantized_summary
+from engine.metrics import Scalars
 from engine.optim import cosine_with_warmup, optimizer_for, scaled_lr
 from engine.output_folder import claim, prepare_for_run
 from engine.resume import refuse_finished, resume
@@ -83,7 +83,7 @@ def train(config: TrainConfig) -> dict:
         "wall_time_s": wall, "mean_step_time_s": sum(stats["step_times"]) / max(1, len(stats["step_times"])),
         "samples_per_s": stats["rows"] / wall if wall else 0.0,
         "tokens_per_s": stats["tokens"] / wall if wall else 0.0,
-        "trainable_params": trainable, "total_params": total, **quantized_summary(run.strategy.model),
+        "trainable_params": trainable, "total_params": total, **run.strategy.quantized_summary(),
         "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(),
                                  **stats["memory"], **run.strategy.rank_report()}),
         **run.strategy.run_report(), "history": history,

@@ -47,6 +47,10 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 # reads its slices of a model built on the meta device (models/lazy.py reads safetensors files).
 Read = Callable[[str, int, int], torch.Tensor]
 
+# A tensor a unit shards: (qualified name, owning module, the owner's table of it (`_parameters` or
+# `_buffers`), attribute, tensor). Persistent buffers are weights too (an NF4 layer's packed codes).
+Entry = tuple[str, nn.Module, str, str, torch.Tensor]
+
 
 class _AllGather:
     """An all-gather in flight: every rank's shard, cast to `dtype`, into one full buffer."""
@@ -91,26 +95,28 @@ class _Gather(torch.autograd.Function):
 
 
 class _Flat:
-    """Parameters of one unit sharing `requires_grad`, laid end to end; this rank keeps `shard`.
+    """Tensors of one unit of one kind (trainable parameters, frozen ones, buffers of one dtype), laid
+    end to end; this rank keeps `shard`, a Parameter for parameters. Parameters are gathered in the
+    unit's compute dtype, buffers (`cast` False) in their own: an NF4 code is not a number to round.
 
-    A parameter on the meta device is read from `read` (only the elements inside this rank's
-    slice); a real one is first broadcast from rank 0, since ranks may have initialised
-    differently (seeds, LoRA's random A).
+    A tensor on the meta device is read from `read` (only the elements inside this rank's slice); a
+    real one is first broadcast from rank 0, since ranks may have initialised differently (seeds,
+    LoRA's random A).
     """
 
-    def __init__(self, params: list[tuple[str, nn.Module, str, nn.Parameter]], dtype: torch.dtype,
-                 group: dist.ProcessGroup | None, read: Read | None, device: torch.device):
+    def __init__(self, params: list[Entry], dtype: torch.dtype, group: dist.ProcessGroup | None, read: Read | None,
+                 device: torch.device):
         self.names = [name for name, *_ in params]
-        self.owners = [(module, attr) for _, module, attr, _ in params]
+        self.owners = [(module, table, attr) for _, module, table, attr, _ in params]
         self.shapes = [param.shape for *_, param in params]
         self.sizes = [param.numel() for *_, param in params]
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        trainable = params[0][3].requires_grad
+        trainable, self.cast = params[0][4].requires_grad, params[0][2] == "_parameters"
         per_rank = -(-sum(self.sizes) // world)
         low, high = rank * per_rank, (rank + 1) * per_rank
         pieces, offset = [], 0
         with torch.no_grad():
-            for name, _, _, param in params:
+            for name, *_, param in params:
                 start, stop = max(low, offset) - offset, min(high, offset + param.numel()) - offset
                 offset += param.numel()
                 if param.is_meta and read is None:
@@ -124,30 +130,39 @@ class _Flat:
             shard = torch.zeros(per_rank, dtype=dtype, device=device)  # the tail past the last weight is padding
             if pieces:
                 torch.cat(pieces, out=shard[:sum(p.numel() for p in pieces)])
-        self.shard = nn.Parameter(shard, requires_grad=trainable)
+        self.shard = nn.Parameter(shard, requires_grad=trainable) if self.cast else shard
 
-    def views(self, full: torch.Tensor) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
-        for (module, attr), shape, chunk in zip(self.owners, self.shapes, full[:sum(self.sizes)].split(self.sizes)):
-            yield module, attr, chunk.view(shape)
+    def views(self, full: torch.Tensor) -> Iterator[tuple[dict[str, torch.Tensor], str, torch.Tensor]]:
+        """(the owner's table, attribute, the full tensor) of every tensor of the flat."""
+        for (module, table, attr), shape, chunk in zip(self.owners, self.shapes,
+                                                       full[:sum(self.sizes)].split(self.sizes)):
+            yield getattr(module, table), attr, chunk.view(shape)
 
 
 class _Unit:
-    """A module whose own parameters (those of no other unit) are gathered around its forward."""
+    """A module whose own tensors (those of no other unit) are gathered around its forward."""
 
-    def __init__(self, module: nn.Module, params: list[tuple[str, nn.Module, str, nn.Parameter]],
-                 compute_dtype: torch.dtype | None, master_dtype: torch.dtype, group: dist.ProcessGroup | None,
-                 recompute: bool, read: Read | None, device: torch.device, schedule: "_Schedule"):
+    def __init__(self, module: nn.Module, entries: list[Entry], compute_dtype: torch.dtype | None,
+                 master_dtype: torch.dtype, group: dist.ProcessGroup | None, recompute: bool, read: Read | None,
+                 device: torch.device, schedule: "_Schedule"):
         self.compute_dtype, self.group, self.recompute, self.schedule = compute_dtype, group, recompute, schedule
-        trainable = [p for p in params if p[3].requires_grad]
-        frozen = [p for p in params if not p[3].requires_grad]
+        params = [e for e in entries if e[2] == "_parameters"]
+        trainable = [e for e in params if e[4].requires_grad]
+        frozen = [e for e in params if not e[4].requires_grad]
+        buffers = {dtype: [e for e in entries if e[2] == "_buffers" and e[4].dtype == dtype]
+                   for dtype in dict.fromkeys(e[4].dtype for e in entries if e[2] == "_buffers")}
         # Trainable weights keep their master dtype; a frozen base keeps its own (first parameter's).
-        self.flats = [_Flat(kind, dtype, group, read, device)
-                      for kind, dtype in ((trainable, master_dtype), (frozen, frozen[0][3].dtype if frozen else None))
-                      if kind]
+        kinds = [(trainable, master_dtype), (frozen, frozen[0][4].dtype if frozen else None), *(
+            (kind, dtype) for dtype, kind in buffers.items())]
+        self.flats = [_Flat(kind, dtype, group, read, device) for kind, dtype in kinds if kind]
         for flat in self.flats:
-            for owner, attr in flat.owners:
-                del owner._parameters[attr]
-            module.register_parameter(f"fsdp_{'trainable' if flat.shard.requires_grad else 'frozen'}_shard", flat.shard)
+            for owner, table, attr in flat.owners:
+                del getattr(owner, table)[attr]
+            if flat.cast:
+                module.register_parameter(f"fsdp_{'trainable' if flat.shard.requires_grad else 'frozen'}_shard",
+                                          flat.shard)
+            else:
+                module.register_buffer(f"fsdp_{str(flat.shard.dtype).removeprefix('torch.')}_buffer_shard", flat.shard)
         self.forward = module.forward
         # An instance attribute, so module names (and state dict keys) stay as they were.
         module.forward = functools.update_wrapper(functools.partial(_Unit.sharded_forward, self), self.forward)
@@ -159,20 +174,21 @@ class _Unit:
 
     def gathered_forward(self, *args, **kwargs):
         # Plain tensors (not Parameters) stand in for the deleted names only while forward runs, in
-        # each owner's parameter table: the one contract relied on is nn.Module's, that attribute
-        # lookup reads that table, so any module that reads its weights as attributes works.
+        # each owner's parameter (or buffer) table: the one contract relied on is nn.Module's, that
+        # attribute lookup reads those tables, so any module that reads its weights as attributes works.
         views = [v for flat, full in zip(self.flats, self.schedule.start(self)) for v in flat.views(full)]
-        for module, attr, view in views:
-            module._parameters[attr] = view
+        for table, attr, view in views:
+            table[attr] = view
         try:
             return self.forward(*args, **kwargs)
         finally:
-            for module, attr, _ in views:
-                del module._parameters[attr]
+            for table, attr, _ in views:
+                del table[attr]
             self.schedule.end(self)
 
     def all_gathers(self) -> list[_AllGather]:
-        return [_AllGather(flat.shard, self.compute_dtype or flat.shard.dtype, self.group) for flat in self.flats]
+        return [_AllGather(flat.shard, self.compute_dtype if flat.cast and self.compute_dtype else flat.shard.dtype,
+                           self.group) for flat in self.flats]
 
 
 def _in_backward() -> bool:
@@ -288,11 +304,18 @@ class _Schedule:
             self.events.append((event, self.units.index(unit)))
 
 
-def _params(module: nn.Module, prefix: str, skip: set[int]) -> list[tuple[str, nn.Module, str, nn.Parameter]]:
-    """(qualified name, owner, attribute, parameter) of every module under `module` not in `skip`."""
-    return [(f"{name}.{attr}" if name else attr, owner, attr, param)
+def _entries(module: nn.Module, prefix: str, skip: set[int]) -> list[Entry]:
+    """The parameters and persistent buffers of every module under `module` not in `skip`."""
+    return [(f"{name}.{attr}" if name else attr, owner, table, attr, tensor)
             for name, owner in module.named_modules(prefix=prefix) if id(owner) not in skip
-            for attr, param in owner._parameters.items() if param is not None]
+            for table in ("_parameters", "_buffers")
+            for attr, tensor in getattr(owner, table).items() if tensor is not None and _sharded(owner, table, attr)]
+
+
+def _sharded(owner: nn.Module, table: str, attr: str) -> bool:
+    """Parameters and persistent buffers are sharded; a non-persistent buffer (rotary tables, computed
+    at init, in no checkpoint) is kept whole on every rank."""
+    return table == "_parameters" or attr not in owner._non_persistent_buffers_set
 
 
 def _first_rank(group: dist.ProcessGroup | None) -> int:
@@ -306,7 +329,8 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     """Shards `model` in place across `process_group`, one unit per block plus the root; returns it.
 
     Call on every rank with the same model structure; rank 0's real weights and buffers win.
-    Parameters left on the meta device (a model built without weights) are filled from `read`,
+    Persistent buffers are sharded as the parameters are (an NF4 layer's codes: `quant/`), each
+    dtype its own flat. Tensors left on the meta device (a model built without weights) are filled from `read`,
     each rank reading only its own slices, so no rank ever holds the whole model. Shards land
     on `device`, trainable ones in `master_dtype`. Afterwards `model.parameters()` are the shards:
     build the optimizer on them, clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied
@@ -322,16 +346,16 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     with torch.no_grad():
         for module in model.modules():
             for name, buffer in module._buffers.items():
-                if buffer is not None:
+                if buffer is not None and not _sharded(module, "_buffers", name):
                     module._buffers[name] = buffer = buffer.to(device)
                     dist.broadcast(buffer, src=_first_rank(process_group), group=process_group)
     prefixes = {id(module): name for name, module in model.named_modules()}
-    units = [(block, _params(block, prefixes[id(block)], set()), True) for block in blocks]
-    units.append((model, _params(model, "", set().union(*inside)), False))
+    units = [(block, _entries(block, prefixes[id(block)], set()), True) for block in blocks]
+    units.append((model, _entries(model, "", set().union(*inside)), False))
     model.fsdp_schedule = schedule = _Schedule(prefetch)
-    model.fsdp_units = schedule.units = [_Unit(module, params, compute_dtype, master_dtype, process_group, recompute,
-                                               read, torch.device(device), schedule)
-                                         for module, params, recompute in units if params]
+    model.fsdp_units = schedule.units = [_Unit(module, entries, compute_dtype, master_dtype, process_group,
+                                               recompute, read, torch.device(device), schedule)
+                                         for module, entries, recompute in units if entries]
     return model
 
 
@@ -350,11 +374,6 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
             # Clones, so the unit's full buffer dies with this loop.
             tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full)))
         yield tensors
-
-
-def unsharded_sizes(model: nn.Module) -> list[tuple[int, bool]]:
-    """(weights a shard stands for, trainable?) of every shard: the model's size before sharding."""
-    return [(sum(flat.sizes), flat.shard.requires_grad) for unit in model.fsdp_units for flat in unit.flats]
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:

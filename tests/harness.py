@@ -171,7 +171,8 @@ def saved_logits(folder, batch: dict) -> torch.Tensor:
         return AutoModelForImageTextToText.from_pretrained(folder).eval()(**batch, use_cache=False).logits
 
 
-def assert_same_curves(got: dict, expected: dict) -> None:
-    """The two summaries' losses and grad norms, step by step (test_fsdp_runs explains the tolerances)."""
-    for key, rel in (("train_loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
+def assert_same_curves(got: dict, expected: dict, validation: float = 1e-5) -> None:
+    """The two summaries' losses and grad norms, step by step (test_fsdp_runs explains the tolerances;
+    `validation`, the relative one of the validation loss after the last step, can be looser)."""
+    for key, rel in (("train_loss", 1e-5), ("val_loss", validation), ("grad_norm", 1e-3)):
         assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in expected["history"][key]], rel=rel), key

@@ -10,12 +10,25 @@ import models
 from engine import checkpoint
 from engine.export import export_adapter, export_pretrained_by_unit
 from engine.loss import loss_forward
-from engine.metrics import parameter_counts
+from engine.metrics import parameter_counts, quantized_summary
 from engine.strategies.single import ReadsOwnPiece
 from parallel import fsdp
 
 
-class FSDP(ReadsOwnPiece):
+class MeasuredBeforeSharding:
+    """The whole model's sizes, taken before sharding replaces its weights by this rank's shards."""
+
+    def measure_whole(self, model: PreTrainedModel) -> None:
+        self.counts, self.quantized = parameter_counts(model), quantized_summary(model)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        return self.counts
+
+    def quantized_summary(self) -> dict:
+        return self.quantized
+
+
+class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
     min_ranks = 2
 
     def __init__(self, config, runtime):
@@ -24,17 +37,15 @@ class FSDP(ReadsOwnPiece):
 
     def prepare(self, model: PreTrainedModel) -> None:
         loss_forward(model)  # before sharding: the root unit's gathers enclose the loss and its output layer
+        self.measure_whole(model)
         # Every block is recomputed in backward by FSDP itself, which is activation checkpointing:
         # no checkpointing on top. Blocks are gathered in the frozen weights' dtype to compute.
-        fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.read,
+        fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.reader(model),
                          device=self.runtime.device, master_dtype=self.precision.trained_dtype,
                          prefetch=self.config.fsdp_prefetch)
         del self.read  # the weight files' handles: every shard is filled now
         self.model, self.parts = model, [model]
         self.precision.autocast_forward(model, self.runtime.device)
-
-    def parameter_counts(self) -> tuple[int, int]:
-        return parameter_counts(self.model, fsdp.unsharded_sizes(self.model))
 
     def clip_(self, max_norm: float) -> float:
         return fsdp.clip_grad_norm_(self.model, max_norm)

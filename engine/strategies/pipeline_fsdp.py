@@ -14,15 +14,15 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 import models
-from engine.metrics import parameter_counts
 from engine.runtime import Runtime
+from engine.strategies.fsdp import MeasuredBeforeSharding
 from engine.strategies.pipeline import PipelineParallel
 from errors import UsageError
 from models.stages import activation_shape
 from parallel import fsdp
 
 
-class PipelineFSDP(PipelineParallel):
+class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
         world, stages = runtime.world_size, config.stages
@@ -38,9 +38,8 @@ class PipelineFSDP(PipelineParallel):
 
     def prepare(self, model: PreTrainedModel) -> None:
         own = self.own_stage(model)
-        # While every weight is still itself (sharding replaces them by shards, named after their stage's modules).
-        self.counts = parameter_counts(model)
-        self.trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+        self.measure_whole(model)
+        self.trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)  # (shards are not)
         # The stage's own names for its tensors are not the model's, by which the weight files know them.
         names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
         self.names = {name: names[id(t)] for name, t in [*own.named_parameters(), *own.named_buffers()]}
@@ -60,9 +59,6 @@ class PipelineFSDP(PipelineParallel):
         # One micro-batch per batch: a stage's ranks must run as many forwards (each one gathers), and the
         # last validation batches of two pipelines may have too few rows for as many micro-batches.
         return self.pipeline.evaluate([{key: value.to(self.runtime.device) for key, value in batch.items()}])
-
-    def parameter_counts(self) -> tuple[int, int]:
-        return self.counts
 
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "trainable": self.trainable}  # the same on every stage

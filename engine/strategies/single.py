@@ -22,7 +22,7 @@ from engine.collate import Collator
 from engine.config import TrainConfig
 from engine.export import export_adapter, export_pretrained
 from engine.loss import answer_token_count, loss_forward
-from engine.metrics import memory_breakdown, parameter_counts
+from engine.metrics import memory_breakdown, parameter_counts, quantized_summary
 from engine.runtime import Runtime
 from errors import UsageError
 from models.lazy import SliceReader, materialize
@@ -80,6 +80,9 @@ class Single:
 
     def parameter_counts(self) -> tuple[int, int]:
         return parameter_counts(self.model)
+
+    def quantized_summary(self) -> dict:
+        return quantized_summary(self.model)
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
