@@ -6,7 +6,8 @@ diverged); let real bugs raise what they raise. run.py shows every failure in `e
 
     0    done
     1    a file or folder could not be written or read: a full disk, a read-only or forbidden folder,
-         a file where a folder belongs (the sentence names the path and the system's error)
+         a file where a folder belongs (the sentence names the path and the system's error); or another
+         rank of the run went away (its process or machine died), so this one cannot go on
     2    a UsageError: bad input, refused before any work, or a diverged run, stopped before saving
     130  interrupted by Ctrl-C (SIGINT)
     143  stopped by SIGTERM
@@ -34,6 +35,10 @@ class DiskError(Exception):
 class Terminated(BaseException):
     """SIGTERM, raised by run.py's handler so that a run unwinds as after Ctrl-C: a BaseException, like
     KeyboardInterrupt, so that no `except Exception` catches it."""
+
+
+# What gloo and torch's TCP store say when the process at the other end of a connection has gone.
+PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection was likely closed")
 
 
 # The OSErrors of a disk or a path, and what to do about each; any other OSError is left to its traceback.
@@ -74,11 +79,20 @@ def explain(error: BaseException, where: Path | str | None = None, resumable: bo
         return 130, f"interrupted by Ctrl-C{after}."
     if isinstance(error, Terminated) or sigval == signal.SIGTERM:
         return 143, f"stopped by SIGTERM{after}."
+    if lost_peer(error):
+        return 1, f"another rank of this run went away (its process ended, or its machine or network failed; its " \
+                  f"own output may say why), so this one stopped too{after}."
     disk = os_error(error)
     if disk is not None and disk.errno in DISK_ERRORS:
         what = f"use {disk.filename}" if disk.filename is not None else f"write under {where}" if where else "write"
         return 1, f"cannot {what}: {disk.strerror} ({errno.errorcode[disk.errno]}); {DISK_ERRORS[disk.errno]}."
     return None
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether torch.distributed failed because another rank's process or machine went away (not this rank's
+    fault: a spawning parent names the rank that did fail instead)."""
+    return isinstance(error, RuntimeError) and PEER_GONE.search(str(error)) is not None
 
 
 def os_error(error: BaseException) -> OSError | None:

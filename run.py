@@ -9,11 +9,13 @@
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
+import time
 import traceback
 import typing
 from pathlib import Path
@@ -251,8 +253,20 @@ def stop(error: BaseException, where: Path | None = None, resumable: bool = Fals
         raise error
     if debug():
         traceback.print_exception(error)
+    else:
+        tell_torchrun(explained[1])
     print(f"error: {explained[1]}", file=sys.stderr)
     return explained[0]
+
+
+def tell_torchrun(sentence: str) -> None:
+    """Under torchrun, its report of a failed rank shows the rank's error file, where torch's `record` wrote the
+    traceback: the sentence goes there instead, in torch's own layout, so the report repeats it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        entry = {"message": sentence, "extraInfo": {"py_callstack": sentence, "timestamp": str(int(time.time()))}}
+        with contextlib.suppress(OSError):  # the report is torchrun's; failing to write it must not hide the sentence
+            Path(path).write_text(json.dumps({"message": entry}))
 
 
 def terminate(signum: int, frame: object) -> None:
