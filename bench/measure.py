@@ -54,16 +54,19 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held on this rank: a DTensor counts its local shard, a meta tensor nothing, and a
-    bitsandbytes 4-bit weight its quant state too (absmax, nested absmax and code)."""
-    total = 0
+def tensor_bytes(tensors: Iterable[torch.Tensor], quant_states: Iterable[object] = ()) -> int:
+    """Bytes held on this rank: a DTensor counts its local shard, a meta tensor nothing, and every
+    bitsandbytes 4-bit quant state (absmax, nested absmax and code), a tensor's own or of `quant_states`, once."""
+    total, states = 0, {id(state): state for state in quant_states}
     for tensor in tensors:
         tensor = _local(tensor)
         if tensor.is_meta:
             continue
         total += tensor.numel() * tensor.element_size()
         state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            states[id(state)] = state
+    for state in states.values():
         while state is not None:
             total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
             state = state.state2 if state.nested else None
@@ -71,10 +74,12 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """params, grads and optimizer bytes this rank holds now (grads: call after a backward)."""
+    """params, grads and optimizer bytes this rank holds now (grads: call after a backward). A bitsandbytes
+    4-bit layer whose weight FSDP sharded keeps the quant state itself (its shard is a plain tensor)."""
     params = list(model.parameters())
+    layer_states = [m.quant_state for m in model.modules() if getattr(m, "quant_state", None) is not None]
     return {
-        "param_bytes": tensor_bytes([*params, *model.buffers()]),
+        "param_bytes": tensor_bytes([*params, *model.buffers()], layer_states),
         "grad_bytes": tensor_bytes(p.grad for p in params if p.grad is not None),
         "optimizer_bytes": tensor_bytes({id(t): t for s in optimizer.state.values() for t in s.values()
                                          if torch.is_tensor(t)}.values()),

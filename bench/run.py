@@ -2,19 +2,26 @@
 bench/results.json.
 
     python bench/run.py                     # CPU: every case on the tiny model, each against its peer
+    python bench/run.py --approaches lora_pipe qlora_fsdp   # CPU: only these cases
     python bench/run.py --device cuda       # GPU: Idefics2-8B's real config, random bf16 weights
 
 A case is one of the six approaches, or an approach with one of the engine's options
 (bench/ours.py OPTIONS): full+bf16 (bf16 weights, grads and moments, stochastic rounding),
 full+adamw8bit and lora+adamw8bit (8-bit AdamW moments), lora+checkpointing and
-full+checkpointing (activation checkpointing); bench/peers.py says what each is compared with.
+full+checkpointing (activation checkpointing); or one of issue 18's hybrids (bench/ours.py
+HYBRIDS): lora_pipe and qlora_pipe (LoRA, QLoRA on the 2-stage pipeline), qlora_fsdp (QLoRA, its
+NF4 base sharded), full_pipe_fsdp (2 pipeline stages, each sharded over its ranks) and
+full_fsdp+no_prefetch (FSDP that gathers each unit only when it runs), which is also measured
+against ours with prefetch. bench/peers.py says what each is compared with.
 On the CPU every case runs the engine's own build and step (bench/ours.py) and the same work
 done with the tools users pick instead (bench/peers.py), in one spawn of its ranks (2 gloo ranks
-for lora_ddp, full_fsdp and full_mp), taking turns a step at a time on the same real MuseQuest
-batches. Measured per approach: step time (median after warm-up), samples/s and tokens/s (every
-real token of the global batch, image tokens included), and per rank (the larger rank) the bytes
-of params, grads, optimizer state and activations (bench/measure.py says how each is counted).
-Each entry's ratio is ours / peer: below 1 is better for times and bytes, above 1 for rates.
+for every parallel case, 2 per stage, so 4, for full_pipe_fsdp), taking turns a step at a time
+on the same real MuseQuest batches. Measured per approach: step time (median after warm-up),
+samples/s and tokens/s (every real token of the global batch, image tokens included), and per
+rank (the larger rank) the bytes of params, grads, optimizer state and activations
+(bench/measure.py says how each is counted). Each entry's ratio is ours / peer: below 1 is better
+for times and bytes, above 1 for rates. A run of some cases replaces the whole section of its
+device in results.json: give it another --output to keep the full table.
 
 On a GPU, lora, qlora and full train Idefics2-8B's architecture (models/idefics2_8b_config.json,
 the hub's config.json) with random weights, so nothing is downloaded: for each, the largest batch
@@ -48,8 +55,8 @@ from engine.collate import Collator  # noqa: E402
 from engine.data_sources import load_splits  # noqa: E402
 from engine.precision import precision_for  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
-from measure import Batches, Measurement, measure  # noqa: E402
-from ours import approach_of, engine_config, engine_contender  # noqa: E402
+from measure import Batches, measure  # noqa: E402
+from ours import baseline_of, engine_config, engine_contender, pipeline_stages, world_of  # noqa: E402
 from peers import peer_contender, peer_name  # noqa: E402
 from real_size import largest_batch, peak_flops, step_fits  # noqa: E402
 
@@ -57,7 +64,8 @@ REAL_CONFIG = BENCH.parent / "models" / "idefics2_8b_config.json"
 SINGLE = ("lora", "qlora", "full")
 PARALLEL = ("lora_ddp", "full_fsdp", "full_mp")
 OPTIONAL = ("full+bf16", "full+adamw8bit", "lora+adamw8bit", "lora+checkpointing", "full+checkpointing")
-CASES = SINGLE + PARALLEL + OPTIONAL
+HYBRID = ("lora_pipe", "qlora_pipe", "qlora_fsdp", "full_pipe_fsdp", "full_fsdp+no_prefetch")
+CASES = SINGLE + PARALLEL + OPTIONAL + HYBRID
 MIB, GIB = 2**20, 2**30
 
 
@@ -69,7 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="rows per rank and step (the original's 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
-    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks of the parallel approaches")
+    parser.add_argument("--ranks", type=int, default=2,
+                        help="CPU ranks of the parallel approaches (per stage under pipeline+fsdp)")
     parser.add_argument("--max-batch", type=int, default=64, help="GPU: the largest batch tried")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU: dense bf16 peak, if not in the table")
     parser.add_argument("--output", type=Path, default=BENCH, help="where RESULTS.md and results.json go")
@@ -99,8 +108,14 @@ def _case_rank(rank: int, world: int, port: int, case: str, spec: str, args: arg
     runtime = Runtime(device, rank, world, precision_for(config.precision, device))
     ours, processor = engine_contender(config, runtime, workdir)
     contenders = {"ours": ours} if cuda else {"ours": ours, "peer": peer_contender(config, runtime)}
+    baseline = baseline_of(case)  # (case, words), for an option also measured against ours without it
+    if baseline:
+        contenders["baseline"] = engine_contender(engine_config(baseline[0], spec, device, world, workdir), runtime,
+                                                  workdir)[0]
     collate, train = Collator(processor), load_splits("musequest")["train"]
-    data_ranks, data_rank = (1, 0) if config.parallel == "pipeline" else (world, rank)  # pipeline: whole batch
+    stages = pipeline_stages(config, world)
+    data_ranks = world // stages  # a pipeline's stages share their rows
+    data_rank = rank % data_ranks
 
     def batches(rows: int) -> Batches:
         return [collate(rows_of(train, data_rank * rows, rows))]
@@ -116,12 +131,12 @@ def _case_rank(rank: int, world: int, port: int, case: str, spec: str, args: arg
         fixed = batches(batch)  # collated once: the timed batch and its token count
         measured = measure(contenders, fixed, device, args.warmup, args.steps, count_flops=cuda)
         tokens = runtime.sum_over_ranks(sum(int(b["attention_mask"].sum()) for b in fixed))
-    if config.parallel == "pipeline":
-        tokens /= world  # every rank counted the same whole batch
+    tokens /= stages  # every stage counted the same rows
     ranks = runtime.gather({name: asdict(m) for name, m in measured.items()})
     if rank == 0:
-        results.put({"measured": larger_rank(ranks), "rows": batch * data_ranks, "tokens": tokens, "largest_batch": largest,
-                     "peak_flops": peak_flops(device, args.peak_tflops), "peer": None if cuda else peer_name(config)})
+        results.put({"measured": larger_rank(ranks), "rows": batch * data_ranks, "tokens": tokens,
+                     "largest_batch": largest, "peak_flops": peak_flops(device, args.peak_tflops),
+                     "peer": None if cuda else peer_name(config), "baseline": baseline[1] if baseline else None})
     if world > 1:
         # Torch DDP's reducer holds the process group; freed after it is destroyed, it joins gloo's
         # worker thread while holding the GIL that thread waits for, and the rank hangs at exit.
@@ -151,32 +166,43 @@ def run_case(case: str, world: int, spec: str, args: argparse.Namespace) -> dict
 
 
 def entries(case: str, world: int, report: dict) -> list[dict]:
-    """The report of one case as results.json entries (name, ours, peer, unit, ratio, peer_name)."""
-    ours, other, peer = report["measured"].get("ours"), report["measured"].get("peer"), report["peer"]
+    """The report of one case as results.json entries (name, ours, peer, unit, ratio, peer_name): ours against
+    the peer, and against ours without the case's option where the report has that baseline."""
+    measured = report["measured"]
     label = f"{case} ({world} rank{'s' if world > 1 else ''})"
-    if ours is None:
+    if "ours" not in measured:
         return [dict(name=f"{label}: largest batch", ours=0, peer=None, unit="rows", ratio=None, peer_name=None)]
-
-    def metrics(m: dict) -> dict[str, tuple[float, str]]:
-        values = {"step time": (m["step_s"] * 1e3, "ms"), "samples/s": (report["rows"] / m["step_s"], "samples/s"),
-                  "tokens/s": (report["tokens"] / m["step_s"], "tokens/s")}
-        scale, unit = (GIB, "GiB") if m["peak_bytes"] else (MIB, "MiB")
-        for key, metric in (("param", "params"), ("grad", "grads"), ("optimizer", "optimizer state"),
-                            ("activation", "activations"), ("peak", "peak memory")):
-            if m[f"{key}_bytes"] is not None:
-                values[f"{metric} per rank"] = (m[f"{key}_bytes"] / scale, unit)
-        if m["flops"] and report["peak_flops"]:
-            values["MFU"] = (100 * m["flops"] / m["step_s"] / report["peak_flops"], "%")
-        return values
-
-    mine, theirs = metrics(ours), metrics(other) if other else {}
-    rows = [dict(name=f"{label}: {metric}", ours=value, peer=theirs.get(metric, (None,))[0], unit=unit,
-                 ratio=value / theirs[metric][0] if theirs.get(metric, (0,))[0] else None, peer_name=peer)
-            for metric, (value, unit) in mine.items()]
+    mine = _metrics(measured["ours"], report)
+    rows = _against(label, mine, _metrics(measured["peer"], report) if "peer" in measured else {}, report["peer"])
+    if report.get("baseline"):
+        rows += _against(f"{label} vs {report['baseline']}", mine, _metrics(measured["baseline"], report),
+                         report["baseline"])
     if report["largest_batch"] is not None:
         rows.append(dict(name=f"{label}: largest batch", ours=report["largest_batch"], peer=None, unit="rows",
                          ratio=None, peer_name=None))
     return rows
+
+
+def _metrics(m: dict, report: dict) -> dict[str, tuple[float, str]]:
+    """One contender's measurement as metric -> (value, unit)."""
+    values = {"step time": (m["step_s"] * 1e3, "ms"), "samples/s": (report["rows"] / m["step_s"], "samples/s"),
+              "tokens/s": (report["tokens"] / m["step_s"], "tokens/s")}
+    scale, unit = (GIB, "GiB") if m["peak_bytes"] else (MIB, "MiB")
+    for key, metric in (("param", "params"), ("grad", "grads"), ("optimizer", "optimizer state"),
+                        ("activation", "activations"), ("peak", "peak memory")):
+        if m[f"{key}_bytes"] is not None:
+            values[f"{metric} per rank"] = (m[f"{key}_bytes"] / scale, unit)
+    if m["flops"] and report["peak_flops"]:
+        values["MFU"] = (100 * m["flops"] / m["step_s"] / report["peak_flops"], "%")
+    return values
+
+
+def _against(label: str, mine: dict[str, tuple[float, str]], theirs: dict[str, tuple[float, str]],
+             name: str | None) -> list[dict]:
+    """A row per metric of ours, with theirs (`name`) beside it and ours / theirs."""
+    return [dict(name=f"{label}: {metric}", ours=value, peer=theirs.get(metric, (None,))[0], unit=unit,
+                 ratio=value / theirs[metric][0] if theirs.get(metric, (0,))[0] else None, peer_name=name)
+            for metric, (value, unit) in mine.items()]
 
 
 def machine(device: str) -> str:
@@ -235,7 +261,7 @@ def main() -> None:
     spec = str(REAL_CONFIG) if cuda else "tiny"
     rows = []
     for case in wanted:
-        world = 1 if approach_of(case) in SINGLE else (gpus if cuda else args.ranks)
+        world = world_of(case, args.ranks, gpus)
         print(f"{case} on {world} {'GPU' if cuda else 'CPU rank'}{'s' if world > 1 else ''} ...", flush=True)
         rows += entries(case, world, run_case(case, world, spec, args))
     model = ("Idefics2-8B config, random bf16 weights" if cuda else

@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from measure import Contender, SavedTensors, held_bytes, measure  # noqa: E402
+from ours import world_of  # noqa: E402
 from real_size import largest_batch  # noqa: E402
 
 # bench/run.py under a name of its own: `run` is the engine's command line.
@@ -101,6 +102,40 @@ def test_entries_give_ours_over_peer_per_metric():
     assert rows["lora_ddp (2 ranks): grads per rank"]["ratio"] is None  # 0 / 0
     assert all(set(e) >= {"name", "ours", "peer", "unit", "ratio"} and e["peer_name"] == "torch DDP"
                for e in rows.values())
+
+
+def test_a_4bit_layer_counts_its_quant_state_once_also_when_fsdp_has_swapped_its_weight():
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True).to("cpu")  # quantizes
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    # 4096 weights in 2048 bytes; quant state: 64 blocks' absmax in uint8 (64), the NF4 code (16 fp32), and the
+    # nested state's one fp32 absmax (4) and 8-bit code (256 fp32). The layer and its weight share the state.
+    expected = 2048 + 64 + 16 * 4 + 4 + 256 * 4
+    assert held_bytes(layer, optimizer)["param_bytes"] == expected
+    layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)  # a plain tensor, as FSDP's shard
+    assert held_bytes(layer, optimizer)["param_bytes"] == expected
+
+
+def test_an_option_measured_against_ours_also_gets_rows_against_ours_without_it():
+    measured = dict(step_s=0.5, param_bytes=2**20, grad_bytes=0, optimizer_bytes=0, activation_bytes=2**20,
+                    peak_bytes=None, flops=None)
+    timed = {"ours": measured, "peer": dict(measured, step_s=1.0), "baseline": dict(measured, step_s=0.4)}
+    report = {"measured": timed, "rows": 8, "tokens": 2000, "largest_batch": None, "peak_flops": None,
+              "peer": "torch FSDP2", "baseline": "ours with prefetch"}
+    rows = {e["name"]: e for e in bench_run.entries("full_fsdp+no_prefetch", 2, report)}
+    assert rows["full_fsdp+no_prefetch (2 ranks): step time"]["ratio"] == 0.5
+    off_on = rows["full_fsdp+no_prefetch (2 ranks) vs ours with prefetch: step time"]
+    assert off_on["ratio"] == 1.25 and off_on["peer_name"] == "ours with prefetch"
+    assert len(rows) == 2 * 7  # step time, samples/s, tokens/s and four kinds of bytes, against each
+
+
+@pytest.mark.parametrize("case, gpus, world", [("qlora", 0, 1), ("lora_ddp", 0, 2), ("lora_pipe", 0, 2),
+                                               ("qlora_fsdp", 0, 2), ("full_pipe_fsdp", 0, 4),
+                                               ("full_fsdp+no_prefetch", 0, 2), ("qlora", 8, 1),
+                                               ("full_pipe_fsdp", 8, 8)])
+def test_a_case_runs_on_one_rank_or_on_every_parallel_rank_per_stage(case, gpus, world):
+    assert world_of(case, 2, gpus) == world
 
 
 def test_a_config_file_gives_random_weights_of_that_architecture_and_a_fitted_processor(tmp_path):
