@@ -1,12 +1,14 @@
 """Bad input: one clear sentence on stderr and exit status 2, before any work is done."""
 
+import itertools
+
 import pytest
 import torch
 
-from engine.config import from_approach
+from engine.config import TrainConfig, from_approach
 from engine.runtime import pick_device
 from errors import UsageError
-from harness import run_cli
+from harness import ROOT, run_cli
 
 
 @pytest.mark.parametrize("args,message", [
@@ -47,6 +49,27 @@ def test_unbuilt_approaches_are_refused_not_substituted():
         from_approach("full_mp", gpus=2, micro_batches=3)
     with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):
         from_approach("qlora", gpus=2, parallel="fsdp")
+
+
+def test_every_combination_of_the_three_flags_is_in_the_readme_and_built_or_refused():
+    """The README's table names every --adapter x --quant x --parallel combination (`any` standing for all
+    parallelisms); each is accepted with exactly its three choices, or refused in one sentence where the
+    table says refused. That each accepted one equals one process is in the test file the row names."""
+    rows = [[cell.strip(" `") for cell in line.strip("|").split("|")]
+            for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(("| none |", "| lora |"))]
+    parallels = TrainConfig.__dataclass_fields__["parallel"].metadata["choices"]
+    listed = {(adapter, quant, parallel): what for adapter, quant, where, what, _ in rows
+              for parallel in (parallels if where == "any" else [where])}
+    assert set(listed) == set(itertools.product(("none", "lora"), ("none", "nf4"), parallels))
+    for (adapter, quant, parallel), what in listed.items():
+        flags = dict(adapter=adapter, quant=quant, parallel=parallel, gpus=None if parallel == "none" else 4,
+                     stages=2 if parallel == "pipeline+fsdp" else None)
+        if what.startswith("refused"):
+            with pytest.raises(UsageError, match=r"^[^\n]+\.$"):
+                from_approach("full", **flags)
+        else:
+            config = from_approach("full", **flags)
+            assert (config.adapter, config.quant, config.parallel) == (adapter, quant, parallel)
 
 
 def test_more_gpus_than_present_is_an_error(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import run_engine
+from harness import FULL, assert_same_curves, run_engine, saved_weights
 
 
 @pytest.mark.slow
@@ -37,3 +37,15 @@ def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path):
     assert hybrid["world_size"] == 2 and hybrid["quantized_ratio"] == single["quantized_ratio"]
     for key in ("train_loss", "grad_norm"):
         assert [v for _, v in hybrid["history"][key]] == pytest.approx([v for _, v in single["history"][key]], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_with_ddp_equals_one_process(tmp_path):
+    """Replicated full fine-tuning (`--approach full --parallel ddp`): every trained weight's gradient summed."""
+    single = run_engine(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
+    hybrid = run_engine(tmp_path / "hybrid", "full", batch_size=2, gpus=2, parallel="ddp", **FULL)
+    assert_same_curves(hybrid, single)
+    ours, reference = saved_weights(tmp_path / "hybrid" / "final"), saved_weights(tmp_path / "single" / "final")
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)
