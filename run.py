@@ -4,8 +4,9 @@
     python run.py --approach full --model ./dir --dataset ./musequest_imagefolder
     python run.py merge --adapter runs/lora/final --output merged/
     python run.py eval --model runs/full/final            # answer and score the test split
+    python run.py ask --adapter runs/lora/final --image photo.jpg "Can you describe this exhibit?"
     python run.py score --csv results.csv --model ID --output rescored.csv
-    python run.py report runs/lora runs/full              # a markdown table comparing runs
+    python run.py report runs/lora runs/full              # a markdown table and an HTML page comparing runs
 """
 
 import argparse
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -57,8 +59,9 @@ def train_parser() -> argparse.ArgumentParser:
         prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
         epilog=approach_help() + "\n\nsubcommands (each with --help):\n  plan       memory per GPU and disk, before "
                "anything loads\n  merge      fold an adapter into its base\n"
-               "  eval       answer and score the test split\n  score      re-score a results CSV\n"
-               "  report     compare runs in one markdown table",
+               "  eval       answer and score the test split\n  ask        answer one question about one photo\n"
+               "  score      re-score a results CSV\n"
+               "  report     compare runs: a markdown table and an HTML page",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_training_flags(parser)
@@ -94,38 +97,86 @@ def merge(args: argparse.Namespace) -> str:
     return f"merged model written to {merge_adapter(args.adapter, args.output, args.model, args.device)}"
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py eval", description="Answer the test split with a model and "
-                                     "score the answers against the references (1 - cosine; 0 is best).")
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the model `eval` and `ask` answer with, and how long its answers may be."""
     parser.add_argument("--model", help="a Hugging Face folder or id; with --adapter, the base (default: the "
                                         "adapter's own base)")
     parser.add_argument("--adapter", type=Path, help="a LoRA/QLoRA adapter folder, folded into its base")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512, as the original")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
+
+
+def check_model_flags(args: argparse.Namespace, command: str) -> None:
+    """Refuses, before anything loads, flags that name no model: neither flag, an adapter that is not a
+    folder, or a --model that is no path and not shaped like a Hugging Face id either."""
+    if not args.model and not args.adapter:
+        raise UsageError(f"run.py {command} needs --model, --adapter or both.")
+    if args.adapter and not args.adapter.is_dir():
+        raise UsageError(f"--adapter {args.adapter} is not a folder.")
+    if args.model and not Path(args.model).exists() and not HUB_ID.fullmatch(args.model):
+        raise UsageError(f"--model {args.model} is neither a folder nor a Hugging Face id.")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py eval", description="Answer the test split with a model and "
+                                     "score the answers against the references (1 - cosine; 0 is best).")
+    add_model_flags(parser)
     parser.add_argument("--dataset", default="musequest", help="as for training (default: musequest)")
     parser.add_argument("--limit-exhibits", type=int, help="keep only the first K exhibits")
     parser.add_argument("--scorer", default="base", help="self (the evaluated model, the original's way), base "
                                                          "(--base: one judge for every approach; default) "
                                                          "or a model folder")
     parser.add_argument("--base", help="the judge of --scorer base (default: the adapter's base, else --model)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512, as the original")
     parser.add_argument("--batch-size", type=int, default=4, help="rows generated at once (default: 4)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where results.csv/.json go")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     return parser
 
 
 def evaluate(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
-    from eval.evaluate import evaluate_test_split, load_evaluated
+    from eval.evaluate import RESULTS_CSV, RESULTS_JSON, evaluate_test_split, load_evaluated
 
-    if not args.model and not args.adapter:
-        raise UsageError("run.py eval needs --model, --adapter or both.")
+    check_model_flags(args, "eval")
     check_scorer(args.scorer)
     device = pick_device(args.device, 1)
     model, processor = load_evaluated(args.model, args.adapter, device)
     base = args.base or args.model or json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    results = evaluate_test_split(model, processor, args.dataset, args.limit_exhibits, args.scorer, base,
-                                  args.output_dir, device, args.batch_size, args.max_new_tokens)
-    return f"score {results['score']} ({results['scorer']} scorer, {results['rows']} rows) in {args.output_dir}"
+    evaluate_test_split(model, processor, args.dataset, args.limit_exhibits, args.scorer, base, args.output_dir,
+                        device, args.batch_size, args.max_new_tokens)  # shows each row's answer and the score
+    return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"
+
+
+def ask_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py ask", description="One answer from a model to a question about "
+                                     "one photo, prompted and decoded (greedy) as the evaluation does.")
+    add_model_flags(parser)
+    parser.add_argument("--image", required=True, type=Path, help="the photo (any format Pillow reads)")
+    parser.add_argument("question", help='e.g. "Can you describe this exhibit?"')
+    return parser
+
+
+def ask(args: argparse.Namespace) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    if not args.image.is_file():
+        raise UsageError(f"--image {args.image} is not a file.")
+    try:
+        image = Image.open(args.image)
+        image.load()  # decoded now, so a damaged file is refused before the model loads
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"--image {args.image} is not a picture Pillow can read ({error}).") from error
+    check_model_flags(args, "ask")
+    from engine.runtime import pick_device
+    from eval.evaluate import load_evaluated
+    from eval.generate import answer_rows, question_row
+
+    device = pick_device(args.device, 1)
+    model, processor = load_evaluated(args.model, args.adapter, device)
+    [answer] = answer_rows(model, processor, [question_row(image, args.question)], args.max_new_tokens, device)
+    return answer
 
 
 def score_parser() -> argparse.ArgumentParser:
@@ -152,10 +203,12 @@ def score(args: argparse.Namespace) -> str:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py report", description="One markdown table comparing runs "
-                                     "(score, train time, ranks, memory, trainable parameters) and the original's.")
+    parser = argparse.ArgumentParser(prog="run.py report", description="Compare runs: a markdown table (score, train "
+                                     "time, ranks, memory, trainable parameters; the original's numbers beside them), "
+                                     "printed, and an HTML page with charts, every answer and the configurations.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with summary.json)")
-    parser.add_argument("--output", type=Path, default=Path("runs/report.md"), help="default: runs/report.md")
+    parser.add_argument("--output", type=Path, default=Path("runs/report"),
+                        help="folder for report.md, index.html, its images/ and tensorboard/ (default: runs/report)")
     return parser
 
 
@@ -164,12 +217,18 @@ def report(args: argparse.Namespace) -> str:
     from eval.report import report as table
 
     markdown = table(args.runs)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(markdown)
-    scalars = Scalars(args.output.with_suffix("") / "tensorboard", True, 0)  # the same view in TensorBoard
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "report.md").write_text(markdown)
+    print(markdown)  # before the page, which needs the report extra: without it, the table is still shown
+    scalars = Scalars(args.output / "tensorboard", True, 0)  # the same view in TensorBoard
     scalars.text(0, "report", markdown)
-    scalars.close()
-    return markdown + f"\nwritten to {args.output}"
+    try:
+        from eval.html_report import write_page
+
+        page = write_page(args.runs, args.output, scalars)
+    finally:
+        scalars.close()
+    return f"written to {args.output / 'report.md'} and {page} (open it in a browser)"
 
 
 def plan_parser() -> argparse.ArgumentParser:
@@ -206,8 +265,8 @@ def planned(args: argparse.Namespace, search: bool = True) -> tuple[TrainConfig,
     return config, plan_run(config, gpu, budget, args.sequence_length, search)
 
 
-SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eval": (eval_parser, evaluate), "score": (score_parser, score),
-               "report": (report_parser, report)}
+SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eval": (eval_parser, evaluate),
+               "ask": (ask_parser, ask), "score": (score_parser, score), "report": (report_parser, report)}
 
 
 def subcommand(name: str, argv: list[str]) -> int:

@@ -5,15 +5,21 @@ import json
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from transformers.utils import logging as hf_logging
 
 from engine.config import TrainConfig
 from engine.launch import setup_runtime
+from engine.metrics import Scalars
 from engine.trainer import train
+from errors import UsageError
 from eval.evaluate import evaluate_run
 
 
 @record  # a rank's exception reaches the launching process's report
 def finetune(config: TrainConfig) -> dict:
+    # Ranks that `--gpus N` spawns never pass through run.py's main, which turns off transformers' own bars
+    # (every rank's "Loading weights"): the terminal shows the main rank's bars alone.
+    hf_logging.disable_progress_bar()
     summary = train(config)  # returns once the training model is freed: evaluation loads OUT/final afresh
     if summary["completed"] and not config.skip_eval:
         runtime = setup_runtime(config)
@@ -22,4 +28,19 @@ def finetune(config: TrainConfig) -> dict:
         summary["eval"] = evaluate_run(config, runtime, summary["steps"])
         if runtime.is_main:
             (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            charts_to_tensorboard(config, summary)
     return summary
+
+
+def charts_to_tensorboard(config: TrainConfig, summary: dict) -> None:
+    """The run's score and loss charts as TensorBoard images, as `run.py report` draws them; matplotlib is
+    the report extra, not a runtime package, so without it the run says so in one line and goes on."""
+    try:
+        from eval.charts import run_charts
+    except UsageError as missing:
+        print(f"no charts in TensorBoard: {missing}")
+        return
+    scalars = Scalars(config.out / "tensorboard", True, 0)
+    for name, figure in run_charts(config.out.name, summary).items():
+        scalars.figure(summary["steps"], name, figure)
+    scalars.close()

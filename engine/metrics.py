@@ -10,7 +10,7 @@ from quant import quantized_bytes
 
 
 class Scalars:
-    """TensorBoard scalars, on the optimizer-step axis, written by the main rank only."""
+    """TensorBoard scalars (and texts, charts), on the optimizer-step axis, written by the main rank only."""
 
     def __init__(self, folder: Path, enabled: bool, resume_step: int):
         self.writer = None
@@ -28,6 +28,11 @@ class Scalars:
     def text(self, step: int, name: str, value: str) -> None:
         if self.writer is not None:
             self.writer.add_text(name, value, step)
+
+    def figure(self, step: int, name: str, figure: object) -> None:
+        """A matplotlib Figure (eval/charts.py) as an image; TensorBoard closes it."""
+        if self.writer is not None:
+            self.writer.add_figure(name, figure, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -7,9 +7,11 @@ with the mean score and which scorer gave it, which `run.py report` reads.
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
 import models
@@ -19,6 +21,7 @@ from engine.metrics import Scalars
 from engine.runtime import Runtime, resolve_model
 from engine.merge import load_merged
 from engine.precision import precision_for
+from eval.answers_table import answers_table, score_line
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
 from eval.score import load_scorer, similarity_scores
@@ -39,21 +42,26 @@ def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device,
 
 
 def score_rows(rows: list[dict], model: PreTrainedModel, processor: ProcessorMixin, scorer: str, base: str,
-               device: torch.device) -> list[float]:
+               device: torch.device, progress: Callable[[int], object] = lambda texts: None) -> list[float]:
     """`--scorer self` scores as the original did (the evaluated model, one text at a time); a fixed
     judge (`base` or a folder) scores in fp32 batches with padding masked out, comparably across runs."""
     judge, tokenizer = load_scorer(scorer, model, processor.tokenizer, base, device)
     return similarity_scores(judge, tokenizer, [r["model_generated_answer"] for r in rows],
-                             [r["ground_truth_answer"] for r in rows], batched=scorer != "self", device=device)
+                             [r["ground_truth_answer"] for r in rows], batched=scorer != "self", device=device,
+                             progress=progress)
 
 
 def evaluate_test_split(model: PreTrainedModel, processor: ProcessorMixin, dataset: str, limit_exhibits: int | None,
                         scorer: str, base: str, output: Path, device: torch.device, batch_size: int = 4,
                         max_new_tokens: int = 512) -> dict:
-    """Generate answers for the test split, score them, write the CSV and results.json; returns the latter."""
-    rows = generate_answers(model, processor, load_splits(dataset, limit_exhibits=limit_exhibits)["test"],
-                            batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
-    return write_scored(output, rows, score_rows(rows, model, processor, scorer, base, device), scorer)
+    """Generate answers for the test split, score them, write the CSV and results.json, show them; returns
+    results.json's content."""
+    test = load_splits(dataset, limit_exhibits=limit_exhibits)["test"]
+    rows, scores = _answer_and_score(model, processor, test, Runtime(device), scorer=scorer, base=base,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, which=None)
+    results = write_scored(output, rows, scores, scorer)
+    _show(rows, scores, None, results)
+    return results
 
 
 def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, device: torch.device) -> dict:
@@ -79,7 +87,8 @@ def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: st
 def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     """After training: OUT/final answers the test split and is scored, the rows split across every
     rank and gathered; the base model's score before training comes from a cache when this model,
-    data and scorer were measured before. The main rank writes OUT/eval and logs a few answers."""
+    data and scorer were measured before. The main rank writes OUT/eval, logs a few answers and
+    shows every row's."""
     out, device = config.out, runtime.device
     spec = resolve_model(config.model, device)
     base = str(out / "base") if spec == "tiny" else spec
@@ -88,37 +97,55 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     model, processor = load_evaluated(base, final, device, dtype) if config.adapter == "lora" else \
         load_evaluated(str(final), None, device, dtype)
     test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
-    rows, scores = _answer_and_score(model, processor, test, config, base, runtime)
+    settings = dict(scorer=config.scorer, base=base, batch_size=config.batch_size,
+                    max_new_tokens=config.max_new_tokens)
+    rows, scores = _answer_and_score(model, processor, test, runtime, **settings, which="trained model")
     cache = _baseline_cache(config, spec, runtime.precision.name)
     if not cache.exists():
         base_model, _ = load_evaluated(base, None, device, dtype)  # the run's processor: same image size
-        _, base_scores = _answer_and_score(base_model, processor, test, config, base, runtime)
+        _, base_scores = _answer_and_score(base_model, processor, test, runtime, **settings, which="base model")
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"score": average_score(base_scores)}))
+            cache.write_text(json.dumps({"score": average_score(base_scores), "scores": base_scores}))
     runtime.gather(None)  # the cache file is written before anyone reads it
     results = {}
     if runtime.is_main:
-        results = write_scored(out / "eval", rows, scores, config.scorer,
-                               baseline=json.loads(cache.read_text())["score"])
+        baseline = json.loads(cache.read_text())
+        results = write_scored(out / "eval", rows, scores, config.scorer, baseline=baseline["score"])
         scalars = Scalars(out / "tensorboard", True, 0)  # beside the training's points, on its step axis
         scalars.log(step, {"eval/similarity_score": results["score"]})
         scalars.text(step, "eval/answers", "\n\n".join(
             f"**Q:** {e['user_question']}  \n**generated:** {e['model_generated_answer']}  \n"
             f"**reference:** {e['ground_truth_answer']}" for e in results["examples"]))
         scalars.close()
+        _show(rows, scores, baseline.get("scores"), results)  # a cache written before per-row scores holds the mean
     return results
 
 
-def _answer_and_score(model: PreTrainedModel, processor: ProcessorMixin, split, config: TrainConfig, base: str,
-                      runtime: Runtime) -> tuple[list[dict], list[float]]:
-    """Rank r answers and scores rows r, r+N, ...; every rank gets all of them back in order."""
+def _answer_and_score(model: PreTrainedModel, processor: ProcessorMixin, split, runtime: Runtime, *, scorer: str,
+                      base: str, batch_size: int, max_new_tokens: int,
+                      which: str | None) -> tuple[list[dict], list[float]]:
+    """Rank r answers and scores rows r, r+N, ...; every rank gets all of them back in order. The main
+    rank's bars count its own share of the rows (`which` model they are for, when there are two)."""
     mine = list(range(runtime.rank, len(split), runtime.world_size))
-    rows = generate_answers(model, processor, [split[i] for i in mine], batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, device=runtime.device)
-    scores = score_rows(rows, model, processor, config.scorer, base, runtime.device)
+    with _bar("answering", which, len(mine), "row", runtime) as bar:
+        rows = generate_answers(model, processor, [split[i] for i in mine], batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, device=runtime.device, progress=bar.update)
+    with _bar("scoring", which, 2 * len(rows), "text", runtime) as bar:  # each answer and its reference
+        scores = score_rows(rows, model, processor, scorer, base, runtime.device, bar.update)
     done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores))) for item in part)
     return [row for _, row, _ in done], [score for *_, score in done]
+
+
+def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) -> tqdm:
+    """A bar like the training's: on stderr, main rank only, left on screen when done."""
+    return tqdm(total=total, desc=task if which is None else f"{task} ({which})", unit=unit,
+                disable=not runtime.is_main)
+
+
+def _show(rows: list[dict], scores: list[float], before: list[float] | None, results: dict) -> None:
+    print(answers_table(rows, scores, before))
+    print(score_line(results), flush=True)
 
 
 def _baseline_cache(config: TrainConfig, spec: str, precision: str) -> Path:

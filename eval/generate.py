@@ -11,7 +11,7 @@ from a bare config (or a saved fine-tune) may not carry them.
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -24,16 +24,33 @@ IMAGE_TOKENS = ["<image>", "<fake_token_around_image>"]
 
 
 def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, rows: Sequence[dict], *,
-                     batch_size: int = 4, max_new_tokens: int = 512, device: torch.device) -> list[dict]:
+                     batch_size: int = 4, max_new_tokens: int = 512, device: torch.device,
+                     progress: Callable[[int], object] = lambda rows: None) -> list[dict]:
     """One record per row, keyed by the original's CSV columns: `data_id, item_name, image_name,
-    user_question, model_generated_answer, ground_truth_answer`. `rows` may be a list or a Dataset."""
+    user_question, model_generated_answer, ground_truth_answer`. `rows` may be a list or a Dataset;
+    `progress` is told how many rows each batch answered."""
     records = []
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        _, new_ids = generate_ids(model, processor, batch, max_new_tokens, device)
-        answers = processor.batch_decode(new_ids, skip_special_tokens=True)
-        records += [_record(row, answer.strip()) for row, answer in zip(batch, answers)]
+        answers = answer_rows(model, processor, batch, max_new_tokens, device)
+        records += [_record(row, answer) for row, answer in zip(batch, answers)]
+        progress(len(batch))
     return records
+
+
+def answer_rows(model: PreTrainedModel, processor: ProcessorMixin, rows: list[dict], max_new_tokens: int,
+                device: torch.device) -> list[str]:
+    """Each row's answer: its new tokens, decoded without special tokens."""
+    _, new_ids = generate_ids(model, processor, rows, max_new_tokens, device)
+    return [answer.strip() for answer in processor.batch_decode(new_ids, skip_special_tokens=True)]
+
+
+def question_row(image: Image.Image, question: str) -> dict:
+    """One photo and one question as a test row holds them (`run.py ask`): the user's turn, the picture
+    before the text, and the assistant's turn that the answer will be."""
+    dialog = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": ""}]}]}
+    return {"dialog": json.dumps(dialog), "image": image}
 
 
 @torch.no_grad()

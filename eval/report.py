@@ -31,16 +31,26 @@ COLUMNS = ("run", "approach", "ranks", "score before → after (scorer)", "train
            "trainable parameters")
 
 
+def read_run_file(folder: Path, name: str) -> dict:
+    """One of the JSON files every finished run has (summary.json, config.json)."""
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"{folder} is not a finished run: cannot read its {name} ({error}).") from error
+
+
+def read_scores(folder: Path) -> dict | None:
+    """The run's eval/results.json (score, baseline_score, scorer), or None when evaluation did not run."""
+    results = folder / "eval" / "results.json"
+    return json.loads(results.read_text()) if results.exists() else None
+
+
 def run_row(folder: Path) -> list[str]:
     """One table row from a run folder; the score cell is empty when evaluation did not run."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"{folder} is not a finished run: cannot read its summary.json ({error}).") from error
-    results = folder / "eval" / "results.json"
+    summary = read_run_file(folder, "summary.json")
+    scores = read_scores(folder)
     score = ""
-    if results.exists():
-        scores = json.loads(results.read_text())
+    if scores is not None:
         score = f"{_number(scores.get('baseline_score'))} → {_number(scores['score'])} ({scores['scorer']})"
     peak = max(rank["peak_memory_bytes"] for rank in summary["ranks"])
     return [folder.name, summary["approach"], str(summary["world_size"]), score, f"{summary['wall_time_s']:.0f} s",

@@ -16,7 +16,7 @@ real tokens only, in fp32, so neither padding nor which texts share a batch chan
 float rounding.
 """
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,16 +27,17 @@ from models import load
 
 @torch.no_grad()
 def similarity_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generated: list[str],
-                      truth: list[str], *, batched: bool, batch_size: int = 8,
-                      device: torch.device) -> list[float]:
-    """One score per (generated, truth) pair; `batched` picks fair mode, else the original's."""
+                      truth: list[str], *, batched: bool, batch_size: int = 8, device: torch.device,
+                      progress: Callable[[int], object] = lambda texts: None) -> list[float]:
+    """One score per (generated, truth) pair; `batched` picks fair mode, else the original's. `progress` is
+    told how many texts each forward pass embedded (twice the pairs in all)."""
     if len(generated) != len(truth):
         raise ValueError(f"{len(generated)} generated answers for {len(truth)} references")
     if not batched:
-        return [_distance(_mean_embedding(model, tokenizer, answer, device),
-                          _mean_embedding(model, tokenizer, reference, device))
+        return [_distance(_mean_embedding(model, tokenizer, answer, device, progress),
+                          _mean_embedding(model, tokenizer, reference, device, progress))
                 for answer, reference in zip(generated, truth)]
-    embeddings = _masked_mean_embeddings(model, tokenizer, [*generated, *truth], batch_size, device)
+    embeddings = _masked_mean_embeddings(model, tokenizer, [*generated, *truth], batch_size, device, progress)
     return [_distance(answer[None], reference[None])
             for answer, reference in zip(embeddings[: len(generated)], embeddings[len(generated) :])]
 
@@ -61,13 +62,15 @@ def _last_hidden_state(model: PreTrainedModel, input_ids: torch.Tensor, attentio
 
 
 def _mean_embedding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, progress: Callable[[int], object]) -> torch.Tensor:
     inputs = tokenizer(text, return_tensors="pt").to(device)
-    return _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).mean(dim=1)
+    embedding = _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).mean(dim=1)
+    progress(1)
+    return embedding
 
 
 def _masked_mean_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                            batch_size: int, device: torch.device) -> torch.Tensor:
+                            batch_size: int, device: torch.device, progress: Callable[[int], object]) -> torch.Tensor:
     pooled = []
     for start in range(0, len(texts), batch_size):
         # Right padding: causal attention keeps real tokens from seeing the pads after them, they keep
@@ -78,4 +81,5 @@ def _masked_mean_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         hidden = _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).float()
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled.append((hidden * mask).sum(dim=1) / mask.sum(dim=1))
+        progress(len(inputs["input_ids"]))
     return torch.cat(pooled)

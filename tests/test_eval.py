@@ -1,5 +1,6 @@
 """Evaluation: the original's similarity score re-derived by hand, the fair score's padding invariance,
-the results CSV layout against the original's files, and generation's padding, stops and bans."""
+the results CSV layout against the original's files, generation's padding, stops and bans, the prompt
+of `run.py ask`, and the table an evaluation ends with."""
 
 import contextlib
 import json
@@ -10,7 +11,8 @@ import torch
 
 from errors import UsageError
 from engine.standin_images import standin_image
-from eval.generate import generate_answers, generate_ids, prompt_batch
+from eval.answers_table import WIDTH, answers_table, score_line
+from eval.generate import generate_answers, generate_ids, prompt_batch, question_row
 from eval.results_csv import AVERAGE, SCORE, average_score, read_results, write_results
 from eval.score import load_scorer, similarity_scores
 from harness import SEED_RESULTS
@@ -166,3 +168,29 @@ def test_batched_generation_matches_one_row_at_a_time(processor):
     alone = generate_answers(model, processor, ROWS, batch_size=1, max_new_tokens=8, device=CPU)
     assert all(isinstance(record["model_generated_answer"], str) and record["model_generated_answer"] for record in batched)
     assert batched == alone
+
+
+def test_a_photo_and_a_question_make_the_prompt_of_a_test_row(processor):
+    """`run.py ask` prompts as the evaluation prompts the row that holds the same picture and question."""
+    for row in ROWS:
+        question = json.loads(row["dialog"])["messages"][0]["content"][1]["text"]
+        asked, evaluated = prompt_batch(processor, [question_row(row["image"], question)]), prompt_batch(processor, [row])
+        assert asked.keys() == evaluated.keys()
+        assert all(torch.equal(asked[key], evaluated[key]) for key in asked)
+
+
+def test_answers_table_fits_a_line_per_row_and_the_score_line_names_the_scorer():
+    records = [{"data_id": 7, "user_question": "Who?", "ground_truth_answer": "A coin.",
+                "model_generated_answer": "A\nvery " + "long " * 50 + "answer."},
+               {"data_id": 12, "user_question": "What? " * 30, "ground_truth_answer": "A flyer.",
+                "model_generated_answer": ""}]
+    header, first, second = answers_table(records, [0.25, 1.5], [0.5, 0.75]).splitlines()
+    assert header.split() == ["id", "before", "→", "after", "question", "reference", "answer"]
+    assert first.startswith("7   0.500 → 0.250   Who?") and first.endswith("…") and "\n" not in first
+    assert second.startswith("12  0.750 → 1.500   What? What?") and "…  A flyer." in second
+    assert max(map(len, (header, first, second))) <= WIDTH
+    header, first, _ = answers_table(records, [0.25, 1.5], None).splitlines()
+    assert header.startswith("id  score  question") and first.startswith("7   0.250  Who?")
+    assert score_line({"score": 0.0374, "baseline_score": 0.596, "scorer": "base", "rows": 2}) == \
+        "score: 0.596 before → 0.037 after (scorer: base, 2 rows; 0 is best)"
+    assert score_line({"score": 0.5, "scorer": "self", "rows": 2}) == "score: 0.500 (scorer: self, 2 rows; 0 is best)"

@@ -1,12 +1,25 @@
-"""run.py eval / score / report end to end on tiny runs, and their one-sentence refusals."""
+"""run.py eval / ask / score / report end to end on tiny runs, what the evaluation shows on the terminal,
+and the commands' one-sentence refusals."""
 
+import contextlib
 import csv
+import io
 import json
+import shutil
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from harness import SEED_RESULTS, run_engine
+import eval.evaluate as evaluation
+from engine.config import from_approach
+from engine.data_sources import load_splits
+from engine.runtime import Runtime
+from engine.standin_images import standin_image
+from eval.results_csv import SCORE, read_results
+from harness import SEED_RESULTS, run_cli, run_engine
 from run import main
 
 SEED = SEED_RESULTS / "2.1_lora_finetuning_run_1_a6000_48g_x1__after_finetuning.csv"
@@ -14,13 +27,18 @@ SEED = SEED_RESULTS / "2.1_lora_finetuning_run_1_a6000_48g_x1__after_finetuning.
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny LoRA run and a tiny full run, 3 steps each, evaluated with `run.py eval`."""
+    """A tiny LoRA run and a tiny full run, 3 steps each, evaluated with `run.py eval` (what the LoRA one
+    showed in lora-eval.out and .err)."""
     root = tmp_path_factory.mktemp("runs")
     run_engine(root / "lora", "lora", batch_size=2, gpus=None)
     run_engine(root / "full", "full", batch_size=2, gpus=None, train_modules=("all",), lr=1e-3)
     quick = ["--limit-exhibits", "2", "--max-new-tokens", "4", "--device", "cpu"]
-    assert main(["eval", "--adapter", str(root / "lora" / "final"), "--output-dir", str(root / "lora" / "eval"),
-                 *quick]) == 0
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["eval", "--adapter", str(root / "lora" / "final"), "--output-dir", str(root / "lora" / "eval"),
+                     *quick]) == 0
+    (root / "lora-eval.out").write_text(out.getvalue())
+    (root / "lora-eval.err").write_text(err.getvalue())
     assert main(["eval", "--model", str(root / "full" / "final"), "--base", str(root / "full" / "base"),
                  "--output-dir", str(root / "full" / "eval"), *quick]) == 0
     return root
@@ -36,18 +54,67 @@ def test_eval_writes_the_originals_csv_layout_and_results_json(runs):
         assert 0 <= results["score"] <= 2 and results["rows"] == len(scores) > 0
 
 
+def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
+    rows = read_results(runs / "lora" / "eval" / "results.csv")
+    results = json.loads((runs / "lora" / "eval" / "results.json").read_text())
+    bars = (runs / "lora-eval.err").read_text()
+    assert "answering: 100%" in bars and f"{len(rows)}/{len(rows)}" in bars
+    assert "scoring: 100%" in bars and f"{2 * len(rows)}/{2 * len(rows)}" in bars  # each answer and its reference
+    header, *table, score, written = (runs / "lora-eval.out").read_text().splitlines()
+    assert header.split() == ["id", "score", "question", "reference", "answer"]  # no baseline here
+    assert [line.split()[:2] for line in table] == [[row["data_id"], f"{float(row[SCORE]):.3f}"] for row in rows]
+    assert all(len(line) <= 120 for line in (header, *table))
+    assert score == f"score: {results['score']:.3f} (scorer: base, {len(rows)} rows; 0 is best)"
+    assert written.startswith("every answer and score in ") and written.endswith("results.csv and results.json")
+
+
+def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs, tmp_path, capsys):
+    out = shutil.copytree(runs / "lora", tmp_path / "lora")  # evaluate_run writes OUT/eval
+    config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
+                           output_dir=str(out), device="cpu")
+    results = evaluation.evaluate_run(config, Runtime(torch.device("cpu")), 3)
+    shown = capsys.readouterr()
+    rows = read_results(out / "eval" / "results.csv")
+    lines = shown.out.splitlines()
+    assert len(lines) == len(rows) + 2 and lines[0].split()[0] == "id"
+    for line, row in zip(lines[1:-1], rows):
+        data_id, before, arrow, after = line.split()[:4]
+        assert (data_id, arrow, after) == (row["data_id"], "→", f"{float(row[SCORE]):.3f}") and float(before) >= 0
+    assert lines[-1] == (f"score: {results['baseline_score']:.3f} before → {results['score']:.3f} after "
+                         f"(scorer: base, {len(rows)} rows; 0 is best)")
+    assert "answering (trained model): 100%" in shown.err and "scoring (trained model): 100%" in shown.err
+
+
+@pytest.mark.parametrize("flag, run", [("--adapter", "lora"), ("--model", "full")])
+def test_ask_answers_a_photo_as_the_evaluation_answered_its_row(runs, flag, run, tmp_path):
+    """The row whose prompt is shortest: in the evaluation's batch it was left-padded, here it is alone."""
+    evaluated = min(read_results(runs / run / "eval" / "results.csv"), key=lambda row: len(row["user_question"]))
+    [row] = [row for row in load_splits("musequest", limit_exhibits=2)["test"]
+             if str(row["data_id"]) == evaluated["data_id"]]
+    row["image"].save(tmp_path / "photo.png")  # lossless: the pixels the evaluation saw
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "photo.png")), np.asarray(row["image"]))
+    result = run_cli("ask", flag, str(runs / run / "final"), "--image", str(tmp_path / "photo.png"),
+                     "--max-new-tokens", "4", "--device", "cpu", evaluated["user_question"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert evaluated["model_generated_answer"]  # an empty answer would prove little
+    assert result.stdout == evaluated["model_generated_answer"] + "\n"
+
+
 def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, capsys):
-    assert main(["report", str(runs / "lora"), str(runs / "full"), "--output", str(tmp_path / "report.md")]) == 0
+    assert main(["report", str(runs / "lora"), str(runs / "full"), "--output", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text().splitlines()
+    assert "\n".join(table) in capsys.readouterr().out  # printed for the terminal, too
     lora = next(line for line in table if line.startswith("| lora |"))
     score = json.loads((runs / "lora" / "eval" / "results.json").read_text())["score"]
     assert f"{score:.3f} (base)" in lora and "| 1 |" in lora
     assert any(line.startswith("| full | full |") for line in table)
     assert any("original (1x A100 80G) | full |" in line and "0.595 → 0.031" in line for line in table)
-    events = EventAccumulator(str(tmp_path / "report" / "tensorboard"))  # the same table as TensorBoard text
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # the same table as TensorBoard text, and the charts
     events.Reload()
     [text] = events.Tensors("report/text_summary")
     assert text.tensor_proto.string_val[0].decode() == (tmp_path / "report.md").read_text()
+    assert sorted(events.Tags()["images"]) == ["report/loss", "report/score", "report/throughput"]
+    assert (tmp_path / "index.html").is_file()  # the page itself: tests/test_html_report.py
 
 
 def test_score_rescores_an_original_results_file(runs, tmp_path):
@@ -68,4 +135,20 @@ def test_score_rescores_an_original_results_file(runs, tmp_path):
 def test_bad_input_is_one_sentence_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "missing.png", "--model", "tiny"], "--image missing.png is not a file"),
+    (["--image", "notes.png", "--model", "tiny"], "--image notes.png is not a picture Pillow can read"),
+    (["--image", "photo.png"], "run.py ask needs --model, --adapter or both"),
+    (["--image", "photo.png", "--model", "runs/lora/final"], "--model runs/lora/final is neither a folder nor a Hugging"),
+    (["--image", "photo.png", "--adapter", "runs/lora/final"], "--adapter runs/lora/final is not a folder"),
+])
+def test_ask_refuses_bad_input_in_one_sentence_before_loading(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    standin_image("exhibit-1.jpg").save("photo.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    monkeypatch.setattr(evaluation, "load_evaluated", lambda *args: pytest.fail("the model was loaded"))
+    assert main(["ask", *argv, "Can you describe this exhibit?"]) == 2
     assert message in capsys.readouterr().err

@@ -159,7 +159,7 @@ def test_a_folder_nobody_may_write_is_one_sentence_naming_it(tmp_path):
     (run_folder / "summary.json").write_text('{"approach": "lora", "world_size": 1, "wall_time_s": 1, "ranks": '
                                              '[{"peak_memory_bytes": 1}], "trainable_params": 1, "total_params": 2}')
     before = snapshot(tmp_path)
-    result = run_cli("report", "run", "--output", f"/sys/museft-test-{os.getpid()}/report.md", cwd=tmp_path)
+    result = run_cli("report", "run", "--output", f"/sys/museft-test-{os.getpid()}/report", cwd=tmp_path)
     assert_one_sentence(result, f"error: cannot use /sys/museft-test-{os.getpid()}: ", 1)
     assert re.search(r"\((EPERM|EACCES|EROFS)\); choose a folder you can write to\.$", result.stderr.strip())
     assert snapshot(tmp_path) == before

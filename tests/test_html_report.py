@@ -1,0 +1,154 @@
+"""run.py report's HTML page, rendered by a real headless Chromium from two small evaluated runs; its escaping
+and the `report` extra it needs, on hand-written run folders; a finished run's charts in TensorBoard."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html import unescape
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from engine.finetune import charts_to_tensorboard
+from eval.results_csv import read_results, write_results
+from harness import run_engine
+from run import main
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+RUNS = {"lr-low": 5e-3, "lr-high": 2e-2}  # two names that are not part of each other, for the text checks
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """Two 2-step LoRA runs on one exhibit that differ in learning rate, each evaluated (2 rows, 4-token answers;
+    the second finds the base model's score in the cache), and their report."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, lr in RUNS.items():
+        run_engine(root / name, "lora", batch_size=2, gpus=None, limit_exhibits=1, max_steps=2, lr=lr,
+                   skip_eval=False, max_new_tokens=4)
+    assert main(["report", *(str(root / name) for name in RUNS), "--output", str(root / "report")]) == 0
+    return root
+
+
+def chromium(page: Path, *flags: str) -> str:
+    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", *flags, page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def text(markup: str) -> str:
+    """What a reader sees of some HTML: its text, tags and entities gone, white space collapsed."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium executable (apt-get install chromium; .ci/run does)")
+def test_the_rendered_page_shows_the_charts_every_row_and_its_picture_worst_first(report, tmp_path):
+    page = report / "report" / "index.html"
+    chromium(page, f"--screenshot={tmp_path / 'page.png'}", "--window-size=1400,3000")
+    colours = Image.open(tmp_path / "page.png").convert("RGB").getcolors(maxcolors=2**24)
+    assert len(colours) > 200  # charts, tinted scores and pictures; a blank page has one colour
+
+    dom = chromium(page, "--dump-dom")  # the page after its script ran
+    charts = [text(chart) for chart in re.findall(r"<svg.*?</svg>", dom, re.S)]
+    assert len(charts) == 3  # score, loss, throughput and memory
+    assert all(name in chart for chart in charts for name in RUNS)
+    for name in RUNS:
+        scores = json.loads((report / name / "eval" / "results.json").read_text())
+        assert f"{scores['baseline_score']:.3f} (base)" in charts[0] and f"{scores['score']:.3f} (base)" in charts[0]
+    assert "0.037 (self)" in charts[0]  # the original's LoRA run, by its own scorer
+
+    records = {name: {row["data_id"]: row for row in read_results(report / name / "eval" / "results.csv")}
+               for name in RUNS}
+    rows = re.findall(r'<tr class="row">.*?</tr>', dom, re.S)
+    shown = [re.search(r"\(data_id (\S+)\)", text(row))[1] for row in rows]
+    assert sorted(shown) == sorted(records["lr-low"]) == sorted(records["lr-high"])  # every row, once
+    for row, data_id in zip(rows, shown):
+        for name in RUNS:
+            record = records[name][data_id]
+            for field in ("user_question", "ground_truth_answer", "model_generated_answer"):
+                assert " ".join(record[field].split()) in text(row), (name, field)
+        [picture] = re.findall(r'<img src="([^"]+)"', row)
+        assert (page.parent / picture).is_file()
+    first_scores = [float(re.search(r'class="score" data-value="([^"]+)"', row)[1]) for row in rows]
+    assert first_scores == sorted((float(r["semantic_similarity_score"]) for r in records["lr-low"].values()),
+                                  reverse=True)  # sorted worst first by the page's own script
+    assert 'data-order="worst"' in dom
+
+
+def hand_made_run(folder: Path, lr: float, answer: str) -> Path:
+    """A run folder as training and evaluation leave it (summary.json, config.json, eval/), written by hand."""
+    (folder / "eval").mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "approach": "lora", "world_size": 2, "wall_time_s": 9.0, "trainable_params": 10, "total_params": 100,
+        "samples_per_s": 1.5, "tokens_per_s": 300.0, "history": {"train_loss": [[1, 10.4], [2, 9.8]],
+                                                                 "val_loss": [[2, 9.9]]},
+        "ranks": [{"rank": 0, "peak_memory_bytes": 2**30}, {"rank": 1, "peak_memory_bytes": 2**29}]}))
+    (folder / "config.json").write_text(json.dumps({"dataset": "musequest", "lr": lr, "seed": 0}))
+    rows = [{"data_id": "3", "item_name": "1-decadrachm-syracuse-about-400-bce", "image_name": "1-decadrachm-syracuse-"
+             "about-400-bce-1.jpg", "user_question": "Can you describe this exhibit?", "model_generated_answer": answer,
+             "ground_truth_answer": "A coin."}]
+    write_results(folder / "eval" / "results.csv", rows, [0.25])
+    (folder / "eval" / "results.json").write_text(json.dumps({"score": 0.25, "baseline_score": 0.5, "scorer": "base"}))
+    return folder
+
+
+def test_every_text_of_a_run_is_escaped_and_differing_settings_come_first(tmp_path):
+    runs = [hand_made_run(tmp_path / "a", 1e-3, "<script>alert(1)</script> & more"),
+            hand_made_run(tmp_path / "b", 2e-3, "x")]
+    assert main(["report", *map(str, runs), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page
+    configs = page[page.index('<table id="configs">'):]
+    differing_first = r"<tbody>\s*<tr class=differs><td>lr</td><td>0.001</td><td>0.002</td></tr>\s*<tr><td>dataset"
+    assert re.search(differing_first, configs)
+    assert Image.open(tmp_path / "report" / "images" / "row-0.jpg").size == (160, 160)  # the exhibit's picture
+
+
+def test_rows_whose_data_set_cannot_be_loaded_go_without_pictures_and_the_page_says_why(tmp_path):
+    run = hand_made_run(tmp_path / "a", 1e-3, "x")
+    (tmp_path / "gone").mkdir()  # a folder that holds no data set
+    (run / "config.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))
+    assert main(["report", str(run), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert f"No pictures from the data set {tmp_path / 'gone'}: folder" in page
+    assert "<td>no picture</td>" in page and "<img" not in page
+
+
+def hide_matplotlib(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails as if not installed
+    for module in ("eval.charts", "eval.html_report"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+def test_without_matplotlib_the_table_is_still_shown_and_one_sentence_says_how_to_install(tmp_path, monkeypatch,
+                                                                                         capsys):
+    hide_matplotlib(monkeypatch)
+    assert main(["report", str(hand_made_run(tmp_path / "a", 1e-3, "x")), "--output", str(tmp_path / "report")]) == 2
+    shown = capsys.readouterr()
+    assert shown.err == "error: charts need matplotlib, the report extra: pip install -e '.[report]' (or pip install " \
+                        "'matplotlib>=3.8').\n"
+    assert (tmp_path / "report" / "report.md").read_text() in shown.out
+
+
+def test_a_finished_run_puts_its_charts_in_tensorboard_or_says_in_one_line_why_not(tmp_path, monkeypatch, capsys):
+    run = hand_made_run(tmp_path / "run", 1e-3, "x")
+    summary = dict(json.loads((run / "summary.json").read_text()), steps=2,
+                   eval=json.loads((run / "eval" / "results.json").read_text()))
+    charts_to_tensorboard(SimpleNamespace(out=run), summary)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["charts/loss", "charts/score"]
+    assert [image.step for image in events.Images("charts/score")] == [2]
+
+    hide_matplotlib(monkeypatch)
+    charts_to_tensorboard(SimpleNamespace(out=tmp_path / "elsewhere"), summary)
+    assert capsys.readouterr().out == "no charts in TensorBoard: charts need matplotlib, the report extra: pip " \
+                                      "install -e '.[report]' (or pip install 'matplotlib>=3.8').\n"
+    assert not (tmp_path / "elsewhere").exists()
