@@ -47,8 +47,8 @@ def test_unbuilt_approaches_are_refused_not_substituted():
         from_approach("full_mp", gpus=6, parallel="pipeline+fsdp", stages=4)
     with pytest.raises(UsageError, match="--micro-batches 3 must divide --batch-size 4"):
         from_approach("full_mp", gpus=2, micro_batches=3)
-    with pytest.raises(UsageError, match="an NF4 base cannot be sharded by FSDP"):
-        from_approach("qlora", gpus=2, parallel="fsdp")
+    with pytest.raises(UsageError, match="an NF4 base cannot be fully fine-tuned"):
+        from_approach("full_fsdp", gpus=2, quant="nf4")
 
 
 def test_every_combination_of_the_three_flags_is_in_the_readme_and_built_or_refused():

@@ -161,7 +161,7 @@ def summary(out: Path) -> dict:
 @pytest.mark.parametrize("approach", APPROACHES)
 def test_the_two_node_line_equals_one_process(approach, one_process, two_nodes, tmp_path):
     two_node_flags, reference_flags = APPROACHES[approach]
-    out = tmp_path / "shared"
+    out = tmp_path / "one_folder"
     nodes = two_nodes([*TINY, "--max-steps", "3", *two_node_flags], out)
     for node in (0, 1):
         result = nodes.result(node, timeout=180)
@@ -183,7 +183,7 @@ def test_a_node_that_dies_ends_the_other_within_a_minute_with_one_sentence(dies,
     its agent exits non-zero, with no process left. The only traceback is torchrun's own: its report of the failed
     worker, which repeats the sentence; or, when node 0 dies and takes the rendezvous with it, the agent's own
     failure, after it stopped its worker (whose sentence is then that, unless it lost its peer first)."""
-    nodes = two_nodes([*TINY, "--max-steps", "500", *APPROACHES["lora_ddp"][0]], tmp_path / "shared")
+    nodes = two_nodes([*TINY, "--max-steps", "500", *APPROACHES["lora_ddp"][0]], tmp_path / "one_folder")
     deadline = time.monotonic() + 120
     while not any(re.search(r"\| *[1-9]\d*/500", nodes.stderr(node)) for node in (0, 1)):  # a step is done
         assert all(agent.poll() is None for agent in nodes.agents) and time.monotonic() < deadline, nodes.stderr(0)

@@ -133,7 +133,7 @@ def test_merge_output_must_be_new_or_empty_and_publishing_there_deletes_nothing(
 
 def test_the_originals_results_ship_in_the_repository_and_nothing_reads_shared():
     assert SEED_RESULTS.is_relative_to(ROOT) and len(list(SEED_RESULTS.glob("*.csv"))) == 21
-    assert 'eval = ["seed_results/*.csv"]' in (ROOT / "pyproject.toml").read_text()
+    assert 'eval = ["seed_results/*.csv",' in (ROOT / "pyproject.toml").read_text()
     sources = [path for path in ROOT.rglob("*.py") if ".venv" not in path.parts and "build" not in path.parts]
     readers = [str(path) for path in sources if re.search(r"\.\./shared|[\"']shared[\"']", path.read_text())]
     assert not readers
