@@ -85,6 +85,7 @@ def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs,
     assert "answering (trained model): 100%" in shown.err and "scoring (trained model): 100%" in shown.err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, run", [("--adapter", "lora"), ("--model", "full")])
 def test_ask_answers_a_photo_as_the_evaluation_answered_its_row(runs, flag, run, tmp_path):
     """The row whose prompt is shortest: in the evaluation's batch it was left-padded, here it is alone."""

@@ -56,6 +56,7 @@ def _most_blocks_gathered(forward: list, backward: list) -> int:
     return most
 
 
+@pytest.mark.slow
 def test_prefetch_changes_no_bit_and_overlaps_each_collective_with_a_neighbours_compute(ranks):
     for result in ranks:
         on, off = result["toy"][True], result["toy"][False]
@@ -108,6 +109,7 @@ def _idefics2_steps(rank: int, world: int) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_tiny_idefics2_steps_with_prefetch_equal_those_without(ranks):
     for result in ranks:
         steps = result["idefics2"]
