@@ -8,7 +8,6 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models.tiny import build_tiny
