@@ -76,8 +76,11 @@ def test_plan_equals_a_real_step(tmp_path, approach, world, extra):
     precision = PRECISIONS[extra.get("precision", "fp32")]
     planned = plan_ranks(config, precision, WidestBatch(config, None)(4), gpu=False)
     for plan, real in zip(planned, measured, strict=True):
-        for name in ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_bytes"):
+        for name in ("param_bytes", "grad_bytes", "optimizer_bytes"):
             assert getattr(plan, name) == real[name], (plan.rank, name)
+        # Buffers (NF4 codes, rotary tables) too, but for one 32-byte rotary table: loading in bf16, transformers
+        # makes original_inv_freq share inv_freq's storage, which the plan's model built on meta does not.
+        assert 0 <= plan.buffer_bytes - real["buffer_bytes"] <= 32, plan.rank
         assert abs(plan.activation_bytes - real["activation_bytes"]) <= 0.1 * real["activation_bytes"], plan.rank
         assert real["activation_bytes"] > 0
 
