@@ -137,15 +137,14 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def evaluate(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
-    from eval.evaluate import RESULTS_CSV, RESULTS_JSON, evaluate_test_split, load_evaluated
+    from eval.evaluate import RESULTS_CSV, RESULTS_JSON, evaluate_test_split
 
     check_model_flags(args, "eval")
     check_scorer(args.scorer)
     device = pick_device(args.device, 1)
-    model, processor = load_evaluated(args.model, args.adapter, device)
     base = args.base or args.model or json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    evaluate_test_split(model, processor, args.dataset, args.limit_exhibits, args.scorer, base, args.output_dir,
-                        device, args.batch_size, args.max_new_tokens)  # shows each row's answer and the score
+    evaluate_test_split(args.model, args.adapter, args.dataset, args.limit_exhibits, args.scorer, base,
+                        args.output_dir, device, args.batch_size, args.max_new_tokens)  # shows every row and the score
     return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"
 
 

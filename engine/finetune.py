@@ -3,11 +3,11 @@ was trained. The one engine module that imports eval/ (eval/ builds on the engin
 
 import json
 
-import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.utils import logging as hf_logging
 
 from engine.config import TrainConfig
+from engine.device_memory import free_device_memory
 from engine.launch import setup_runtime
 from engine.metrics import Scalars
 from engine.trainer import train
@@ -20,11 +20,12 @@ def finetune(config: TrainConfig) -> dict:
     # Ranks that `--gpus N` spawns never pass through run.py's main, which turns off transformers' own bars
     # (every rank's "Loading weights"): the terminal shows the main rank's bars alone.
     hf_logging.disable_progress_bar()
-    summary = train(config)  # returns once the training model is freed: evaluation loads OUT/final afresh
+    summary = train(config)
+    runtime = setup_runtime(config)
+    # The training model is unreferenced now but held in cycles (activation checkpointing, autocast, FSDP's
+    # units): freed here, before evaluation loads OUT/final afresh, not whenever the collector next runs.
+    free_device_memory(runtime.device)
     if summary["completed"] and not config.skip_eval:
-        runtime = setup_runtime(config)
-        if runtime.device.type == "cuda":
-            torch.cuda.empty_cache()
         summary["eval"] = evaluate_run(config, runtime, summary["steps"])
         if runtime.is_main:
             (config.out / "summary.json").write_text(json.dumps(summary, indent=2))

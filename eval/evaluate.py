@@ -2,6 +2,13 @@
 
 Both write the original's per-row CSV layout (eval/results_csv.py) and a `results.json` beside it
 with the mean score and which scorer gave it, which `run.py report` reads.
+
+Evaluation holds one model at a time, in phases: the evaluated model answers (and, as `--scorer self`,
+is its own judge, so it scores before it goes), and is freed; then the judge (`--scorer base` or a
+folder, in the evaluated model's dtype) loads, scores those answers, and is freed. After training,
+the base model then does the same unless its score is cached. Ranks share the rows: rank r answers
+and scores rows r, r+N, ... of the test split, holding one whole model at a time like a one-process
+evaluation, and the main rank gathers every row in order.
 """
 
 import hashlib
@@ -12,19 +19,22 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import models
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
+from engine.device_memory import free_device_memory
+from engine.merge import load_adapted
 from engine.metrics import Scalars
+from engine.precision import Precision, precision_for
 from engine.runtime import Runtime, resolve_model
-from engine.merge import load_merged
-from engine.precision import precision_for
 from eval.answers_table import answers_table, score_line
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
-from eval.score import load_scorer, similarity_scores
+from eval.score import load_judge, similarity_scores
+
+Load = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]  # loads a model when its phase starts
 
 RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
 
@@ -32,43 +42,41 @@ RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
 def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device,
                    dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The model to evaluate, in `dtype` (default: the device's default precision's frozen dtype):
-    a Hugging Face id or folder, or an adapter folded into its base."""
+    a Hugging Face id or folder, or an adapter's model as it trained (engine/merge.py)."""
     dtype = dtype or precision_for("auto", device).frozen_dtype
     if adapter is not None:
-        model, processor = load_merged(adapter, model_spec, device, dtype)
+        model, processor = load_adapted(adapter, model_spec, device, dtype)
     else:
         model, processor = models.load(model_spec, dtype, device)
     return model.eval(), processor
 
 
-def score_rows(rows: list[dict], model: PreTrainedModel, processor: ProcessorMixin, scorer: str, base: str,
-               device: torch.device, progress: Callable[[int], object] = lambda texts: None) -> list[float]:
-    """`--scorer self` scores as the original did (the evaluated model, one text at a time); a fixed
-    judge (`base` or a folder) scores in fp32 batches with padding masked out, comparably across runs."""
-    judge, tokenizer = load_scorer(scorer, model, processor.tokenizer, base, device)
-    return similarity_scores(judge, tokenizer, [r["model_generated_answer"] for r in rows],
-                             [r["ground_truth_answer"] for r in rows], batched=scorer != "self", device=device,
-                             progress=progress)
-
-
-def evaluate_test_split(model: PreTrainedModel, processor: ProcessorMixin, dataset: str, limit_exhibits: int | None,
+def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, limit_exhibits: int | None,
                         scorer: str, base: str, output: Path, device: torch.device, batch_size: int = 4,
                         max_new_tokens: int = 512) -> dict:
-    """Generate answers for the test split, score them, write the CSV and results.json, show them; returns
-    results.json's content."""
+    """`run.py eval`: generate answers for the test split, score them, write the CSV and results.json, show
+    them; returns results.json's content."""
     test = load_splits(dataset, limit_exhibits=limit_exhibits)["test"]
-    rows, scores = _answer_and_score(model, processor, test, Runtime(device), scorer=scorer, base=base,
-                                     batch_size=batch_size, max_new_tokens=max_new_tokens, which=None)
+    dtype = precision_for("auto", device).frozen_dtype
+    rows, scores, _ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
+                                        Runtime(device), scorer=scorer, base=base, dtype=dtype,
+                                        batch_size=batch_size, max_new_tokens=max_new_tokens, which=None)
     results = write_scored(output, rows, scores, scorer)
     _show(rows, scores, None, results)
     return results
 
 
 def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, device: torch.device) -> dict:
-    """`run.py score`: new scores for any results file with the original's columns."""
-    model, processor = load_evaluated(model_spec, None, device)
+    """`run.py score`: new scores for any results file with the original's columns, by `model_spec` itself
+    (`--scorer self`) or by the judge `--scorer` names."""
     rows = read_results(csv_file)
-    scores = score_rows(rows, model, processor, scorer, model_spec, device)
+    dtype = precision_for("auto", device).frozen_dtype
+    if scorer == "self":
+        model, processor = load_evaluated(model_spec, None, device, dtype)
+        scores = _score(rows, model, processor.tokenizer, batched=False, device=device)
+    else:
+        judge, tokenizer = load_judge(scorer, model_spec, device, dtype)
+        scores = _score(rows, judge, tokenizer, batched=True, device=device)
     write_results(output, rows, scores)
     return {"score": average_score(scores), "scorer": scorer, "rows": len(rows)}
 
@@ -92,18 +100,19 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     out, device = config.out, runtime.device
     spec = resolve_model(config.model, device)
     base = str(out / "base") if spec == "tiny" else spec
-    final = out / "final"  # an adapter folded into its base, or a whole model
-    dtype = runtime.precision.frozen_dtype  # the run's own precision
-    model, processor = load_evaluated(base, final, device, dtype) if config.adapter == "lora" else \
-        load_evaluated(str(final), None, device, dtype)
+    final = out / "final"  # an adapter (on `base`), or a whole model
+    dtype = runtime.precision.frozen_dtype  # the run's own precision, for the evaluated models and the judge
+    trained = (base, final) if config.adapter == "lora" else (str(final), None)  # (model, adapter)
     test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
-    settings = dict(scorer=config.scorer, base=base, batch_size=config.batch_size,
+    settings = dict(scorer=config.scorer, base=base, dtype=dtype, batch_size=config.batch_size,
                     max_new_tokens=config.max_new_tokens)
-    rows, scores = _answer_and_score(model, processor, test, runtime, **settings, which="trained model")
-    cache = _baseline_cache(config, spec, runtime.precision.name)
+    rows, scores, processor = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), test, runtime,
+                                                **settings, which="trained model")
+    cache = _baseline_cache(config, spec, runtime.precision)
     if not cache.exists():
-        base_model, _ = load_evaluated(base, None, device, dtype)  # the run's processor: same image size
-        _, base_scores = _answer_and_score(base_model, processor, test, runtime, **settings, which="base model")
+        # The base's weights with the run's processor (the same image size and splitting).
+        _, base_scores, _ = _answer_and_score(lambda: (load_evaluated(base, None, device, dtype)[0], processor),
+                                              test, runtime, **settings, which="base model")
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"score": average_score(base_scores), "scores": base_scores}))
@@ -122,19 +131,39 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     return results
 
 
-def _answer_and_score(model: PreTrainedModel, processor: ProcessorMixin, split, runtime: Runtime, *, scorer: str,
-                      base: str, batch_size: int, max_new_tokens: int,
-                      which: str | None) -> tuple[list[dict], list[float]]:
-    """Rank r answers and scores rows r, r+N, ...; every rank gets all of them back in order. The main
-    rank's bars count its own share of the rows (`which` model they are for, when there are two)."""
+def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base: str, dtype: torch.dtype,
+                      batch_size: int, max_new_tokens: int,
+                      which: str | None) -> tuple[list[dict], list[float], ProcessorMixin]:
+    """Rank r's rows r, r+N, ... in two phases, one model on the device in each. Answers: `load()`'s model
+    answers them (and as `--scorer self`, its own judge, scores them), then is freed. Scores: the judge
+    (`scorer`, of `base`, in `dtype`) loads, scores them, and is freed. Every rank gets all the rows back in
+    order, and the loaded model's processor. The main rank's bars count its own share of the rows (`which`
+    model they are for, when there are two)."""
+    device = runtime.device
     mine = list(range(runtime.rank, len(split), runtime.world_size))
+    model, processor = load()
     with _bar("answering", which, len(mine), "row", runtime) as bar:
         rows = generate_answers(model, processor, [split[i] for i in mine], batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, device=runtime.device, progress=bar.update)
+                                max_new_tokens=max_new_tokens, device=device, progress=bar.update)
     with _bar("scoring", which, 2 * len(rows), "text", runtime) as bar:  # each answer and its reference
-        scores = score_rows(rows, model, processor, scorer, base, runtime.device, bar.update)
+        if scorer == "self":  # as the original scored: each text alone, through the evaluated model
+            scores = _score(rows, model, processor.tokenizer, batched=False, device=device, progress=bar.update)
+        del model  # its answers (and self-scores) are in: it goes before the judge comes
+        free_device_memory(device)
+        if scorer != "self":  # one fixed judge for every approach, batched with the padding masked out
+            judge, tokenizer = load_judge(scorer, base, device, dtype)
+            scores = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update)
+            del judge
+            free_device_memory(device)
     done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores))) for item in part)
-    return [row for _, row, _ in done], [score for *_, score in done]
+    return [row for _, row, _ in done], [score for *_, score in done], processor
+
+
+def _score(rows: list[dict], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batched: bool,
+           device: torch.device, progress: Callable[[int], object] = lambda texts: None) -> list[float]:
+    return similarity_scores(model, tokenizer, [r["model_generated_answer"] for r in rows],
+                             [r["ground_truth_answer"] for r in rows], batched=batched, device=device,
+                             progress=progress)
 
 
 def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) -> tqdm:
@@ -148,11 +177,12 @@ def _show(rows: list[dict], scores: list[float], before: list[float] | None, res
     print(score_line(results), flush=True)
 
 
-def _baseline_cache(config: TrainConfig, spec: str, precision: str) -> Path:
-    """Where the base model's score lives, keyed by everything that changes it."""
-    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "precision": precision,
-           "dataset": config.dataset, "limit_exhibits": config.limit_exhibits, "scorer": config.scorer,
-           "max_new_tokens": config.max_new_tokens,
+def _baseline_cache(config: TrainConfig, spec: str, precision: Precision) -> Path:
+    """Where the base model's score lives, keyed by everything that changes it (the judge's dtype too: scores
+    cached before it followed the run's precision came from an fp32 judge)."""
+    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "precision": precision.name,
+           "judge_dtype": str(precision.frozen_dtype), "dataset": config.dataset,
+           "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
            "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"
