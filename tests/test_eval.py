@@ -42,6 +42,12 @@ def test_identical_texts_score_zero(tiny_model, processor, batched):
     assert scores == pytest.approx([0.0] * len(TEXTS), abs=1e-6)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_no_pairs_score_to_nothing(tiny_model, processor, batched):
+    """The share of a rank beyond a small test split's rows (2 rows, 4 ranks)."""
+    assert similarity_scores(tiny_model, processor.tokenizer, [], [], batched=batched, device=CPU) == []
+
+
 def test_faithful_score_is_the_original_formula(tiny_model, processor):
     assert processor.tokenizer(ANSWER)["input_ids"][0] == processor.tokenizer.bos_token_id
     [score] = similarity_scores(tiny_model, processor.tokenizer, [ANSWER], [TRUTH], batched=False, device=CPU)
