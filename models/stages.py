@@ -46,8 +46,8 @@ class Stage(nn.Module):
         if self.first:
             hidden = self._embed(batch)
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.text_config, inputs_embeds=hidden, attention_mask=batch["attention_mask"],
-                                  cache=None, position_ids=positions)
+        # No cache, passed by position: transformers 5.17 names that argument past_key_values, later releases cache.
+        mask = create_causal_mask(self.text_config, hidden, batch["attention_mask"], None, position_ids=positions)
         rotary = self.rotary(hidden, position_ids=positions)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)

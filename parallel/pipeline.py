@@ -14,12 +14,17 @@ micro-batches summed into the same gradients, but a stage holds the activations 
 micro-batches instead of all M. Both leave each stage idle (N-1)/(M+N-1) of the step (`bubble`),
 so more micro-batches shrink the bubble; 1F1B is what makes many micro-batches affordable.
 
-Communication. A gloo send completes only once its peer has posted the matching receive, and in
-1F1B's steady state neighbours send to each other at the same moment (an activation forward, a
-gradient back), so blocking sends deadlock: sends are `isend`, and each one's Work and tensor are
-kept until it completes (the step ends by waiting on all). Each direction between two neighbours
-carries one kind of tensor in the same micro-batch order on both ends, so messages match in FIFO
-order without tags.
+Communication (parallel/p2p.py states NCCL's rules). NCCL completes a rank's point-to-point groups
+in the order posted, and an op only once its peer runs the matching one. In 1F1B's steady state
+neighbours send to each other at the same moment (an activation forward, a gradient back): had
+each posted its send before the receive that the other's send matches, both would wait forever.
+So each step's output goes out in one group with the next step's input (`batch_isend_irecv`, as
+Megatron-LM and torch.distributed.pipelining pair them): neighbours post matching groups, such as
+{send activation i, receive gradient j} against {send gradient j, receive activation i}, and a
+rank waits for a group only when the step about to run needs what it receives. Each direction
+between two neighbours carries one kind of tensor in the same micro-batch order on both ends, so
+messages match in FIFO order without tags. The tests hold gloo, which would let a deadlock pass,
+to NCCL's rules (MUSEFT_NCCL_RULES).
 
 The loss is known on the last stage only; it reaches every rank through an all-reduce to which
 the other ranks add zero, rather than a broadcast, so that every rank leaves the step together
@@ -33,8 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel import p2p
+
 # Shape and dtype of the activation between any two stages for a micro-batch.
 ActivationShape = Callable[[dict], tuple[torch.Size, torch.dtype]]
+# (forward?, micro-batch index, the tensor received for it) -> the tensor to pass on, if any.
+Step = Callable[[bool, int, torch.Tensor | None], torch.Tensor | None]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -74,7 +83,7 @@ class Pipeline:
         # send/recv address global ranks, even within a subgroup.
         self.previous = self._global(self.rank - 1) if self.rank > 0 else None
         self.next = self._global(self.rank + 1) if self.rank < self.stages - 1 else None
-        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.posted: list[tuple[p2p.Handle, list[torch.Tensor]]] = []  # groups in flight, with their tensors
         self.blocked = 0.0  # seconds spent waiting since the step began
         self.last_idle_fraction = 0.0
         self.last_peak_in_flight = 0
@@ -93,31 +102,28 @@ class Pipeline:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         live: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # index -> (received input, output)
         peak = 0
-        for forward, index in _order(self.schedule, self.stages, self.rank, len(micro_batches)):
-            batch = micro_batches[index]
+
+        def step(forward: bool, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+            nonlocal total, peak
             if forward:
-                hidden = self._receive(self.previous, batch)
-                if hidden is not None:
-                    hidden.requires_grad_()  # so backward leaves the gradient to send back in hidden.grad
-                output = self.stage(hidden, batch)
+                if received is not None:
+                    received.requires_grad_()  # so backward leaves the gradient to send back in received.grad
+                output = self.stage(received, micro_batches[index])
+                live[index] = (received, output)
+                peak = max(peak, len(live))
                 if self.next is None:
                     total += output.detach()
-                else:
-                    self._send(output, self.next, batch)
-                live[index] = (hidden, output)
-                peak = max(peak, len(live))
+                    return None
+                return output
+            # Popped, so its activations die with its backward, not with a later step: 1F1B's cap is real.
+            hidden, output = live.pop(index)
+            if self.next is None:
+                (output / divisor).backward()
             else:
-                # Popped and deleted, so its activations die with its backward, not with the next
-                # forward that rebinds these names: 1F1B's cap is real.
-                hidden, output = live.pop(index)
-                if self.next is None:
-                    (output / divisor).backward()
-                else:
-                    torch.autograd.backward(output, grad_tensors=self._receive(self.next, batch))
-                if hidden is not None:
-                    self._send(hidden.grad, self.previous, batch)
-                del hidden, output
-            self._reap()
+                torch.autograd.backward(output, grad_tensors=received)
+            return None if hidden is None else hidden.grad
+
+        self._run(_order(self.schedule, self.stages, self.rank, len(micro_batches)), micro_batches, step)
         loss = self._finish(total / divisor)
         self.last_idle_fraction = self.blocked / (time.perf_counter() - started)
         self.last_peak_in_flight = peak
@@ -127,47 +133,88 @@ class Pipeline:
     def evaluate(self, micro_batches: list[dict]) -> float:
         """Forward only: the summed loss over the micro-batches, the same number on every rank."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in micro_batches:
-            output = self.stage(self._receive(self.previous, batch), batch)
+
+        def step(forward: bool, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+            nonlocal total
+            output = self.stage(received, micro_batches[index])
             if self.next is None:
                 total += output
-            else:
-                self._send(output, self.next, batch)
-            self._reap()
+                return None
+            return output
+
+        self._run([(True, index) for index in range(len(micro_batches))], micro_batches, step)
         return self._finish(total)
 
-    def _receive(self, source: int | None, batch: dict) -> torch.Tensor | None:
-        """The activation (or its gradient) for `batch` from rank `source`; None on an end of the pipeline."""
-        if source is None:
+    def _run(self, steps: list[tuple[bool, int]], micro_batches: list[dict], step: Step) -> None:
+        """Runs `step(forward, index, received)` for each of `steps`; what it returns travels on (to the
+        next stage after a forward, the previous after a backward) in one group with the next step's input."""
+        ahead = self._exchange(None, self._input(steps[0], micro_batches))
+        for position, (forward, index) in enumerate(steps):
+            outgoing = step(forward, index, self._arrived(ahead))
+            send = None
+            if outgoing is not None:
+                self._check(outgoing, micro_batches[index])
+                send = (outgoing, self.next if forward else self.previous)
+            following = steps[position + 1] if position + 1 < len(steps) else None
+            ahead = self._exchange(send, self._input(following, micro_batches))
+            self._reap()
+
+    def _input(self, step: tuple[bool, int] | None, micro_batches: list[dict]) -> tuple[int, dict] | None:
+        """The rank that step (forward?, index) receives its input from and its micro-batch; None if it receives none."""
+        if step is None:
             return None
-        shape, dtype = self.activation_shape(batch)
-        buffer = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait([dist.irecv(buffer, source, group=self.group)])
+        forward, index = step
+        source = self.previous if forward else self.next
+        return None if source is None else (source, micro_batches[index])
+
+    def _exchange(self, send: tuple[torch.Tensor, int] | None, receive: tuple[int, dict] | None) \
+            -> tuple[p2p.Handle, torch.Tensor] | None:
+        """Posts `send` (tensor, destination) and `receive` (source, micro-batch) as one group; the handle and
+        the buffer that the receive fills, or None when there is nothing to receive."""
+        ops, buffer = [], None
+        if send is not None:
+            tensor, destination = send
+            ops.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), destination, self.group))
+        if receive is not None:
+            source, batch = receive
+            shape, dtype = self.activation_shape(batch)
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, buffer, source, self.group))
+        if not ops:
+            return None
+        handle = p2p.exchange(ops)
+        self.posted.append((handle, [op.tensor for op in ops]))
+        return None if buffer is None else (handle, buffer)
+
+    def _arrived(self, ahead: tuple[p2p.Handle, torch.Tensor] | None) -> torch.Tensor | None:
+        """The received tensor, once its group (and so the sends posted with it) has completed."""
+        if ahead is None:
+            return None
+        handle, buffer = ahead
+        self._wait([handle])
         return buffer
 
-    def _send(self, tensor: torch.Tensor, destination: int, batch: dict) -> None:
+    def _check(self, tensor: torch.Tensor, batch: dict) -> None:
         shape, dtype = self.activation_shape(batch)
         # The receiver allocated exactly this; a mismatch would corrupt or hang it, so fail here instead.
         if tensor.shape != shape or tensor.dtype != dtype:
             raise ValueError(f"stage {self.rank} sends a {tuple(tensor.shape)} {tensor.dtype} tensor where "
                              f"activation_shape says {tuple(shape)} {dtype}")
-        tensor = tensor.detach().contiguous()
-        self.sends.append((dist.isend(tensor, destination, group=self.group), tensor))
 
     def _reap(self) -> None:
-        """Drops the sends that have completed, so their tensors can be freed."""
-        self.sends = [(work, tensor) for work, tensor in self.sends if not work.is_completed()]
+        """Drops the groups that have completed, so their tensors can be freed."""
+        self.posted = [(handle, tensors) for handle, tensors in self.posted if not handle.is_completed()]
 
     def _finish(self, loss: torch.Tensor) -> float:
-        """Waits for every send, then gives every rank the last stage's `loss`."""
-        self._wait([work for work, _ in self.sends])
-        self.sends = []
+        """Waits for every group, then gives every rank the last stage's `loss`."""
+        self._wait([handle for handle, _ in self.posted])
+        self.posted = []
         if self.next is not None:
             loss = torch.zeros_like(loss)
         self._wait([dist.all_reduce(loss, group=self.group, async_op=True)])
         return float(loss)
 
-    def _wait(self, works: list[dist.Work]) -> None:
+    def _wait(self, works: list[dist.Work | p2p.Handle]) -> None:
         """Waits on `works`, counting the time as idle."""
         cuda = self.device.type == "cuda"
         if cuda:  # compute still queued on the GPU is work, not waiting: let it finish before the clock starts

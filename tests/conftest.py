@@ -14,6 +14,8 @@ from models.tiny import build_tiny, tiny_processor  # noqa: E402
 
 # Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own.
 os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
+# Point-to-point traffic obeys NCCL's rules on gloo (parallel/p2p.py), in every rank a test starts.
+os.environ.setdefault("MUSEFT_NCCL_RULES", "1")
 
 
 @pytest.fixture(scope="session")
