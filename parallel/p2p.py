@@ -2,18 +2,20 @@
 
 NCCL's rules. Each `batch_isend_irecv` group is queued on its process group's stream: its ops run
 together and the group completes when all of them have, and a rank's next group starts only then.
-An op completes only once its peer is running the matching op: a send waits (on the GPU) for the
-receive, not just the data for the wire. So two ranks that each post a send before the receive
-that the other's send matches wait for each other until the watchdog kills the job. gloo buffers
-sends and completes each op on its own, so such code passes every CPU test.
+An op may wait (on the GPU) until its peer runs the matching op; a send is not done when its data
+is on the wire (large ones never are, and the first between two ranks sets up their connection).
+So two ranks that each post a send before the receive that the other's send matches can wait for
+each other until the watchdog kills the job. gloo buffers sends and completes each op on its own,
+so such code passes every CPU test.
 
 `exchange(ops)` posts one group through `dist.batch_isend_irecv` and returns a `Handle`. With
 MUSEFT_NCCL_RULES=1 in the environment (the test suite sets it, spawned ranks inherit it), the real
-gloo ops still carry the data, but a group counts as complete only when NCCL's would: a thread per
-process group (its "stream") starts this rank's groups one at a time, in the order posted; starting
-one publishes each of its ops in the default store, and an op completes once its peer's matching op
-(the n-th message between the two, either way) is published too. A wait that lasts longer than
-MUSEFT_NCCL_DEADLINE_S (default 10) raises an error naming the rank and the op NCCL would hang on.
+gloo ops still carry the data, but a group counts as complete only when NCCL's surely is: a thread
+per process group (its "stream") starts this rank's groups one at a time, in the order posted;
+starting one publishes each of its ops in the default store, and an op completes once its peer's
+matching op (the n-th message between the two, that way) is published too. So the mode is as strict
+as NCCL at its strictest. A wait that lasts longer than MUSEFT_NCCL_DEADLINE_S (default 10) raises
+an error naming the rank and the op that NCCL would hang on.
 """
 
 import os
@@ -22,7 +24,6 @@ import threading
 import time
 from collections import Counter
 
-import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
@@ -50,12 +51,13 @@ class Handle:
 def exchange(ops: list[dist.P2POp]) -> Handle:
     """Posts `ops` (one process group's) as one group, whose ops complete together."""
     works = dist.batch_isend_irecv(ops)
-    if os.environ.get(RULES, "0") in ("", "0"):
+    # (A plan's ranks play alone in a "fake" group, engine/plan.py: no peer ever posts there.)
+    if os.environ.get(RULES, "0") in ("", "0") or dist.get_backend(ops[0].group) == "fake":
         return Handle(works)
     return _stream(ops[0].group).post(ops, works)
 
 
-def describe(op: dist.P2POp) -> str:
+def _describe(op: dist.P2POp) -> str:
     """'send of a torch.float32 (2, 16) tensor to rank 1', as the errors here name an op."""
     what, way = ("send", "to") if op.op is dist.isend else ("receive", "from")
     return f"{what} of a {op.tensor.dtype} {tuple(op.tensor.shape)} tensor {way} rank {op.peer}"
@@ -92,7 +94,7 @@ class _Stream:
         self.posted = 0
         self.current: _Group | None = None  # the group the stream is running
         self.queue: queue.Queue[_Group] = queue.Queue()
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         threading.Thread(target=self._run, daemon=True, name=f"nccl-rules {self.name}").start()
 
     def post(self, ops: list[dist.P2POp], works: list[dist.Work]) -> _Group:
@@ -134,8 +136,8 @@ class _Stream:
         else:
             op = unmatched[0]
             match = "receive" if op.op is dist.isend else "send"
-            cause = f"its {describe(op)} waits for rank {op.peer} to start the matching {match}"
-        ops = "; ".join(map(describe, group.ops))
+            cause = f"its {_describe(op)} waits for rank {op.peer} to start the matching {match}"
+        ops = "; ".join(map(_describe, group.ops))
         return (f"rank {self.rank}: point-to-point group {group.number} ({ops}{behind}) did not complete within "
                 f"{deadline:g} s: {cause}. Under NCCL this rank would hang here ({RULES}=1 applies NCCL's rules "
                 f"on gloo; {DEADLINE} sets this wait).")
