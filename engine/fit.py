@@ -5,6 +5,7 @@ sentence, of a run that does not, before any weight loads (engine/launch.py)."""
 import dataclasses
 import math
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from engine.data_checks import row_lengths
 from engine.data_sources import load_splits
 from engine.loss import IGNORE
 from engine.plan import RankPlan, plan_ranks
+from engine.plan_eval import Evaluation
 from engine.precision import Precision, precision_for
 from errors import UsageError
 from models.load import config_and_processor
@@ -29,25 +31,44 @@ SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8
 
 def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length: int | None = None,
              search: bool = True) -> dict:
-    """The whole plan of a run as `run.py plan --json` prints it. `gpu`: plan for GPUs (bf16 weights and
-    activation checkpointing by default, as a GPU run has them) or for this CPU; `budget`: the bytes a
-    rank may use (None: fit is not judged); `search`: find the largest batch that fits even if this one does."""
+    """The whole plan of a run as `run.py plan --json` prints it: each rank's training step, and each phase's
+    peak per rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by default, as a
+    GPU run has them) or for this CPU; `budget`: the bytes a rank may use (None: fit is not judged); `search`:
+    find the largest batch whose every phase fits even if this one does."""
     if gpu and config.activation_checkpointing is None:
         config = dataclasses.replace(config, activation_checkpointing=True)
     if config.model == "auto":  # the same shapes as the hub's Idefics2-8B, without fetching it
         config = dataclasses.replace(config, model="tiny" if not gpu else SHIPPED_8B)
     precision = precision_for(config.precision, torch.device("cuda" if gpu else "cpu"))
-    widest = WidestBatch(config, sequence_length)
-    ranks = plan_ranks(config, precision, widest(config.batch_size), gpu)
-    peak = max(rank.peak_bytes for rank in ranks)
+    run = RunPhases(config, precision, gpu, WidestBatch(config, sequence_length))
+    ranks, phases = run(config.batch_size)
+    peak = max(max(rank.values()) for rank in phases)
+    by_phase = {name: max(rank[name] for rank in phases) for name in phases[0]}
     plan = {"fits": None if budget is None else peak <= budget, "budget_bytes": budget, "peak_bytes": peak,
-            "max_batch_size": None, "batch_size": config.batch_size, "sequence_length": widest.length,
+            "phases": by_phase, "largest_phase": max(by_phase, key=by_phase.get),
+            "max_batch_size": None, "batch_size": config.batch_size, "sequence_length": run.widest.length,
             "device": "cuda" if gpu else "cpu", "precision": precision.name,
             "activation_checkpointing": bool(config.activation_checkpointing),
-            "ranks": [dataclasses.asdict(rank) for rank in ranks], "disk": disk_plan(config, ranks)}
+            "evaluation": None if run.evaluation is None else run.evaluation.describe(config.batch_size),
+            "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases} for rank, rank_phases in zip(ranks, phases)],
+            "disk": disk_plan(config, ranks)}
     if budget is not None and (search or not plan["fits"]):
-        plan["max_batch_size"] = max_batch_size(config, precision, widest, gpu, budget, peak, widest.rows)
+        plan["max_batch_size"] = max_batch_size(config, run, budget, peak)
     return plan
+
+
+class RunPhases:
+    """`run(batch_size)`: every rank's training plan at that batch, and each rank's peak in each phase."""
+
+    def __init__(self, config: TrainConfig, precision: Precision, gpu: bool, widest: "WidestBatch"):
+        self.config, self.precision, self.gpu, self.widest = config, precision, gpu, widest
+        self.evaluation = None if config.skip_eval else Evaluation(config, precision, gpu)
+
+    def __call__(self, batch_size: int) -> tuple[list[RankPlan], list[dict[str, int]]]:
+        sized = dataclasses.replace(self.config, batch_size=batch_size)
+        ranks = plan_ranks(sized, self.precision, self.widest(batch_size), self.gpu)
+        evaluation = {} if self.evaluation is None else self.evaluation.phases(batch_size)  # alike on every rank
+        return ranks, [{"train": rank.peak_bytes, "export": rank.export_peak_bytes, **evaluation} for rank in ranks]
 
 
 class WidestBatch:
@@ -73,24 +94,23 @@ class WidestBatch:
         return batch
 
 
-def max_batch_size(config: TrainConfig, precision: Precision, widest: WidestBatch, gpu: bool, budget: int,
-                   planned_peak: int, rows: int) -> int:
-    """The largest batch (a multiple of --micro-batches for a pipeline; at most the train split's `rows` and SEARCH_LIMIT) whose
-    peak fits `budget`. The peak grows about linearly with the batch, so each next try is where the line
-    through the last two meets the budget, kept strictly between the largest batch known to fit and the
-    smallest known not to: a handful of plans of seconds each."""
+def max_batch_size(config: TrainConfig, run: RunPhases, budget: int, planned_peak: int) -> int:
+    """The largest batch (a multiple of --micro-batches for a pipeline; at most the train split's rows and
+    SEARCH_LIMIT) whose every phase fits `budget`; 0 if a phase that no batch changes does not. The peak
+    grows about linearly with the batch, so each next try is where the line through the last two meets the
+    budget, kept strictly between the largest batch known to fit and the smallest known not to: a handful
+    of plans of seconds each."""
     unit = config.micro_batches if config.parallel.startswith("pipeline") else 1
     known = {config.batch_size: planned_peak}
 
     def peak(batch: int) -> int:
         if batch not in known:
-            sized = dataclasses.replace(config, batch_size=batch)
-            known[batch] = max(rank.peak_bytes for rank in plan_ranks(sized, precision, widest(batch), gpu))
+            known[batch] = max(max(rank.values()) for rank in run(batch)[1])
         return known[batch]
 
     # Batches known to fit and not to; the search stops at the split's rows or SEARCH_LIMIT (the plan runs
     # the real pixels of its batch for real: a few hundred rows of 8B images are gigabytes here).
-    fits, over = 0, min(rows, SEARCH_LIMIT) // unit * unit + unit
+    fits, over = 0, min(run.widest.rows, SEARCH_LIMIT) // unit * unit + unit
     batch = config.batch_size
     while over - fits > unit:
         if peak(batch) <= budget:
@@ -143,27 +163,39 @@ def refuse_if_unfit(config: TrainConfig, plan: dict) -> None:
             f"and the one being written; the final export of {disk['export_bytes'] / GIB:.1f} GiB), but only "
             f"{disk['free_bytes'] / GIB:.1f} GiB is free there; lower --keep-last or free space.")
     if plan["fits"] is False:
-        raise UsageError(
-            f"the plan's peak is {plan['peak_bytes'] / GIB:.1f} GiB per GPU, over the budget of "
-            f"{plan['budget_bytes'] / GIB:.1f} GiB; {remedies(config, plan)} (run.py plan shows the numbers).")
+        over = {name: peak for name, peak in plan["phases"].items() if peak > plan["budget_bytes"]}
+        where = " and ".join(f"{PHASES[name]} ({peak / GIB:.1f} GiB)" for name, peak in over.items())
+        raise UsageError(f"the plan's peak per GPU is over the budget of {plan['budget_bytes'] / GIB:.1f} GiB while "
+                         f"{where}; {remedies(config, plan, over)} (run.py plan shows the numbers).")
 
 
-def remedies(config: TrainConfig, plan: dict) -> str:
-    """What would make an unfit run fit, as flags."""
+PHASES = {"train": "training", "export": "writing OUT/final", "generate": "generating the evaluation's answers",
+          "judge": "scoring them"}  # what a run does in each phase of its plan, as a sentence names it
+
+
+def remedies(config: TrainConfig, plan: dict, over: Collection[str]) -> str:
+    """What would make the phases `over` the budget fit, as flags."""
     options = []
-    if plan["max_batch_size"]:
+    if plan["max_batch_size"]:  # the largest batch at which every phase fits
         rows = plan["max_batch_size"]
         options.append(f"--batch-size {rows} --grad-accum {math.ceil(config.batch_size * config.grad_accum / rows)}")
-    if not plan["activation_checkpointing"]:
+    if "train" in over and not plan["activation_checkpointing"]:
         options.append("--activation-checkpointing")
-    if config.optimizer == "adamw" and config.optimizer_offload == "none":
-        options.append("--optimizer adamw8bit")
-    if plan["precision"] == "bf16-mixed" and config.adapter == "none":
-        options.append("--precision bf16")
-    if config.parallel in ("fsdp", "pipeline", "pipeline+fsdp"):
-        options.append("more GPUs (--gpus)")
-    elif config.adapter == "none":
-        options.append("--approach full_fsdp with more GPUs")
+    if {"train", "export"} & set(over):  # what training holds: the optimizer state, the trained weights
+        if config.optimizer == "adamw" and config.optimizer_offload == "none":
+            options.append("--optimizer adamw8bit")
+        if plan["precision"] == "bf16-mixed" and config.adapter == "none":
+            options.append("--precision bf16")
+        if config.parallel in ("fsdp", "pipeline", "pipeline+fsdp"):
+            options.append("more GPUs (--gpus)")
+        elif config.adapter == "none":
+            options.append("--approach full_fsdp with more GPUs")
+    if "generate" in over:  # every GPU holds a whole model to evaluate: more GPUs do not help
+        options.append("a lower --max-new-tokens")
+    if "judge" in over and config.scorer != "self":
+        options.append("--scorer self")
+    if {"generate", "judge"} & set(over):
+        options.append("--skip-eval (and run.py eval on a larger GPU)")
     return "try " + ", or ".join(options) if options else "no flag of this build makes it fit"
 
 
@@ -178,28 +210,41 @@ def budget_for(gpu: bool, memory_budget: float | None, gpu_memory: float | None)
 
 
 def describe(config: TrainConfig, plan: dict) -> str:
-    """The plan as a table, one row per rank, and the verdicts."""
+    """The plan as a table, one row per rank, each phase's peak, and the verdicts."""
     unit, size = ("GiB", GIB) if plan["peak_bytes"] >= GIB else ("MiB", 2**20)
     gib = lambda value: f"{value / size:.2f}"  # noqa: E731
     disk_gib = lambda value: f"{value / GIB:.2f}"  # noqa: E731
-    ranks = plan["ranks"]
-    where = f"{len(ranks)} {'GPU' if plan['device'] == 'cuda' else 'rank'}{'s' if len(ranks) > 1 else ''}"
+    ranks, device = plan["ranks"], "GPU" if plan["device"] == "cuda" else "rank"
+    where = f"{len(ranks)} {device}{'s' if len(ranks) > 1 else ''}"
     lines = [f"plan: {config.approach} on {where}, batch {plan['batch_size']}, {plan['sequence_length']} tokens a row, "
              f"{plan['precision']}, activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}",
-             "", f"| rank | parameters {unit} | gradients | optimizer | activations | peak | held between steps |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "", f"| rank | parameters {unit} | gradients | optimizer | activations | training peak | held between "
+                 "steps | writing OUT/final |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for rank in ranks:
         dtypes = ", ".join(f"{name} {gib(size)}" for name, size in rank["param_bytes_by_dtype"].items())
         lines.append(f"| {rank['rank']} | {gib(rank['param_bytes'])} ({dtypes}) | {gib(rank['grad_bytes'])} | "
                      f"{gib(rank['optimizer_bytes'])} | {gib(rank['activation_bytes'])} | {gib(rank['peak_bytes'])} | "
-                     f"{gib(rank['held_bytes'])} |")
+                     f"{gib(rank['held_bytes'])} | {gib(rank['export_peak_bytes'])} |")
     lines.append("")
-    if plan["fits"] is None:
-        lines.append(f"peak {gib(plan['peak_bytes'])} {unit} per {'GPU' if plan['device'] == 'cuda' else 'rank'}; "
-                     "give --gpu-memory GiB (the card's memory) or --memory-budget GiB to judge the fit")
+    evaluation = plan["evaluation"]
+    if evaluation is None:
+        lines.append("evaluation: none (--skip-eval)")
     else:
-        lines.append(f"{'fits' if plan['fits'] else 'does not fit'}: peak {gib(plan['peak_bytes'])} {unit} of "
-                     f"{gib(plan['budget_bytes'])} {unit} usable; the largest batch that fits: {plan['max_batch_size']}")
+        judge = "the evaluated model itself, one text at a time" if evaluation["scorer"] == "self" else \
+            f"the {evaluation['scorer']} model, {evaluation['judge_texts']} texts at once"
+        whole = " (a whole model, not its shard or stage)" if config.parallel not in ("none", "ddp") else ""
+        lines.append(f"evaluation: each {device} holds one model at a time{whole}, answering {evaluation['rows']} rows "
+                     f"at once ({evaluation['prompt_tokens']} prompt tokens + {evaluation['new_tokens']} new, KV "
+                     f"cache included), then judged by {judge} of {evaluation['judge_tokens']} tokens")
+    phases = ", ".join(f"{name} {gib(peak)}" for name, peak in plan["phases"].items())
+    lines.append(f"peak per {device}, by phase: {phases} {unit}; the largest: {plan['largest_phase']}")
+    if plan["fits"] is None:
+        lines.append("give --gpu-memory GiB (the card's memory) or --memory-budget GiB to judge the fit")
+    else:
+        over = [name for name, peak in plan["phases"].items() if peak > plan["budget_bytes"]]
+        verdict = "fits: every phase" if plan["fits"] else f"does not fit: {', '.join(over)} over"
+        lines.append(f"{verdict} {gib(plan['budget_bytes'])} {unit} usable; the largest batch at which every phase "
+                     f"fits: {plan['max_batch_size']}")
     disk = plan["disk"]
     lines.append(f"disk: up to {disk_gib(disk['total_bytes'])} GiB ({disk['checkpoints_kept']} checkpoints of "
                  f"{disk_gib(disk['checkpoint_bytes'])} GiB, export {disk_gib(disk['export_bytes'])} GiB"

@@ -8,7 +8,9 @@ size, so every collective has its real shapes. An 8B model costs no memory and t
 
 A GPU plan runs on CPU fakes (fake CUDA tensors cannot run backward without a GPU), corrected for
 what differs on CUDA: the caching allocator's 512-byte blocks, the fused AdamW kernel (the engine's
-choice on a GPU: no temporaries), and dropout's 1-byte masks (CPU keeps a mask as wide as the input).
+choice on a GPU: no temporaries), dropout's 1-byte masks (CPU keeps a mask as wide as the input), and
+autocast's fp32 ops (CUDA runs layer_norm, softmax and others in fp32 where CPU keeps bf16):
+engine/cuda_rules.py.
 
 Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer state; the bytes held
 between steps (everything still live after the optimizer step and zero_grad -- weights, optimizer
@@ -25,19 +27,20 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engine.build import apply_approach
 from engine.config import TrainConfig
+from engine.cuda_rules import cuda_autocast, cuda_dropout
 from engine.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.metrics import memory_breakdown
 from engine.optim import optimizer_for
 from engine.precision import Precision
 from engine.runtime import Runtime
-from engine.strategies import STRATEGIES, strategy_for
+from engine.strategies import FSDP, STRATEGIES, PipelineParallel, Single, strategy_for
 from engine.trainer import train_step
 from models.lazy import build_on_meta
+from parallel import fsdp
 
 CPU = torch.device("cpu")
 
@@ -57,6 +60,7 @@ class RankPlan:
     checkpoint_bytes: int  # this rank's piece of a checkpoint (0: another rank writes it)
     model_bytes: int  # the whole model in the frozen weights' dtype: a full export, or OUT/base
     export_bytes: int  # OUT/final: the whole model, or the adapter
+    export_peak_bytes: int  # the most held while OUT/final is written: what training holds, and the export's copies
 
 
 def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], gpu: bool) -> list[RankPlan]:
@@ -75,7 +79,7 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
     on_host = gpu and config.optimizer_offload == "cpu"
     trace = MemoryTrace(CUDA_BLOCK if gpu else 1)  # from the first weight on: the state a step replaces is seen freed
     with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), cuda_dropout(gpu), \
-            contextlib.redirect_stdout(io.StringIO()), trace:  # (stdout: apply_approach's count line)
+            cuda_autocast(gpu), contextlib.redirect_stdout(io.StringIO()), trace:  # (stdout: apply_approach's count line)
         runtime = Runtime(CPU, rank, world, precision)
         strategy = strategy_for(config, runtime)
         strategy.adopt(model, read=lambda name, start, stop: torch.empty(stop - start))
@@ -85,6 +89,7 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
         optimizer = trace.ignoring(make) if on_host else make()
         steps = [traced_step(trace, strategy, optimizer, batch, config, on_host) for _ in range(2)]
         held = trace.live  # between steps, as torch.cuda.memory_allocated() after one
+        export_peak = held + export_added(trace, strategy, precision, config.adapter != "none")
         by_dtype = collections.Counter()
         for p in (p for part in strategy.parts for p in part.parameters()):
             by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
@@ -97,7 +102,8 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
     return RankPlan(rank, memory["param_bytes"], dict(by_dtype), memory["buffer_bytes"], memory["grad_bytes"],
                     optimizer_bytes, memory["optimizer_bytes"] - optimizer_bytes, held, activations, peak,
-                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export)
+                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export,
+                    export_peak)
 
 
 @dataclasses.dataclass
@@ -127,6 +133,40 @@ def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, 
     return TracedStep(memory, before, trace.peak, trace.at_peak)
 
 
+def export_added(trace: MemoryTrace, strategy: Single, precision: Precision, adapter: bool) -> int:
+    """What writing OUT/final adds on this rank's device to what training holds, as engine/export.py writes
+    each strategy's (the best checkpoint it reads first goes to the CPU, then into the weights in place).
+    A whole model is cast to the frozen dtype wherever it is in another, the casts of a piece kept until it
+    is written: the main rank's whole model at once, a pipeline stage's own weights, or under FSDP one unit
+    at a time, each first gathered whole (pipeline+fsdp gathers its stage's units all). An adapter goes
+    to the CPU tensor by tensor, once FSDP has gathered it whole; a pipeline's stages send theirs to the main
+    rank by all_gather_object, whose pickled bytes NCCL carries in device buffers, one sent and one received
+    from every rank, each as large as the largest stage's: counted as the whole adapter's bytes each (the
+    fake group cannot carry objects)."""
+    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().to(precision.frozen_dtype) if tensor.is_floating_point() else tensor
+                for name, tensor in tensors.items()}
+
+    before = trace.live
+    trace.at_peak_of(lambda: 0)
+    if isinstance(strategy, PipelineParallel):
+        own = strategy.stage_weights(trainable_only=adapter)
+        pieces = [own] if own is not None and not adapter else []
+        if adapter:
+            pickled = strategy.parameter_counts()[0] * precision.trained_dtype.itemsize
+            buffers = torch.empty((strategy.runtime.world_size + 1) * pickled, dtype=torch.uint8)  # noqa: F841
+    elif isinstance(strategy, FSDP) and adapter:
+        list(fsdp.unit_state_dicts(strategy.model, trainable_only=True))  # every unit's adapter, held at once
+        pieces = []
+    elif isinstance(strategy, FSDP):
+        pieces = fsdp.unit_state_dicts(strategy.model)  # gathered and written a unit at a time
+    else:
+        pieces = [strategy.model.state_dict()] if strategy.runtime.is_main and not adapter else []
+    for piece in pieces:
+        cast(piece)
+    return trace.peak - before
+
+
 def at_fullest(steps: list[TracedStep]) -> tuple[int, int]:
     """(the peak, the activations at it) of the fullest of `steps` (the first has no optimizer state until its
     end): what the step had added by then, less the gradients alive at that moment."""
@@ -145,23 +185,4 @@ def fake_world(rank: int, world: int) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def cuda_dropout(gpu: bool) -> Iterator[None]:
-    """Dropout as CUDA runs it, with a 1-byte mask kept for backward; the CPU keeps the scaled noise
-    in the input's dtype. The values differ, the shapes and dtypes a GPU allocates do not."""
-    if not gpu:
-        yield
-        return
-    dropout = F.dropout
-
-    def fused(input, p=0.5, training=True, inplace=False):
-        return torch.native_dropout(input, p, training)[0] if training and p > 0 else input
-
-    F.dropout = fused
-    try:
-        yield
-    finally:
-        F.dropout = dropout
 

@@ -1,0 +1,154 @@
+"""What evaluation after training holds on each GPU, planned as a training step is (engine/plan.py):
+the models' own forward on fake tensors, every storage counted by engine/memory_trace.py.
+
+Evaluation (eval/evaluate.py) holds one model at a time, and every rank evaluates its own rows of the
+test split (r, r+N, ...) holding a whole model: a sharded or pipelined run needs a whole model per GPU
+here, not its shard or stage. Its phases:
+
+- generate: a model answers `--batch-size` rows at a time (fewer if a rank's share of the test split is
+  smaller): the trained model in the run's frozen dtype (full: OUT/final; LoRA: its adapter merged into
+  the base, the base's size; QLoRA: the NF4 base quantized as in training with the adapters beside it),
+  then the base model for the score before training (unless cached). Planned as one no_grad forward with
+  use_cache=True over the widest test prompt plus --max-new-tokens tokens, logits for the last position
+  only: the KV cache at its full length plus one forward. That slightly over-counts a real generate, whose
+  prefill covers the prompt alone and whose later steps each add one token's activations.
+- judge: the `--scorer` model in the frozen dtype (eval/score.py), text only, 8 texts at once as long as
+  the longest answer (--max-new-tokens, or the longest reference if longer). With `--scorer self` the
+  evaluated model scores its own answers one text at a time instead, before it is freed.
+"""
+
+import contextlib
+import io
+import math
+from collections.abc import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import PreTrainedModel
+
+from engine.build import apply_approach, configure_processor
+from engine.config import TrainConfig
+from engine.data_sources import load_splits
+from engine.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
+from engine.precision import Precision
+from engine.runtime import Runtime
+from eval.generate import _record, prompt_batch
+from models.lazy import build_on_meta, materialize
+from models.load import config_and_processor
+
+CPU = torch.device("cpu")
+JUDGE_BATCH = 8  # texts a batched judge embeds at once (eval/score.py's default)
+
+
+class Evaluation:
+    """The plan of a run's evaluation: `phases(batch_size)` is {"generate": bytes, "judge": bytes}, the most a
+    rank holds in each (every rank alike). The widest test prompt and the longest reference are found once."""
+
+    def __init__(self, config: TrainConfig, precision: Precision, gpu: bool):
+        self.config, self.precision, self.gpu = config, precision, gpu
+        _, self.processor = config_and_processor(config.model)
+        configure_processor(self.processor, config)
+        test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
+        lengths = [prompt_batch(self.processor, [row])["input_ids"].shape[1] for row in test]
+        self.prompt_tokens, self.test_rows = max(lengths), len(test)
+        self.widest = test[lengths.index(self.prompt_tokens)]
+        tokenizer = self.processor.tokenizer
+        reference = max(len(tokenizer(_record(row, "")["ground_truth_answer"])["input_ids"]) for row in test)
+        self.text_tokens = max(config.max_new_tokens + 1, reference)  # an answer's tokens and its BOS
+        # The models that answer: the trained one, then the base model for the score before training (the
+        # same size as full's or LoRA's merged model: only QLoRA's, on its NF4 base, differs).
+        self.answering = [self.evaluated_model] + [self.base_model] * (config.quant == "nf4")
+        self.planned: dict[tuple[str, int], int] = {}
+
+    def phases(self, batch_size: int) -> dict[str, int]:
+        shapes = self.describe(batch_size)
+        return {"generate": self.known("generate", shapes["rows"], self.generate_peak),
+                "judge": self.known("judge", shapes["judge_texts"], self.judge_peak)}
+
+    def known(self, phase: str, size: int, plan: Callable[[int], int]) -> int:
+        """`plan(size)`, planned once: most batch sizes a search tries give the same rows (a rank's share)."""
+        if (phase, size) not in self.planned:
+            self.planned[phase, size] = plan(size)
+        return self.planned[phase, size]
+
+    def generate_peak(self, rows: int) -> int:
+        prompt = self.prompt(rows)
+        return max(self.peak(load, answer, prompt) for load in self.answering)
+
+    def judge_peak(self, texts: int) -> int:
+        spec = self.config.model if self.config.scorer == "base" else self.config.scorer
+        judges = self.answering if self.config.scorer == "self" else [lambda: fake_model(spec, self.precision)]
+        return max(self.peak(load, embed, self.texts(texts)) for load in judges)
+
+    def describe(self, batch_size: int) -> dict:
+        """What a rank's evaluation runs at `batch_size`: rows answered at once (at most its share of the test
+        split, rows r, r+N, ...), their tokens, and the texts a judge embeds at once (one, as --scorer self)."""
+        rows = min(batch_size, math.ceil(self.test_rows / (self.config.gpus or 1)))
+        return {"rows": rows, "prompt_tokens": self.prompt_tokens, "new_tokens": self.config.max_new_tokens,
+                "judge_texts": 1 if self.config.scorer == "self" else min(JUDGE_BATCH, 2 * rows),
+                "judge_tokens": self.text_tokens, "scorer": self.config.scorer}
+
+    def peak(self, load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], None],
+             inputs: dict[str, torch.Tensor]) -> int:
+        """The most a rank holds while `load()`'s model (counted from its first weight) does `run(model, inputs)`,
+        the inputs copied to the device. (From the model loaded on: the plan reads each fake weight in fp32
+        first, where a checkpoint is read in its own dtype.)"""
+        with FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), torch.no_grad(), \
+                contextlib.redirect_stdout(io.StringIO()), MemoryTrace(CUDA_BLOCK if self.gpu else 1) as trace:
+            model = load()  # (stdout: apply_approach's count line)
+            trace.at_peak_of(lambda: 0)
+            run(model, {key: value.clone() for key, value in inputs.items()})
+            return trace.peak
+
+    def prompt(self, rows: int) -> dict[str, torch.Tensor]:
+        """`rows` copies of the widest prompt, as eval/generate.py batches them, with --max-new-tokens tokens
+        after it (text: the prompt's last token again stands for each)."""
+        prompt = dict(prompt_batch(self.processor, [self.widest] * rows))
+        answer = prompt["input_ids"][:, -1:].expand(-1, self.config.max_new_tokens)
+        prompt["input_ids"] = torch.cat([prompt["input_ids"], answer], dim=1)
+        prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(answer)], dim=1)
+        return prompt
+
+    def texts(self, count: int) -> dict[str, torch.Tensor]:
+        """`count` texts as long as the longest answer or reference (any text tokens). Batched texts of
+        different lengths are padded: one pad makes the attention mask a real one, which attention expands."""
+        mask = torch.ones(count, self.text_tokens, dtype=torch.long)
+        if count > 1:
+            mask[-1, -1] = 0
+        return {"input_ids": mask.clone(), "attention_mask": mask}
+
+    def evaluated_model(self) -> PreTrainedModel:
+        """The trained model as evaluation loads it: QLoRA's NF4 base with its adapters beside it, else the
+        whole model in the frozen dtype (a LoRA adapter merged into its base changes no size)."""
+        model = self.base_model()
+        if self.config.quant == "nf4":
+            apply_approach(model, self.config, Runtime(CPU, precision=self.precision))
+        return model.eval()
+
+    def base_model(self) -> PreTrainedModel:
+        return fake_model(self.config.model, self.precision)
+
+
+def fake_model(spec: str, precision: Precision) -> PreTrainedModel:
+    """The whole model `spec` names as evaluation loads it (models.load: sdpa attention), its weights fake
+    tensors in the frozen dtype."""
+    model, _ = build_on_meta(spec, precision.frozen_dtype)
+    materialize(model, model, lambda name, start, stop: torch.empty(stop - start), CPU)
+    return model.eval()
+
+
+def answer(model: PreTrainedModel, prompt: dict[str, torch.Tensor]) -> None:
+    """generate's prefill over the whole answer: the KV cache at its full length, the last position's logits;
+    then what a decoding step holds beside them (transformers' `_sample`, with the ban list of eval/generate.py):
+    their copy in fp32, the ban's bias as wide and a vocabulary-wide one, the biased scores and the last step's."""
+    output = model(**prompt, use_cache=True, logits_to_keep=1)
+    scores = output.logits[:, -1].to(copy=True, dtype=torch.float32)
+    held = [torch.zeros_like(scores) for _ in range(3)], torch.zeros_like(scores[0])  # noqa: F841
+
+
+def embed(model: PreTrainedModel, texts: dict[str, torch.Tensor]) -> None:
+    """A judge's embeddings of `texts`: the text model's last hidden state, mean-pooled in fp32 over the
+    real tokens (eval/score.py)."""
+    hidden = model.get_decoder()(**texts, use_cache=False).last_hidden_state.float()
+    weights = texts["attention_mask"].unsqueeze(-1).float()
+    (hidden * weights).sum(dim=1) / weights.sum(dim=1)
