@@ -1,6 +1,7 @@
-"""Every run of the original project's table as a command of ours, and what `run.py plan` says of it.
+"""Every run of the original project's table as a command of ours, and what `run.py plan` says of it: each
+phase's peak per GPU (training, writing OUT/final, generating the evaluation's answers, the judge scoring them).
 
-    python bench/original_runs.py          # prints the README's table (14 minutes on 2 CPU cores, most of it the
+    python bench/original_runs.py          # prints the README's table (20 minutes on 2 CPU cores, most of it the
                                            # largest-batch searches)
 
 Each row keeps the original's GPUs, per-GPU batch and memory, and its deliberate settings that differ from
@@ -40,6 +41,12 @@ RUNS = [
      "--gpu-memory 47.53", (22.10, 36.49)),
 ]
 
+# Rows whose evaluation does not fit their GPU, and why (the plan names the phases over the budget).
+EVALUATION_UNFIT = {
+    "QLoRA, 1x A4000 16 GB, batch 2": "the score before training answers with the bf16 base, which --scorer base "
+                                      "also judges with: 15.6 GiB of weights alone, over the card's 14.5 usable",
+}
+
 
 def plan_of(flags: str, search: bool = True) -> dict:
     return planned(plan_parser().parse_args(f"{flags} {MODEL}".split()), search)[1]
@@ -47,14 +54,21 @@ def plan_of(flags: str, search: bool = True) -> dict:
 
 def main() -> None:
     print("| the original's run | our command (`python run.py plan` with these flags and `" + MODEL + "`) | "
-          "planned peak per GPU, GiB | held between steps | largest batch that fits | fits | the original's logged "
-          "held / peak |")
-    print("|---|---|---:|---:|---:|---|---:|")
+          "planned peak per GPU, GiB: training | writing OUT/final | generating answers | judging them | held between "
+          "steps | largest batch that fits | fits | the original's logged held / peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for words, flags, logged in RUNS:
         plan = plan_of(flags)
         held = max(rank["held_bytes"] for rank in plan["ranks"]) / GIB
-        print(f"| {words} | `{flags}` | {plan['peak_bytes'] / GIB:.2f} | {held:.2f} | {plan['max_batch_size']} | "
-              f"{'yes' if plan['fits'] else 'no'} | {'' if logged is None else f'{logged[0]:.2f} / {logged[1]:.2f}'} |", flush=True)
+        phases = " | ".join(f"{plan['phases'][name] / GIB:.2f}" for name in ("train", "export", "generate", "judge"))
+        print(f"| {words} | `{flags}` | {phases} | {held:.2f} | {plan['max_batch_size']} | "
+              f"{'yes' if plan['fits'] else 'no: ' + ', '.join(over(plan))} | "
+              f"{'' if logged is None else f'{logged[0]:.2f} / {logged[1]:.2f}'} |", flush=True)
+
+
+def over(plan: dict) -> list[str]:
+    """The phases of `plan` over its budget."""
+    return [name for name, peak in plan["phases"].items() if peak > plan["budget_bytes"]]
 
 
 if __name__ == "__main__":

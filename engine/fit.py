@@ -1,6 +1,7 @@
-"""Whether a run fits: its plan (engine/plan.py) on the widest batch of its data, against the GPU's
-memory and the free disk where it writes; the largest batch that fits; and the refusal, in one
-sentence, of a run that does not, before any weight loads (engine/launch.py)."""
+"""Whether a run fits: its plan on the widest batch of its data, phase by phase -- training and writing
+OUT/final (engine/plan.py), generating the evaluation's answers and judging them (engine/plan_eval.py)
+-- against the GPU's memory, and the free disk where it writes; the largest batch at which every phase
+fits; and the refusal, in one sentence, of a run that does not, before any weight loads (engine/launch.py)."""
 
 import dataclasses
 import math
@@ -18,7 +19,7 @@ from engine.data_checks import row_lengths
 from engine.data_sources import load_splits
 from engine.loss import IGNORE
 from engine.plan import RankPlan, plan_ranks
-from engine.plan_eval import Evaluation
+from engine.plan_eval import evaluation_plan
 from engine.precision import Precision, precision_for
 from errors import UsageError
 from models.load import config_and_processor
@@ -32,7 +33,7 @@ SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8
 def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length: int | None = None,
              search: bool = True) -> dict:
     """The whole plan of a run as `run.py plan --json` prints it: each rank's training step, and each phase's
-    peak per rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by default, as a
+    peak per rank and on any rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by default, as a
     GPU run has them) or for this CPU; `budget`: the bytes a rank may use (None: fit is not judged); `search`:
     find the largest batch whose every phase fits even if this one does."""
     if gpu and config.activation_checkpointing is None:
@@ -42,8 +43,8 @@ def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length
     precision = precision_for(config.precision, torch.device("cuda" if gpu else "cpu"))
     run = RunPhases(config, precision, gpu, WidestBatch(config, sequence_length))
     ranks, phases = run(config.batch_size)
-    peak = max(max(rank.values()) for rank in phases)
-    by_phase = {name: max(rank[name] for rank in phases) for name in phases[0]}
+    by_phase = {name: max(rank[name] for rank in phases) for name in phases[0]}  # the most on any rank
+    peak = max(by_phase.values())
     plan = {"fits": None if budget is None else peak <= budget, "budget_bytes": budget, "peak_bytes": peak,
             "phases": by_phase, "largest_phase": max(by_phase, key=by_phase.get),
             "max_batch_size": None, "batch_size": config.batch_size, "sequence_length": run.widest.length,
@@ -62,7 +63,7 @@ class RunPhases:
 
     def __init__(self, config: TrainConfig, precision: Precision, gpu: bool, widest: "WidestBatch"):
         self.config, self.precision, self.gpu, self.widest = config, precision, gpu, widest
-        self.evaluation = None if config.skip_eval else Evaluation(config, precision, gpu)
+        self.evaluation = evaluation_plan(config, precision, gpu)
 
     def __call__(self, batch_size: int) -> tuple[list[RankPlan], list[dict[str, int]]]:
         sized = dataclasses.replace(self.config, batch_size=batch_size)

@@ -149,21 +149,21 @@ def export_added(trace: MemoryTrace, strategy: Single, precision: Precision, ada
 
     before = trace.live
     trace.at_peak_of(lambda: 0)
+    held = []  # what the export keeps while it writes
     if isinstance(strategy, PipelineParallel):
         own = strategy.stage_weights(trainable_only=adapter)
-        pieces = [own] if own is not None and not adapter else []
         if adapter:
             pickled = strategy.parameter_counts()[0] * precision.trained_dtype.itemsize
-            buffers = torch.empty((strategy.runtime.world_size + 1) * pickled, dtype=torch.uint8)  # noqa: F841
+            held.append(torch.empty((strategy.runtime.world_size + 1) * pickled, dtype=torch.uint8))
+        elif own is not None:
+            held.append(cast(own))
     elif isinstance(strategy, FSDP) and adapter:
-        list(fsdp.unit_state_dicts(strategy.model, trainable_only=True))  # every unit's adapter, held at once
-        pieces = []
+        held.extend(fsdp.unit_state_dicts(strategy.model, trainable_only=True))  # every unit's adapter at once
     elif isinstance(strategy, FSDP):
-        pieces = fsdp.unit_state_dicts(strategy.model)  # gathered and written a unit at a time
-    else:
-        pieces = [strategy.model.state_dict()] if strategy.runtime.is_main and not adapter else []
-    for piece in pieces:
-        cast(piece)
+        for unit in fsdp.unit_state_dicts(strategy.model):  # gathered and written a unit at a time
+            cast(unit)
+    elif strategy.runtime.is_main and not adapter:
+        cast(strategy.model.state_dict())
     return trace.peak - before
 
 

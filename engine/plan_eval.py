@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, ProcessorMixin
 
 from engine.build import apply_approach, configure_processor
 from engine.config import TrainConfig
@@ -40,18 +40,26 @@ CPU = torch.device("cpu")
 JUDGE_BATCH = 8  # texts a batched judge embeds at once (eval/score.py's default)
 
 
+def evaluation_plan(config: TrainConfig, precision: Precision, gpu: bool) -> "Evaluation | None":
+    """The plan of the evaluation after training; None if the run evaluates nothing (--skip-eval, no test rows)."""
+    if config.skip_eval:
+        return None
+    _, processor = config_and_processor(config.model)
+    configure_processor(processor, config)
+    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
+    return Evaluation(config, precision, gpu, processor, test) if len(test) else None
+
+
 class Evaluation:
     """The plan of a run's evaluation: `phases(batch_size)` is {"generate": bytes, "judge": bytes}, the most a
     rank holds in each (every rank alike). The widest test prompt and the longest reference are found once."""
 
-    def __init__(self, config: TrainConfig, precision: Precision, gpu: bool):
-        self.config, self.precision, self.gpu = config, precision, gpu
-        _, self.processor = config_and_processor(config.model)
-        configure_processor(self.processor, config)
-        test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
-        lengths = [prompt_batch(self.processor, [row])["input_ids"].shape[1] for row in test]
-        self.prompt_tokens, self.test_rows = max(lengths), len(test)
+    def __init__(self, config: TrainConfig, precision: Precision, gpu: bool, processor: ProcessorMixin, test):
+        self.config, self.precision, self.gpu, self.processor = config, precision, gpu, processor
+        lengths = [prompt_batch(processor, [row])["input_ids"].shape[1] for row in test]
+        self.prompt_tokens = max(lengths)
         self.widest = test[lengths.index(self.prompt_tokens)]
+        self.share = math.ceil(len(test) / (config.gpus or 1))  # rank 0's rows, the most any rank has
         tokenizer = self.processor.tokenizer
         reference = max(len(tokenizer(_record(row, "")["ground_truth_answer"])["input_ids"]) for row in test)
         self.text_tokens = max(config.max_new_tokens + 1, reference)  # an answer's tokens and its BOS
@@ -82,13 +90,14 @@ class Evaluation:
 
     def describe(self, batch_size: int) -> dict:
         """What a rank's evaluation runs at `batch_size`: rows answered at once (at most its share of the test
-        split, rows r, r+N, ...), their tokens, and the texts a judge embeds at once (one, as --scorer self)."""
-        rows = min(batch_size, math.ceil(self.test_rows / (self.config.gpus or 1)))
-        return {"rows": rows, "prompt_tokens": self.prompt_tokens, "new_tokens": self.config.max_new_tokens,
-                "judge_texts": 1 if self.config.scorer == "self" else min(JUDGE_BATCH, 2 * rows),
+        split, rows r, r+N, ...), their tokens, and the texts a judge embeds at once (its answers and their
+        references, 8 at a time; one, as --scorer self)."""
+        return {"rows": min(batch_size, self.share), "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.config.max_new_tokens,
+                "judge_texts": 1 if self.config.scorer == "self" else min(JUDGE_BATCH, 2 * self.share),
                 "judge_tokens": self.text_tokens, "scorer": self.config.scorer}
 
-    def peak(self, load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], None],
+    def peak(self, load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], object],
              inputs: dict[str, torch.Tensor]) -> int:
         """The most a rank holds while `load()`'s model (counted from its first weight) does `run(model, inputs)`,
         the inputs copied to the device. (From the model loaded on: the plan reads each fake weight in fp32
@@ -137,18 +146,18 @@ def fake_model(spec: str, precision: Precision) -> PreTrainedModel:
     return model.eval()
 
 
-def answer(model: PreTrainedModel, prompt: dict[str, torch.Tensor]) -> None:
+def answer(model: PreTrainedModel, prompt: dict[str, torch.Tensor]) -> tuple:
     """generate's prefill over the whole answer: the KV cache at its full length, the last position's logits;
     then what a decoding step holds beside them (transformers' `_sample`, with the ban list of eval/generate.py):
     their copy in fp32, the ban's bias as wide and a vocabulary-wide one, the biased scores and the last step's."""
     output = model(**prompt, use_cache=True, logits_to_keep=1)
     scores = output.logits[:, -1].to(copy=True, dtype=torch.float32)
-    held = [torch.zeros_like(scores) for _ in range(3)], torch.zeros_like(scores[0])  # noqa: F841
+    return output, scores, [torch.zeros_like(scores) for _ in range(3)], torch.zeros_like(scores[0])
 
 
-def embed(model: PreTrainedModel, texts: dict[str, torch.Tensor]) -> None:
+def embed(model: PreTrainedModel, texts: dict[str, torch.Tensor]) -> torch.Tensor:
     """A judge's embeddings of `texts`: the text model's last hidden state, mean-pooled in fp32 over the
     real tokens (eval/score.py)."""
     hidden = model.get_decoder()(**texts, use_cache=False).last_hidden_state.float()
     weights = texts["attention_mask"].unsqueeze(-1).float()
-    (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)

@@ -19,7 +19,7 @@ from engine.fit import GIB, WidestBatch, plan_run, refuse_if_unfit_before_loadin
 from engine.memory_trace import CUDA_BLOCK, MemoryTrace
 from engine.optim import optimizer_for
 from engine.plan import at_fullest, plan_ranks, traced_step
-from engine.plan_eval import Evaluation
+from engine.plan_eval import evaluation_plan
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from engine.strategies import strategy_for
@@ -158,14 +158,15 @@ def test_run_whose_checkpoints_cannot_fit_on_disk_is_refused(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_every_run_of_the_originals_table_fits():
-    """The README's table: each of the original's runs, as our command on its GPUs, fits in the plan; where
-    the original logged torch.cuda.memory_allocated after its first optimizer step and zero_grad (its FSDP
-    runs, fp32 masters as accelerate kept them; its LoRA + DDP runs), the plan holds within 5% of it."""
-    from bench.original_runs import RUNS, plan_of
+    """The README's table: each of the original's runs, as our command on its GPUs, fits in the plan, every phase
+    of it but the evaluation bench/original_runs.py names as unfit, and why; where the original logged
+    torch.cuda.memory_allocated after its first optimizer step and zero_grad (its FSDP runs, fp32 masters as
+    accelerate kept them; its LoRA + DDP runs), the plan holds within 5% of it."""
+    from bench.original_runs import EVALUATION_UNFIT, RUNS, over, plan_of
 
     for words, flags, logged in RUNS:
         plan = plan_of(flags, search=False)
-        assert plan["fits"], words
+        assert set(over(plan)) == ({"generate", "judge"} if words in EVALUATION_UNFIT else set()), words
         if logged is not None:
             held = plan["ranks"][0]["held_bytes"] / GIB
             assert abs(held - logged[0]) <= 0.05 * logged[0], (words, held)
@@ -193,7 +194,7 @@ def measured_evaluation(config, precision) -> dict[str, int]:
     """A real evaluation's two phases on the tiny model's real weights, each traced from its model loaded on
     (as the plan's): the trained model answering the widest test prompt `batch_size` times with eval/generate.py,
     every answer --max-new-tokens long, then the base judge embedding 8 texts as long as the plan's longest."""
-    evaluation = Evaluation(config, precision, gpu=False)  # the widest prompt and the longest text, found
+    evaluation = evaluation_plan(config, precision, gpu=False)  # the widest prompt and the longest text, found
     cpu = torch.device("cpu")
     peaks = {}
     with MemoryTrace() as trace:
@@ -223,7 +224,7 @@ def test_evaluation_phases_equal_a_real_generate_and_judge(precision):
     real generate does not run, costs little more than its steps); the judge's batch exactly."""
     config = from_approach("full", model="tiny", device="cpu", limit_exhibits=4, batch_size=4, max_new_tokens=64,
                            precision=precision)
-    planned = Evaluation(config, PRECISIONS[precision], gpu=False).phases(config.batch_size)
+    planned = evaluation_plan(config, PRECISIONS[precision], gpu=False).phases(config.batch_size)
     real = measured_evaluation(config, PRECISIONS[precision])
     assert abs(planned["generate"] - real["generate"]) <= 0.05 * (real["generate"] - real["weights"])
     # Exactly, but for one 32-byte rotary table (loading in bf16, transformers shares original_inv_freq's storage).
@@ -276,5 +277,5 @@ def test_cuda_autocast_keeps_cudas_fp32_ops_in_fp32(monkeypatch):
     config = from_approach("lora", model="tiny", limit_exhibits=4, batch_size=4, activation_checkpointing=True)
     batch = WidestBatch(config, None)(4)
     corrected = plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0]
-    monkeypatch.setattr(engine.plan, "cuda_autocast", lambda gpu: contextlib.nullcontext())
+    monkeypatch.setattr(engine.plan, "cuda_autocast", lambda gpu: contextlib.nullcontext(), raising=False)
     assert plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0].activation_bytes < corrected.activation_bytes
