@@ -233,8 +233,9 @@ def report(args: argparse.Namespace) -> str:
 def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py plan", description="Each rank's memory for a run (parameters, gradients, optimizer state, "
-        "activations, peak), whether it fits, the largest batch that does, and the disk it writes; for GPUs unless "
-        "--device cpu. It takes the training flags; no weights are loaded: seconds on a CPU.")
+        "activations, peak) and each phase's peak (training, writing OUT/final, generating the evaluation's answers, "
+        "judging them), whether every phase fits, the largest batch that does, and the disk it writes; for GPUs "
+        "unless --device cpu. It takes the training flags; no weights are loaded: seconds on a CPU.")
     add_training_flags(parser)
     parser.add_argument("--gpu-memory", type=float, help="GiB of each GPU, as torch reports it (default: the "
                                                          "visible GPU's); 8%% is kept free")
