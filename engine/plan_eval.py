@@ -18,6 +18,7 @@ here, not its shard or stage. Its phases:
 """
 
 import contextlib
+import functools
 import io
 import math
 from collections.abc import Callable
@@ -81,12 +82,14 @@ class Evaluation:
 
     def generate_peak(self, rows: int) -> int:
         prompt = self.prompt(rows)
-        return max(self.peak(load, answer, prompt) for load in self.answering)
+        return max(traced_peak(load, answer, prompt, self.gpu) for load in self.answering)
 
-    def judge_peak(self, texts: int) -> int:
+    def judge_peak(self, count: int) -> int:
+        if self.config.scorer == "self":
+            inputs = texts(count, self.text_tokens)
+            return max(traced_peak(load, embed, inputs, self.gpu) for load in self.answering)
         spec = self.config.model if self.config.scorer == "base" else self.config.scorer
-        judges = self.answering if self.config.scorer == "self" else [lambda: fake_model(spec, self.precision)]
-        return max(self.peak(load, embed, self.texts(texts)) for load in judges)
+        return judge_peak(spec, self.precision.frozen_dtype, self.gpu, count, self.text_tokens)
 
     def describe(self, batch_size: int) -> dict:
         """What a rank's evaluation runs at `batch_size`: rows answered at once (at most its share of the test
@@ -97,18 +100,6 @@ class Evaluation:
                 "judge_texts": 1 if self.config.scorer == "self" else min(JUDGE_BATCH, 2 * self.share),
                 "judge_tokens": self.text_tokens, "scorer": self.config.scorer}
 
-    def peak(self, load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], object],
-             inputs: dict[str, torch.Tensor]) -> int:
-        """The most a rank holds while `load()`'s model (counted from its first weight) does `run(model, inputs)`,
-        the inputs copied to the device. (From the model loaded on: the plan reads each fake weight in fp32
-        first, where a checkpoint is read in its own dtype.)"""
-        with FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), torch.no_grad(), \
-                contextlib.redirect_stdout(io.StringIO()), MemoryTrace(CUDA_BLOCK if self.gpu else 1) as trace:
-            model = load()  # (stdout: apply_approach's count line)
-            trace.at_peak_of(lambda: 0)
-            run(model, {key: value.clone() for key, value in inputs.items()})
-            return trace.peak
-
     def prompt(self, rows: int) -> dict[str, torch.Tensor]:
         """`rows` copies of the widest prompt, as eval/generate.py batches them, with --max-new-tokens tokens
         after it (text: the prompt's last token again stands for each)."""
@@ -117,14 +108,6 @@ class Evaluation:
         prompt["input_ids"] = torch.cat([prompt["input_ids"], answer], dim=1)
         prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(answer)], dim=1)
         return prompt
-
-    def texts(self, count: int) -> dict[str, torch.Tensor]:
-        """`count` texts as long as the longest answer or reference (any text tokens). Batched texts of
-        different lengths are padded: one pad makes the attention mask a real one, which attention expands."""
-        mask = torch.ones(count, self.text_tokens, dtype=torch.long)
-        if count > 1:
-            mask[-1, -1] = 0
-        return {"input_ids": mask.clone(), "attention_mask": mask}
 
     def evaluated_model(self) -> PreTrainedModel:
         """The trained model as evaluation loads it: QLoRA's NF4 base with its adapters beside it, else the
@@ -135,13 +118,41 @@ class Evaluation:
         return model.eval()
 
     def base_model(self) -> PreTrainedModel:
-        return fake_model(self.config.model, self.precision)
+        return fake_model(self.config.model, self.precision.frozen_dtype)
 
 
-def fake_model(spec: str, precision: Precision) -> PreTrainedModel:
+@functools.cache
+def judge_peak(spec: str, dtype: torch.dtype, gpu: bool, count: int, tokens: int) -> int:
+    """The judge `spec` in `dtype` embedding `count` texts of `tokens` tokens (the same for many runs' plans)."""
+    return traced_peak(lambda: fake_model(spec, dtype), embed, texts(count, tokens), gpu)
+
+
+def traced_peak(load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], object],
+                inputs: dict[str, torch.Tensor], gpu: bool) -> int:
+    """The most a rank holds while `load()`'s model (counted from its first weight) does `run(model, inputs)`,
+    the inputs copied to the device. (From the model loaded on: the plan reads each fake weight in fp32 first,
+    where a checkpoint is read in its own dtype.)"""
+    with FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), torch.no_grad(), \
+            contextlib.redirect_stdout(io.StringIO()), MemoryTrace(CUDA_BLOCK if gpu else 1) as trace:
+        model = load()  # (stdout: apply_approach's count line)
+        trace.at_peak_of(lambda: 0)
+        run(model, {key: value.clone() for key, value in inputs.items()})
+        return trace.peak
+
+
+def texts(count: int, tokens: int) -> dict[str, torch.Tensor]:
+    """`count` texts of `tokens` tokens (any text tokens). Batched texts of different lengths are padded: one
+    pad makes the attention mask a real one, which attention expands."""
+    mask = torch.ones(count, tokens, dtype=torch.long)
+    if count > 1:
+        mask[-1, -1] = 0
+    return {"input_ids": mask.clone(), "attention_mask": mask}
+
+
+def fake_model(spec: str, dtype: torch.dtype) -> PreTrainedModel:
     """The whole model `spec` names as evaluation loads it (models.load: sdpa attention), its weights fake
-    tensors in the frozen dtype."""
-    model, _ = build_on_meta(spec, precision.frozen_dtype)
+    tensors in `dtype`."""
+    model, _ = build_on_meta(spec, dtype)
     materialize(model, model, lambda name, start, stop: torch.empty(stop - start), CPU)
     return model.eval()
 
