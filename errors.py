@@ -7,7 +7,8 @@ diverged); let real bugs raise what they raise. run.py shows every failure in `e
     0    done
     1    a file or folder could not be written or read: a full disk, a read-only or forbidden folder,
          a file where a folder belongs (the sentence names the path and the system's error); or another
-         rank of the run went away (its process or machine died), so this one cannot go on
+         rank of the run went away (its process or machine died), so this one cannot go on; or a collective
+         between the ranks timed out
     2    a UsageError: bad input, refused before any work, or a diverged run, stopped before saving
     130  interrupted by Ctrl-C (SIGINT)
     143  stopped by SIGTERM
@@ -37,8 +38,14 @@ class Terminated(BaseException):
     KeyboardInterrupt, so that no `except Exception` catches it."""
 
 
-# What gloo and torch's TCP store say when the process at the other end of a connection has gone.
-PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection was likely closed")
+# What gloo, torch's TCP store and NCCL say when the process at the other end of a connection has gone. NCCL's
+# words come through torch's DistBackendError: ncclRemoteError's "remote process exited or there was a network
+# error", ncclSystemError's "unexpected exit of a remote peer", and an aborted communicator after a peer failed.
+PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection was likely closed"
+                       r"|remote process exited or there was a network error|unexpected exit of a remote peer"
+                       r"|NCCL communicator was aborted")
+# A collective that no peer completed in time: NCCL's watchdog, gloo's wait. Not necessarily a lost peer.
+TIMED_OUT = re.compile(r"Watchdog caught collective operation timeout|Timed out waiting \d+ms")
 
 
 # The OSErrors of a disk or a path, and what to do about each; any other OSError is left to its traceback.
@@ -82,6 +89,10 @@ def explain(error: BaseException, where: Path | str | None = None, resumable: bo
     if lost_peer(error):
         return 1, f"another rank of this run went away (its process ended, or its machine or network failed; its " \
                   f"own output may say why), so this one stopped too{after}."
+    if isinstance(error, RuntimeError) and TIMED_OUT.search(str(error)):
+        return 1, f"a collective operation between the ranks timed out: another rank is stuck, far slower, or ran " \
+                  f"different collectives (look at its own output; TORCH_NCCL_TRACE_BUFFER_SIZE=2000 makes NCCL dump " \
+                  f"what each rank last ran){after}."
     disk = os_error(error)
     if disk is not None and disk.errno in DISK_ERRORS:
         what = f"use {disk.filename}" if disk.filename is not None else f"write under {where}" if where else "write"

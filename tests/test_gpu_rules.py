@@ -1,0 +1,57 @@
+"""What a CPU run cannot show by itself about CUDA and NCCL, made to show (issue 25): NCCL's failure texts read
+as sentences, collectives on the rank's own device, one GPU per task, flash-attention refused when absent."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine.launch import _reported_failure
+from errors import explain
+
+LOST_PEER = "another rank of this run went away"
+TIMED_OUT = "a collective operation between the ranks timed out"
+
+# NCCL's words, as torch 2.x's ProcessGroupNCCL wraps them in DistBackendError (from its source and users' logs).
+NCCL_PEER_GONE = [
+    "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1970, remote process exited or there was a "
+    "network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a network error or a remote "
+    "process exiting prematurely.",
+    "NCCL error in: ../torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:1191, unhandled system error, NCCL version "
+    "2.11.4\nncclSystemError: System call (e.g. socket, malloc) or external library call failed or device error. It "
+    "can be also caused by unexpected exit of a remote peer, you can check NCCL warnings for failure reason.",
+    "NCCL communicator was aborted on rank 1.",
+]
+NCCL_TIMEOUT = ("[PG 0 Rank 1] Process group watchdog thread terminated with exception: [Rank 1] Watchdog caught "
+                "collective operation timeout: WorkNCCL(SeqNum=1, OpType=ALLREDUCE, NumelIn=1048576, "
+                "NumelOut=1048576, Timeout(ms)=600000) ran for 600092 milliseconds before timing out.")
+
+
+@pytest.mark.parametrize("text", NCCL_PEER_GONE)
+def test_nccl_losing_a_peer_is_one_sentence(text):
+    status, sentence = explain(dist.DistBackendError(text), resumable=True)
+    assert status == 1 and sentence.startswith(LOST_PEER) and "--resume" in sentence, sentence
+
+
+def test_a_collective_timeout_is_its_own_sentence_not_a_lost_peer():
+    for error in (dist.DistBackendError(NCCL_TIMEOUT), RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] "
+                                                                    "Timed out waiting 1800000ms for recv operation")):
+        status, sentence = explain(error)
+        assert status == 1 and sentence.startswith(TIMED_OUT), sentence
+    assert explain(RuntimeError("CUDA error: an illegal memory access was encountered")) is None
+
+
+class _Failed:
+    def __init__(self, message: str, timestamp: int):
+        self.message, self.timestamp = {"message": message, "extraInfo": {"py_callstack": ""}}, timestamp
+
+
+class _ChildFailed:
+    def __init__(self, failures: dict):
+        self.failures = failures
+
+
+def test_the_parent_reports_the_rank_that_failed_not_the_one_that_lost_its_nccl_peer():
+    """Rank 1 lost its NCCL peer first (timestamp 1), rank 0 failed for a reason of its own (timestamp 2)."""
+    failure = _ChildFailed({1: _Failed(f"DistBackendError: {NCCL_PEER_GONE[0]}", 1),
+                            0: _Failed("ValueError: a bug on rank 0", 2)})
+    assert _reported_failure(failure)[:2] == (0, "ValueError: a bug on rank 0")
