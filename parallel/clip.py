@@ -15,8 +15,10 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, group: dist
     The ranks' parameters must be disjoint (FSDP padding has zero gradient), so the global squared
     norm is the sum of the local ones. A rank without gradients still joins the all-reduce.
     """
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
+    # The rank's own device even without gradients: NCCL all-reduces device tensors only, never a CPU one.
+    device = params[0].device if params else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
     for grad in grads:
         squares += grad.float().pow(2).sum()

@@ -55,3 +55,16 @@ def test_the_parent_reports_the_rank_that_failed_not_the_one_that_lost_its_nccl_
     failure = _ChildFailed({1: _Failed(f"DistBackendError: {NCCL_PEER_GONE[0]}", 1),
                             0: _Failed("ValueError: a bug on rank 0", 2)})
     assert _reported_failure(failure)[:2] == (0, "ValueError: a bug on rank 0")
+
+
+def test_a_rank_without_gradients_clips_on_its_own_device(monkeypatch):
+    """A pipeline stage (or FSDP shard) whose parameters got no gradient still joins the all-reduce, with a tensor
+    on its device: NCCL takes no CPU tensor. The meta device stands in for the rank's GPU."""
+    from parallel import clip
+
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: seen.append(tensor.device))
+    params = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    with pytest.raises(Exception):  # float() of a meta tensor: the test only needs the collective's device
+        clip.clip_grad_norm_(params, 1.0)
+    assert seen == [torch.device("meta")]
