@@ -7,6 +7,7 @@ limits in one line, so the command line, the defaults and the checks cannot drif
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import operator
@@ -244,4 +245,8 @@ def validate(config: TrainConfig) -> None:
         raise UsageError(f"--gpus {config.gpus} cannot form --stages {config.stages} of equal size; give a multiple.")
     if config.parallel.startswith("pipeline") and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
+    if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        # transformers would fail only once the model loads, after the data set was read and checked.
+        raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not installed "
+                         "here: pip install flash-attn (CUDA only), or use sdpa.")
     check_scorer(config.scorer)

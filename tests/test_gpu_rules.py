@@ -68,3 +68,21 @@ def test_a_rank_without_gradients_clips_on_its_own_device(monkeypatch):
     with pytest.raises(Exception):  # float() of a meta tensor: the test only needs the collective's device
         clip.clip_grad_norm_(params, 1.0)
     assert seen == [torch.device("meta")]
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_flash_attention_without_its_package_is_refused_before_any_work(monkeypatch, installed):
+    import importlib.util
+
+    from engine.config import from_approach
+    from errors import UsageError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if installed else None) if name == "flash_attn"
+                        else find_spec(name, *args))
+    if installed:
+        assert from_approach("lora", attn_implementation="flash_attention_2").attn_implementation == "flash_attention_2"
+    else:
+        with pytest.raises(UsageError, match="needs the flash-attn package"):
+            from_approach("lora", attn_implementation="flash_attention_2")
