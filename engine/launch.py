@@ -139,11 +139,22 @@ def setup_runtime(config: TrainConfig) -> Runtime:
     if world == 1:
         device = pick_device(config.device, 1)
         return Runtime(device, precision=precision_for(config.precision, device))
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    device = pick_device(config.device, local_ranks)
+    device = pick_device(config.device, 1)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = local_gpu(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device))
+
+
+def local_gpu(local_rank: int, local_ranks: int) -> torch.device:
+    """This rank's GPU: the only one it sees, when a scheduler gives each task its own (CUDA_VISIBLE_DEVICES per
+    task, as Slurm's --gpus-per-task does), else the LOCAL_RANK-th of the machine's, as torchrun starts them."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if visible >= local_ranks:
+        return torch.device("cuda", local_rank)
+    raise UsageError(f"{local_ranks} ranks were started on this machine but each sees {visible} GPUs; give each rank "
+                     "one GPU (CUDA_VISIBLE_DEVICES per rank) or let every rank see them all.")

@@ -86,3 +86,28 @@ def test_flash_attention_without_its_package_is_refused_before_any_work(monkeypa
     else:
         with pytest.raises(UsageError, match="needs the flash-attn package"):
             from_approach("lora", attn_implementation="flash_attention_2")
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (4, 3, 3), (8, 3, 3), (2, 3, None)])
+def test_each_rank_finds_its_gpu_whether_it_sees_one_or_all(monkeypatch, visible, local_rank, expected):
+    """4 ranks on a machine: a scheduler that gives each task one GPU (each sees cuda:0), or torchrun (each sees
+    all and takes the LOCAL_RANK-th); a rank that sees some but too few is told so."""
+    from engine import launch
+    from engine.config import from_approach
+    from errors import UsageError
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no process group is made
+    monkeypatch.setattr(dist, "get_rank", lambda: local_rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(name, value)
+    config = from_approach("lora_ddp", device="cuda")
+    if expected is None:
+        with pytest.raises(UsageError, match="each sees 2 GPUs"):
+            launch.setup_runtime(config)
+    else:
+        assert launch.setup_runtime(config).device == torch.device("cuda", expected) == chosen[0]
