@@ -55,7 +55,7 @@ def launch(config: TrainConfig, worker: Callable[[TrainConfig], Any]) -> Any:
         from engine.fit import refuse_if_unfit_before_loading
 
         refuse_if_unfit_before_loading(config, wanted, gpu=device.type == "cuda")
-    return _spawn(config, worker, wanted) if spawning else worker(config)
+    return _spawn(config, worker, wanted) if spawning else _in_group(worker, config)
 
 
 def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int) -> Any:
@@ -89,12 +89,23 @@ def _rank(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
     that sentence, which is what torch's error file then records for the parent. A lost peer stays as it is: the
     parent names the rank that went away instead."""
     try:
-        return worker(config)
+        return _in_group(worker, config)
     except Exception as error:
         explained = explain(error, config.out)
         if explained is None or lost_peer(error):
             raise
         raise (DiskError if explained[0] == 1 else UsageError)(explained[1]) from error
+
+
+def _in_group(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
+    """`worker(config)`, then leaving the process group it joined, as NCCL asks: a process that exits holding its
+    communicators may hang or abort at interpreter shutdown. A failing rank does not leave first: closing its
+    connections would fail its peers (a lost peer, at once) before its own error is recorded and reported, and the
+    launcher tears the whole group down anyway."""
+    result = worker(config)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def _reported_failure(failure) -> tuple[int, str, str]:

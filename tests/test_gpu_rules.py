@@ -111,3 +111,27 @@ def test_each_rank_finds_its_gpu_whether_it_sees_one_or_all(monkeypatch, visible
             launch.setup_runtime(config)
     else:
         assert launch.setup_runtime(config).device == torch.device("cuda", expected) == chosen[0]
+
+
+def _joins_a_group(config):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return "done"
+
+
+@pytest.mark.parametrize("path", ["spawned rank", "torchrun rank"])
+def test_a_rank_leaves_its_process_group_when_its_work_is_done(monkeypatch, path):
+    """A spawned rank (`_rank`) and a rank torchrun started (launch calls the worker itself) leave the group they
+    joined once the worker returns. (A failing rank leaves it to the launcher: test_launch's crash test.)"""
+    from engine import launch
+    from engine.config import from_approach
+
+    config = from_approach("lora_ddp", device="cpu")
+    if path == "torchrun rank":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        assert (launch.launch(config, _joins_a_group) if path == "torchrun rank"
+                else launch._rank(_joins_a_group, config)) == "done"
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
