@@ -53,7 +53,7 @@ def load_without_weights(config: TrainConfig, runtime: Runtime, base_copy: Path 
             folder = base_copy
         else:
             folder = local_folder(resolve_model(config.model, runtime.device))
-    folder = Path(runtime.gather(str(folder))[0])  # also the barrier: the files are complete now
+    folder = Path(runtime.from_main(str(folder)))  # also the barrier: the files are complete now
     model, processor, read = load_on_meta(folder, runtime.precision.frozen_dtype, config.attn_implementation)
     configure_processor(processor, config)
     return model, processor, read

@@ -155,6 +155,8 @@ class TrainConfig:
     gpus: int | None = option(None, "number of ranks; on a machine without CUDA the ranks are CPU processes on gloo",
                               default_help="what torchrun started, else 1", minimum=1)
     attn_implementation: str = option("sdpa", "attention kernel", choices=("sdpa", "eager", "flash_attention_2"))
+    setup_timeout: float = option(60, "minutes the other ranks wait while the main rank fetches the model (the 8B "
+                                      "is a 33.6 GB download) before giving up", above=0, maximum=24 * 60)
     # evaluation, checkpoints, outputs
     eval_every: float = option(0.05, "validation + checkpoint every this fraction of steps", above=0, maximum=1)
     skip_eval: bool = option(False, "do not answer and score the test split after training")
@@ -185,7 +187,8 @@ class TrainConfig:
 # device, and the ranks through the global batch and the world size.)
 RESUMABLE = {"resume", "overwrite", "stop_after_steps", "tensorboard", "tensorboard_port", "skip_eval", "scorer",
              "max_new_tokens", "keep_last", "output_dir", "device", "precision", "gpus", "batch_size", "grad_accum",
-             "micro_batches", "schedule", "activation_checkpointing", "memory_budget", "fsdp_prefetch"}
+             "micro_batches", "schedule", "activation_checkpointing", "memory_budget", "fsdp_prefetch",
+             "setup_timeout"}
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -156,7 +157,9 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device))
+    setup = dist.new_group(backend="gloo", timeout=timedelta(minutes=config.setup_timeout))
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device),
+                   setup_group=setup)
 
 
 def local_gpu(local_rank: int, local_ranks: int) -> torch.device:

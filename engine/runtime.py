@@ -22,6 +22,9 @@ class Runtime:
     world_size: int = 1
     precision: Precision = field(default=None)  # None: the device's default (precision_for "auto")
     group: dist.ProcessGroup | None = None  # the ranks counted here, if not all (pipeline+fsdp's data ranks)
+    # Where ranks wait for the main rank's setup (a model download): gloo with --setup-timeout, not the default
+    # group, whose NCCL watchdog would end a rank after 10 minutes of waiting. None: the default group.
+    setup_group: dist.ProcessGroup | None = None
 
     def __post_init__(self):
         if self.precision is None:
@@ -46,6 +49,15 @@ class Runtime:
         values = [None] * self.world_size
         dist.all_gather_object(values, value, group=self.group)
         return values
+
+    def from_main(self, value: object) -> object:
+        """The main rank's `value` on every rank, once the main rank gives it: however long its setup takes,
+        within the setup group's timeout."""
+        if self.world_size == 1:
+            return value
+        values = [value]
+        dist.broadcast_object_list(values, src=0, group=self.setup_group)
+        return values[0]
 
     def peak_memory_bytes(self) -> int:
         """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""

@@ -103,6 +103,7 @@ def test_each_rank_finds_its_gpu_whether_it_sees_one_or_all(monkeypatch, visible
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # no process group is made
     monkeypatch.setattr(dist, "get_rank", lambda: local_rank)
     monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: None)
     for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank)}.items():
         monkeypatch.setenv(name, value)
     config = from_approach("lora_ddp", device="cuda")
@@ -135,3 +136,36 @@ def test_a_rank_leaves_its_process_group_when_its_work_is_done(monkeypatch, path
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _waits_for_a_slow_download(rank: int, world: int, port: int, tmp: str, download_s: float) -> float:
+    """Rank 0 takes `download_s` to fetch the model while the run's collectives time out after 2 s, as NCCL's
+    watchdog ends a rank after 10 minutes; every rank must still get the folder."""
+    import os
+    import time
+    from datetime import timedelta
+
+    from engine import build
+    from engine.config import from_approach
+    from engine.launch import setup_runtime
+
+    dist.destroy_process_group()  # the harness's group, for one whose collectives time out after 2 s
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=2))
+    os.environ.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    config = from_approach("full_fsdp", model="some/hub-id", device="cpu", setup_timeout=0.5)
+    runtime = setup_runtime(config)
+    build.local_folder = lambda spec: time.sleep(download_s) or tmp
+    build.load_on_meta = lambda folder, dtype, attn: (None, folder, None)  # the folder every rank got
+    build.configure_processor = lambda processor, config: None
+    started = time.monotonic()
+    _, folder, _ = build.load_without_weights(config, runtime, base_copy=None)
+    assert str(folder) == tmp
+    return time.monotonic() - started
+
+
+def test_ranks_wait_for_the_main_ranks_download_longer_than_a_collectives_timeout(tmp_path):
+    from harness import free_port, spawn
+
+    waited = spawn(2, _waits_for_a_slow_download, tmp_path, port=free_port(), tmp=str(tmp_path), download_s=4.0)
+    assert all(seconds >= 3.5 for seconds in waited), waited
