@@ -114,9 +114,13 @@ def best(folder: Path) -> Path | None:
     return min(scored)[1] if scored else None
 
 
-def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
-        -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(tensors, train_state, meta) of `checkpoint` (this `shard`'s), refusing one written by a different run setup."""
+def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard(), with_train_state: bool = True) \
+        -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """(tensors, train_state, meta) of `checkpoint` (this `shard`'s), refusing one written by a different run setup.
+
+    Everything lands in host memory: the weights are copied into the model's own tensors, and the optimizer's
+    state_dict moves each state to its parameter's device. Without `with_train_state` (an export of the weights
+    only) the train state, the optimizer's moments included, is not read at all: None."""
     meta = read_meta(checkpoint)
     for key, value in expected.items():
         saved = meta.get(key)
@@ -138,10 +142,14 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
     except (OSError, SafetensorError) as error:
         raise DamagedCheckpoint(f"checkpoint {checkpoint} is damaged: {weights.name} cannot be read ({error}).") \
             from error
+    if not with_train_state:
+        return tensors, None, meta
     try:
         with warnings.catch_warnings():  # torch warns of a pickle protocol it does not write
             warnings.simplefilter("ignore")
-            train_state = torch.load(state, weights_only=True)  # never runs code from the file
+            # weights_only: never runs code from the file. map_location: without it, tensors saved from cuda:0 land
+            # on cuda:0 again, on every rank, beside the live optimizer.
+            train_state = torch.load(state, map_location="cpu", weights_only=True)
         if not isinstance(train_state, dict):
             raise TypeError(f"a {type(train_state).__name__}")
     except Exception as error:  # whatever unpickling raises; not in torch's words, which advise weights_only=False
@@ -151,10 +159,11 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard()) \
     return tensors, train_state, meta
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random generators: dropout masks and anything else drawn during training."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators: dropout masks and anything else drawn during training. On CUDA, its own
+    GPU's only: each rank draws on its own device, and asking every visible GPU would make a context on each."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -165,14 +174,14 @@ def train_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sche
 
 
 def restore_train_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                        scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int) -> None:
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, device: torch.device) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng_by_rank"][rank]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if isinstance(rng["cuda"], torch.Tensor) and device.type == "cuda":  # this rank's own GPU, as rng_state saved it
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _rotate(folder: Path, keep_last: int) -> None:

@@ -35,7 +35,8 @@ def resume(folder: Path, strategy: Single, optimizer, scheduler, fingerprint: di
             damage = str(error)
         damage = next((found for found in strategy.runtime.gather(damage) if found), None)  # every rank agrees
         if damage is None:
-            checkpoint.restore_train_state(state, optimizer, scheduler, strategy.runtime.rank)
+            checkpoint.restore_train_state(state, optimizer, scheduler, strategy.runtime.rank,
+                                           strategy.runtime.device)
             print(f"--resume: continuing from {path} (step {meta['step']}).")
             return meta["step"]
         print(f"--resume: skipping {path}, which is damaged ({damage}).")

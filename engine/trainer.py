@@ -168,7 +168,7 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
         if val_loss is not None or stopping:
-            rng_by_rank = run.runtime.gather(checkpoint.rng_state())  # every rank's, for an exact resume
+            rng_by_rank = run.runtime.gather(checkpoint.rng_state(run.runtime.device))  # every rank's, for an exact resume
             state = checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank)
             strategy.save_checkpoint(config.out / "checkpoints", step, state, dict(run.fingerprint, val_loss=val_loss),
                                      config.keep_last)

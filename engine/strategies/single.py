@@ -162,9 +162,10 @@ class Single:
         if self.writes_checkpoints:
             checkpoint.save(folder, step, self.trainable_state(), train_state, meta, keep_last, self.shard)
 
-    def load_checkpoint(self, path: Path, fingerprint: dict) -> tuple[dict, dict]:
-        """Copies this rank's trainable tensors from checkpoint `path`; returns (train state, meta)."""
-        tensors, state, meta = checkpoint.load(path, fingerprint, self.shard)
+    def load_checkpoint(self, path: Path, fingerprint: dict, with_train_state: bool = True) -> tuple[dict | None, dict]:
+        """Copies this rank's trainable tensors from checkpoint `path`; returns (train state, or None without
+        `with_train_state`, and meta)."""
+        tensors, state, meta = checkpoint.load(path, fingerprint, self.shard, with_train_state)
         expected = self.trainable_state()
         if set(tensors) != set(expected):
             missing = sorted(set(expected) - set(tensors))[:3]
@@ -183,7 +184,7 @@ class Single:
         config, spec = self.config, fingerprint["model"]
         best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
         if best is not None:
-            self.load_checkpoint(best, fingerprint)
+            self.load_checkpoint(best, fingerprint, with_train_state=False)  # the live optimizer is still held
         base = config.out / "base" if spec == "tiny" else Path(spec)
         self.export(config.out / "final", processor, None if config.adapter != "lora" else
                     str(base.resolve()) if base.exists() else spec)
