@@ -24,16 +24,20 @@ def load(
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """`spec` is "tiny", a local folder, a Hugging Face id, or an Idefics2 `config.json` file;
-    weights land on `device` in `dtype`."""
+    weights land on `device` in `dtype`. Buffers keep their own dtype, as from_pretrained keeps them: the
+    rotary tables stay fp32 (in bf16 the 8B's RoPE phase is 0.53 rad off at position 429)."""
     if spec == "tiny":
         model, processor = build_tiny(seed), tiny_processor()
         model.config._attn_implementation = attn_implementation
     elif spec.endswith(".json"):
         model, processor = _random_from_config(Path(spec), dtype, device, attn_implementation, seed)
     else:
-        model, processor = _load_pretrained(spec, dtype, attn_implementation)
+        model, processor = _load_pretrained(spec, dtype, device, attn_implementation)
     use_real_pad_token(processor, model)
-    return model.to(device=device, dtype=dtype), processor
+    model.to(device)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model, processor
 
 
 def config_and_processor(spec: str) -> tuple[PretrainedConfig, ProcessorMixin]:
@@ -69,10 +73,13 @@ def _json_config(path: Path) -> PretrainedConfig:
     return AutoConfig.for_model(**settings)
 
 
-def _load_pretrained(spec: str, dtype: torch.dtype, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+def _load_pretrained(spec: str, dtype: torch.dtype, device: torch.device,
+                     attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     _pretrained_config(spec)
     processor = AutoProcessor.from_pretrained(spec)
-    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
+    # Straight onto the device: loaded on the CPU first, every rank would hold the whole model in host memory.
+    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, device_map=device,
+                                                        attn_implementation=attn_implementation)
     return model, processor
 
 
