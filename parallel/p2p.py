@@ -18,6 +18,7 @@ as NCCL at its strictest. A wait that lasts longer than MUSEFT_NCCL_DEADLINE_S (
 an error naming the rank and the op that NCCL would hang on.
 """
 
+import atexit
 import os
 import queue
 import threading
@@ -95,7 +96,11 @@ class _Stream:
         self.current: _Group | None = None  # the group the stream is running
         self.queue: queue.Queue[_Group] = queue.Queue()
         self.error: Exception | None = None
-        threading.Thread(target=self._run, daemon=True, name=f"nccl-rules {self.name}").start()
+        # Set at exit: a thread left polling the store's client as the interpreter ends aborts the process
+        # (SIGABRT), which would hide the error that ended it, e.g. a deadlock found here.
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"nccl-rules {self.name}")
+        self.thread.start()
 
     def post(self, ops: list[dist.P2POp], works: list[dist.Work]) -> _Group:
         group = _Group(self, self.posted, ops, works)
@@ -118,6 +123,8 @@ class _Stream:
                     self.store.set(key, b"")
                 waiting = list(group.theirs)
                 while waiting:
+                    if self.stopped.is_set():
+                        return
                     time.sleep(_POLL_S)
                     waiting = [key for key in waiting if not self.store.check([key])]
                 for key in group.theirs:  # each key is read by one rank, once: the store stays small
@@ -152,3 +159,10 @@ def _stream(group: dist.ProcessGroup) -> _Stream:
     if stream is None or stream.store is not c10d._get_default_store():
         stream = _streams[group.group_name] = _Stream(group)
     return stream
+
+
+@atexit.register
+def _stop_streams() -> None:
+    for stream in _streams.values():
+        stream.stopped.set()
+        stream.thread.join(timeout=1)
