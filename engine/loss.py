@@ -115,9 +115,27 @@ def loss_forward(model: nn.Module) -> None:
     activation checkpointing and autocast are, so that wrappers around the model's forward (FSDP's
     gathers, DDP) enclose the loss too. For training only: generation needs the logits."""
     base, head = model.model, model.get_output_embeddings()
+    blank = _blank_image(base) if any(p.requires_grad for part in (base.vision_model, base.connector)
+                                      for p in part.parameters()) else None
 
     def forward(labels: torch.Tensor, **inputs) -> torch.Tensor:
+        # A batch without a picture skips the vision encoder and connector. When they train, the ranks must still
+        # run them in step: the FSDP units each gathers and the DDP buckets each sums, in the same order, or NCCL
+        # waits for ever. So such a batch sends one blank picture through them first, where a picture goes, and
+        # adds its features times zero: their gradients are the zeros a text-only batch gives.
+        in_step = None
+        if blank is not None and "pixel_values" not in inputs:
+            images = base.get_image_features(blank.to(inputs["input_ids"].device), return_dict=True).pooler_output
+            in_step = sum(features.float().sum() for features in (images if isinstance(images, (list, tuple))
+                                                                   else [images]))
         hidden = base(**inputs, use_cache=False).last_hidden_state
-        return answer_loss(hidden, head, labels)
+        loss = answer_loss(hidden, head, labels)
+        return loss if in_step is None else loss + 0 * in_step
 
     model.forward = forward
+
+
+def _blank_image(base: nn.Module) -> torch.Tensor:
+    """One grey picture of the vision encoder's size (all-zero pictures count as padding and are dropped)."""
+    size = base.config.vision_config.image_size
+    return torch.full((1, 1, 3, size, size), 0.5)

@@ -88,6 +88,9 @@ class DataParallel(nn.Module):
         self.process_group = process_group
         self._sync = True
         self._finish_queued = False
+        self._order: list[_Bucket] | None = None  # the order every rank sums the buckets in (_launch_in_order)
+        self._readied: list[_Bucket] = []  # this backward's buckets in the order they became ready
+        self._launched = 0  # how many of `_order` this backward has summed
         self._broadcast_from_first_rank()
         trainable = [p for p in module.parameters() if p.requires_grad]
         self._buckets = _buckets(trainable[::-1], bucket_cap_mb * 2**20)
@@ -130,13 +133,33 @@ class DataParallel(nn.Module):
             )
         bucket.ready.add(id(param))
         if len(bucket.ready) == len(bucket.params):
+            self._readied.append(bucket)
+        self._launch_in_order()
+
+    def _launch_in_order(self) -> None:
+        """Sums every ready bucket whose turn has come. Every rank sums the buckets in one order, rank 0's order
+        of readiness in the first backward (as torch's DDP rebuilds its buckets after the first step): NCCL
+        matches collectives by order alone, and a rank whose batch skipped a module (no picture) readies that
+        module's buckets later than the others do. The first backward sums everything as it ends."""
+        while self._order is not None and self._launched < len(self._order):
+            bucket = self._order[self._launched]
+            if len(bucket.ready) < len(bucket.params):
+                return
             bucket.launch(self.process_group)
+            self._launched += 1
 
     @torch.no_grad()
     def _finish_backward(self) -> None:
         self._finish_queued = False
-        for bucket in self._buckets:
-            if bucket.work is None:
-                bucket.launch(self.process_group)
-        for bucket in self._buckets:
+        if self._order is None:
+            readied = [self._buckets.index(bucket) for bucket in self._readied]
+            readied += [index for index in range(len(self._buckets)) if index not in readied]  # never readied
+            chosen = [readied]
+            dist.broadcast_object_list(chosen, src=dist.get_global_rank(self.process_group, 0)
+                                       if self.process_group else 0, group=self.process_group)
+            self._order = [self._buckets[index] for index in chosen[0]]
+        for bucket in self._order[self._launched:]:  # the rest, in the same order on every rank
+            bucket.launch(self.process_group)
+        for bucket in self._order:
             bucket.finish()
+        self._launched, self._readied = 0, []

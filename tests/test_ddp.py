@@ -101,7 +101,8 @@ def test_same_weights_as_torch_distributed_data_parallel(tmp_path):
 
 
 def _launch_order(rank: int, world: int) -> list[str]:
-    """Events of one backward: each all-reduce launch, and the moment the first layer's gradient is made."""
+    """Events of the second backward (the first sets the order of the buckets): each all-reduce launch, and the
+    moment the first layer's gradient is made."""
     events = []
     all_reduce = dist.all_reduce
 
@@ -114,6 +115,8 @@ def _launch_order(rank: int, world: int) -> list[str]:
     trained = DataParallel(model, bucket_cap_mb=SMALL_BUCKETS_MB)
     model.embed.register_full_backward_pre_hook(lambda *_: events.append("first layer"))
     x, y = toy_data(0)
+    F.cross_entropy(trained(x), y, ignore_index=IGNORE, reduction="sum").backward()  # learns the buckets' order
+    events.clear()
     F.cross_entropy(trained(x), y, ignore_index=IGNORE, reduction="sum").backward()
     events.append("backward returned")
     return events
