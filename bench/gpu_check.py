@@ -1,0 +1,157 @@
+"""One command that checks a GPU in minutes: `python bench/gpu_check.py [--out DIR]`.
+
+Random weights at Idefics2-8B's real widths with 2 text and 2 vision layers (models/idefics2_8b_config.json,
+cut), run as a user runs them (`run.py` in subprocesses): lora, qlora and full (`--precision bf16 --optimizer
+adamw8bit`), each for 1 step, stopped, resumed to step 2, exported, and answering and scoring 4 test rows;
+with 2 or more GPUs also lora_ddp, full_fsdp and a 1F1B pipeline on 2 ranks (NCCL). Beside them: the NF4 and
+8-bit block kernels against their CPU results, and each run's measured peak (torch.cuda.max_memory_allocated,
+summary.json) against `run.py plan`'s training phase, within 10%. Prints a table, writes OUT/gpu_check.json, and
+exits 1 if any check failed.
+
+`--tiny` is the same on the CPU with the built-in tiny model (tests/test_gpu_check.py runs it), where the
+CUDA-only checks report `skip`: the script cannot rot where no GPU is.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PLAN_TOLERANCE = 0.10
+COMMON = ["--limit-exhibits", "2", "--max-steps", "2", "--batch-size", "2", "--eval-every", "0.5",
+          "--max-new-tokens", "16", "--final", "last"]
+RUNS = {  # name -> (flags, ranks)
+    "lora": (["--approach", "lora"], 1),
+    "qlora": (["--approach", "qlora"], 1),
+    "full bf16 adamw8bit": (["--approach", "full", "--precision", "bf16", "--optimizer", "adamw8bit"], 1),
+    "lora_ddp x2": (["--approach", "lora_ddp", "--gpus", "2"], 2),
+    "full_fsdp x2": (["--approach", "full_fsdp", "--gpus", "2"], 2),
+    "full_mp x2 1f1b": (["--approach", "full_mp", "--gpus", "2", "--schedule", "1f1b", "--micro-batches", "2"], 2),
+}
+
+
+def few_layer_8b(out: Path) -> str:
+    """The 8B config with 2 text and 2 vision layers: real widths, a few GiB."""
+    config = json.loads((ROOT / "models" / "idefics2_8b_config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 2
+    config["vision_config"]["num_hidden_layers"] = 2
+    path = out / "idefics2_8b_2_layers.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def run_py(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def check_run(name: str, flags: list[str], model: str, device: str, out: Path) -> dict:
+    """Stop after step 1, resume to step 2, export and evaluate; then the measured peak against the plan."""
+    folder = out / name.replace(" ", "_")
+    common = [*flags, *COMMON, "--model", model, "--device", device, "--output-dir", str(folder)]
+    started = time.perf_counter()
+    first = run_py(*common, "--stop-after-steps", "1", "--skip-eval")
+    if first.returncode:
+        return {"result": "fail", "why": f"first part: {first.stderr.strip()[-300:]}"}
+    second = run_py(*common, "--resume")
+    if second.returncode:
+        return {"result": "fail", "why": f"resumed part: {second.stderr.strip()[-300:]}"}
+    summary = json.loads((folder / "summary.json").read_text())
+    results = json.loads((folder / "eval" / "results.json").read_text())
+    exported = any((folder / "final").glob("*.safetensors"))
+    row = {"seconds": round(time.perf_counter() - started, 1), "steps": summary["steps"], "score": results["score"],
+           "rows": results["rows"], "peak_gib": max(r["peak_memory_bytes"] for r in summary["ranks"]) / 2**30}
+    wait = summary.get("data_wait_s")
+    row["data wait / step"] = "not recorded" if wait is None else f"{wait:.3f} / {summary.get('step_s', float('nan')):.3f} s"
+    ok = summary["completed"] and summary["steps"] == 2 and exported and results["rows"] > 0 and \
+        math.isfinite(results["score"])
+    if device == "cuda":
+        planned = plan_peak(common)
+        row["planned_train_gib"] = planned / 2**30
+        # The run's peak is over training, export and evaluation; the plan's train phase is the comparable one
+        # only where it is the largest phase, which this small model's short answers make it.
+        row["plan_error"] = abs(row["peak_gib"] - row["planned_train_gib"]) / row["planned_train_gib"]
+        ok = ok and row["plan_error"] <= PLAN_TOLERANCE
+    return {"result": "pass" if ok else "fail", **row}
+
+
+def plan_peak(common: list[str]) -> int:
+    flags = [flag for flag in common if flag not in ("--resume",)]
+    planned = run_py("plan", *flags, "--json")
+    plan = json.loads(planned.stdout)
+    return max(plan.get("phases", {"train": plan["peak_bytes"]}).values())
+
+
+def check_kernels(device: str) -> dict:
+    """NF4 (quant/) and 8-bit blocks (engine/adamw.py's moments) on the GPU against the same on the CPU."""
+    if device != "cuda":
+        return {"result": "skip", "why": "no GPU"}
+    import bitsandbytes.functional as bnbf
+
+    from quant.linear4bit import dequantize_nf4, quantize_nf4
+
+    weight = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    nf4 = {where: dequantize_nf4(*quantize_nf4(weight.to(where)).values(), weight.shape, torch.bfloat16).cpu()
+           for where in ("cpu", "cuda")}
+    moments = weight.float()
+    blocks = {}
+    for where in ("cpu", "cuda"):
+        code = bnbf.create_dynamic_map(signed=True).to(where)
+        quantized, state = bnbf.quantize_blockwise(moments.to(where), code=code)
+        blocks[where] = bnbf.dequantize_blockwise(quantized, state).cpu()
+    nf4_diff = (nf4["cpu"].float() - nf4["cuda"].float()).abs().max().item()
+    block_diff = (blocks["cpu"] - blocks["cuda"]).abs().max().item()
+    ok = nf4_diff <= 1e-2 * weight.float().abs().max().item() and block_diff <= 1e-2 * moments.abs().max().item()
+    return {"result": "pass" if ok else "fail", "nf4_max_diff": nf4_diff, "blockwise_8bit_max_diff": block_diff}
+
+
+def checks(tiny: bool, out: Path) -> dict[str, Callable[[], dict]]:
+    device = "cpu" if tiny else "cuda"
+    model = "tiny" if tiny else few_layer_8b(out)
+    gpus = 0 if tiny else torch.cuda.device_count()
+    table: dict[str, Callable[[], dict]] = {"kernels: NF4 and 8-bit, GPU vs CPU": lambda: check_kernels(device)}
+    for name, (flags, ranks) in RUNS.items():
+        if ranks > 1 and (tiny or gpus < ranks):  # the CPU ranks' equivalence is the test suite's
+            table[name] = lambda ranks=ranks: {"result": "skip", "why": f"needs {ranks} GPUs"}
+        else:
+            table[name] = lambda name=name, flags=flags: check_run(name, flags, model, device, out)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/gpu_check", help="where the runs and gpu_check.json go")
+    parser.add_argument("--tiny", action="store_true", help="the CPU dry run: tiny model, CUDA checks skipped")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        print("error: no CUDA GPU is visible; --tiny runs the CPU dry run.", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for name, check in checks(args.tiny, out).items():
+        try:
+            report[name] = check()
+        except Exception as error:  # a check that crashed is a failed check, reported beside the others
+            report[name] = {"result": "fail", "why": f"{type(error).__name__}: {error}"}
+        numbers = ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                            for key, value in report[name].items() if key != "result")
+        print(f"{name:<38} {report[name]['result']:<5} {numbers}", flush=True)
+    device = "cpu (dry run)" if args.tiny else torch.cuda.get_device_name(0)
+    (out / "gpu_check.json").write_text(json.dumps({"device": device, "checks": report}, indent=2))
+    failed = [name for name, row in report.items() if row["result"] == "fail"]
+    print(f"{len(report) - len(failed)} of {len(report)} checks passed or skipped on {device}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
