@@ -4,8 +4,10 @@ Random weights at Idefics2-8B's real widths with 2 text and 2 vision layers (mod
 cut), run as a user runs them (`run.py` in subprocesses): lora, qlora and full (`--precision bf16 --optimizer
 adamw8bit`), each for 1 step, stopped, resumed to step 2, exported, and answering and scoring 4 test rows;
 with 2 or more GPUs also lora_ddp, full_fsdp and a 1F1B pipeline on 2 ranks (NCCL). Beside them: the NF4 and
-8-bit block kernels against their CPU results, and each run's measured peak (torch.cuda.max_memory_allocated,
-summary.json) against `run.py plan`'s training phase, within 10%. Prints a table, writes OUT/gpu_check.json, and
+8-bit block kernels against their CPU results; parallel/ddp.py and parallel/fsdp.py on a one-rank NCCL group
+against the bare model; each run's measured peak in each phase (training, export, generating, judging:
+torch.cuda.max_memory_allocated, reset as each starts, in summary.json) against `run.py plan`'s, within 10%;
+and the time a step waits for its batches against the step's. Prints a table, writes OUT/gpu_check.json, and
 exits 1 if any check failed.
 
 `--tiny` is the same on the CPU with the built-in tiny model (tests/test_gpu_check.py runs it), where the
@@ -68,26 +70,71 @@ def check_run(name: str, flags: list[str], model: str, device: str, out: Path) -
     results = json.loads((folder / "eval" / "results.json").read_text())
     exported = any((folder / "final").glob("*.safetensors"))
     row = {"seconds": round(time.perf_counter() - started, 1), "steps": summary["steps"], "score": results["score"],
-           "rows": results["rows"], "peak_gib": max(r["peak_memory_bytes"] for r in summary["ranks"]) / 2**30}
-    wait = summary.get("data_wait_s")
-    row["data wait / step"] = "not recorded" if wait is None else f"{wait:.3f} / {summary.get('step_s', float('nan')):.3f} s"
+           "rows": results["rows"], "peak_gib": max(r["peak_memory_bytes"] for r in summary["ranks"]) / 2**30,
+           "data wait / step": f"{summary['mean_data_wait_s']:.3f} / {summary['mean_step_time_s']:.3f} s"}
     ok = summary["completed"] and summary["steps"] == 2 and exported and results["rows"] > 0 and \
         math.isfinite(results["score"])
-    if device == "cuda":
-        planned = plan_peak(common)
-        row["planned_train_gib"] = planned / 2**30
-        # The run's peak is over training, export and evaluation; the plan's train phase is the comparable one
-        # only where it is the largest phase, which this small model's short answers make it.
-        row["plan_error"] = abs(row["peak_gib"] - row["planned_train_gib"]) / row["planned_train_gib"]
+    planned = plan_phases(common)
+    row["planned GiB"] = " / ".join(f"{phase} {peak / 2**30:.2f}" for phase, peak in planned.items())
+    if device == "cuda":  # each phase's measured peak (the most over ranks) against the plan's
+        measured = {phase: max(r["phase_peak_bytes"][phase] for r in summary["ranks"]) for phase in ("train", "export")}
+        measured.update(results["phase_peak_bytes"])
+        row["measured GiB"] = " / ".join(f"{phase} {peak / 2**30:.2f}" for phase, peak in measured.items())
+        row["plan_error"] = max(abs(peak - planned[phase]) / planned[phase] for phase, peak in measured.items())
         ok = ok and row["plan_error"] <= PLAN_TOLERANCE
     return {"result": "pass" if ok else "fail", **row}
 
 
-def plan_peak(common: list[str]) -> int:
-    flags = [flag for flag in common if flag not in ("--resume",)]
-    planned = run_py("plan", *flags, "--json")
-    plan = json.loads(planned.stdout)
-    return max(plan.get("phases", {"train": plan["peak_bytes"]}).values())
+def plan_phases(common: list[str]) -> dict[str, int]:
+    """`run.py plan --json`'s peak per phase for the run's own flags."""
+    planned = run_py("plan", *(flag for flag in common if flag != "--resume"), "--json")
+    return json.loads(planned.stdout)["phases"]
+
+
+def check_one_rank_group(device: str) -> dict:
+    """parallel/ddp.py and parallel/fsdp.py on a one-rank group in this process (NCCL on a GPU, gloo on the
+    CPU): 3 AdamW steps of a stack of blocks through each wrapper against the same steps on the bare model. One
+    rank sums nothing, so a difference is the wrappers' own: a collective's stream not waited on, a gradient
+    not written back. (The 2-GPU rows run the engine's DDP and FSDP across ranks.)"""
+    import torch.distributed as dist
+    from torch import nn
+
+    from parallel.ddp import DataParallel
+    from parallel.fsdp import fully_shard, unit_state_dicts
+
+    def stack() -> nn.Sequential:
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 256), nn.GELU()) for _ in range(4)]
+        return nn.Sequential(*blocks, nn.Linear(256, 8)).to(device)
+
+    def sharded() -> nn.Module:
+        model = stack()
+        return fully_shard(model, list(model)[:4], device=device)
+
+    def trained(model: nn.Module) -> nn.Module:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(3):
+            inputs = torch.randn(8, 256, generator=torch.Generator().manual_seed(step)).to(device)
+            model(inputs).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model
+
+    def weights(state: dict) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().float().cpu() for name, tensor in state.items()}
+
+    store = dist.HashStore()
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=0, world_size=1)
+    try:
+        expected = weights(trained(stack()).state_dict())
+        got = {"ddp": weights(trained(DataParallel(stack())).module.state_dict()),
+               "fsdp": weights({name: tensor for unit in unit_state_dicts(trained(sharded())) for name, tensor in unit.items()})}
+    finally:
+        dist.destroy_process_group()
+    differences = {f"{name} max diff": max((weights_[key] - expected[key]).abs().max().item() for key in expected)
+                   for name, weights_ in got.items()}
+    ok = all(set(weights_) == set(expected) for weights_ in got.values()) and max(differences.values()) <= 1e-5
+    return {"result": "pass" if ok else "fail", **differences}
 
 
 def check_kernels(device: str) -> dict:
@@ -117,7 +164,8 @@ def checks(tiny: bool, out: Path) -> dict[str, Callable[[], dict]]:
     device = "cpu" if tiny else "cuda"
     model = "tiny" if tiny else few_layer_8b(out)
     gpus = 0 if tiny else torch.cuda.device_count()
-    table: dict[str, Callable[[], dict]] = {"kernels: NF4 and 8-bit, GPU vs CPU": lambda: check_kernels(device)}
+    table: dict[str, Callable[[], dict]] = {"kernels: NF4 and 8-bit, GPU vs CPU": lambda: check_kernels(device),
+                                            "ddp and fsdp on a one-rank group": lambda: check_one_rank_group(device)}
     for name, (flags, ranks) in RUNS.items():
         if ranks > 1 and (tiny or gpus < ranks):  # the CPU ranks' equivalence is the test suite's
             table[name] = lambda ranks=ranks: {"result": "skip", "why": f"needs {ranks} GPUs"}

@@ -41,13 +41,6 @@ RUNS = [
      "--gpu-memory 47.53", (22.10, 36.49)),
 ]
 
-# Rows whose evaluation does not fit their GPU, and why (the plan names the phases over the budget).
-EVALUATION_UNFIT = {
-    "QLoRA, 1x A4000 16 GB, batch 2": "the score before training answers with the bf16 base, which --scorer base "
-                                      "also judges with: 15.6 GiB of weights alone, over the card's 14.5 usable",
-}
-
-
 def plan_of(flags: str, search: bool = True) -> dict:
     return planned(plan_parser().parse_args(f"{flags} {MODEL}".split()), search)[1]
 

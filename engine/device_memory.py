@@ -16,3 +16,14 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def phase_peak(device: torch.device) -> int | None:
+    """The most `device` held since the last call (CUDA's max_memory_allocated), then counted afresh: one phase's
+    peak, as `run.py plan` plans each phase (train, export, generate, judge). None on the CPU, whose process
+    peak (ru_maxrss) cannot be reset."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak

@@ -46,8 +46,7 @@ def load_adapted(adapter: Path, model_spec: str | None, device: torch.device, dt
     processor is the run's (image size, splitting)."""
     base, training = _adapter_base(adapter, model_spec)
     if training.get("quant") == "nf4":
-        model, processor = _nf4_base(base, training, device, dtype)
-        model.to(device)  # the layers training kept in float (lm_head, norms, embeddings), as it did
+        model, processor = load_nf4_base(base, bool(training.get("quant_keep_vision")), device, dtype)
         lora.load(model, adapter)
     else:
         model, processor = models.load(base, dtype, device)
@@ -63,7 +62,7 @@ def load_merged(adapter: Path, model_spec: str | None, device: torch.device, dty
     base, training = _adapter_base(adapter, model_spec)
     if training.get("quant") != "nf4":
         return load_adapted(adapter, model_spec, device, dtype)
-    model, processor = _nf4_base(base, training, device, dtype)
+    model, processor = load_nf4_base(base, bool(training.get("quant_keep_vision")), device, dtype)
     model.to(CPU)
     dequantize(model, dtype)
     lora.load(model, adapter)
@@ -83,13 +82,14 @@ def _adapter_base(adapter: Path, model_spec: str | None) -> tuple[str, dict]:
     return base, training
 
 
-def _nf4_base(base: str, training: dict, device: torch.device, dtype: torch.dtype) \
+def load_nf4_base(base: str, keep_vision: bool, device: torch.device, dtype: torch.dtype) \
         -> tuple[PreTrainedModel, ProcessorMixin]:
-    """`base` loaded on the CPU in `dtype`, its linears quantized to NF4 one at a time on `device`, as
-    training quantized them (the same layers, on the same kind of device); the rest stays on the CPU."""
+    """QLoRA's base as it trained, on `device`: loaded on the CPU in `dtype`, its linears quantized to NF4
+    one at a time onto `device` as training quantized them (the same layers, on the same kind of device),
+    then the layers training kept in float (lm_head, norms, embeddings) moved there too."""
     model, processor = models.load(base, dtype, CPU)
-    quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if training.get("quant_keep_vision") else []), device=device)
-    return model, processor
+    quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if keep_vision else []), device=device)
+    return model.to(device), processor
 
 
 def _run_processor(adapter: Path, base_processor: ProcessorMixin) -> ProcessorMixin:

@@ -8,13 +8,14 @@ here, not its shard or stage. Its phases:
 - generate: a model answers `--batch-size` rows at a time (fewer if a rank's share of the test split is
   smaller): the trained model in the run's frozen dtype (full: OUT/final; LoRA: its adapter merged into
   the base, the base's size; QLoRA: the NF4 base quantized as in training with the adapters beside it),
-  then the base model for the score before training (unless cached). Planned as one no_grad forward with
-  use_cache=True over the widest test prompt plus --max-new-tokens tokens, logits for the last position
-  only: the KV cache at its full length plus one forward. That slightly over-counts a real generate, whose
-  prefill covers the prompt alone and whose later steps each add one token's activations.
-- judge: the `--scorer` model in the frozen dtype (eval/score.py), text only, 8 texts at once as long as
-  the longest answer (--max-new-tokens, or the longest reference if longer). With `--scorer self` the
-  evaluated model scores its own answers one text at a time instead, before it is freed.
+  then the base model for the score before training (unless cached), which is no larger (QLoRA's is its
+  NF4 base without the adapters). Planned as one no_grad forward with use_cache=True over the widest
+  test prompt plus --max-new-tokens tokens, logits for the last position only: the KV cache at its full
+  length plus one forward. That slightly over-counts a real generate, whose prefill covers the prompt
+  alone and whose later steps each add one token's activations.
+- judge: the `--scorer` model's text decoder alone in the frozen dtype (eval/score.py), 8 texts at once
+  as long as the longest answer (--max-new-tokens, or the longest reference if longer). With `--scorer
+  self` the evaluated model scores its own answers one text at a time instead, before it is freed.
 """
 
 import contextlib
@@ -24,6 +25,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -64,9 +66,8 @@ class Evaluation:
         tokenizer = self.processor.tokenizer
         reference = max(len(tokenizer(_record(row, "")["ground_truth_answer"])["input_ids"]) for row in test)
         self.text_tokens = max(config.max_new_tokens + 1, reference)  # an answer's tokens and its BOS
-        # The models that answer: the trained one, then the base model for the score before training (the
-        # same size as full's or LoRA's merged model: only QLoRA's, on its NF4 base, differs).
-        self.answering = [self.evaluated_model] + [self.base_model] * (config.quant == "nf4")
+        # The model that answers, the largest: the base model's answers, for the score before training, come
+        # from a model as large (full, LoRA merged) or smaller (QLoRA's NF4 base, without its adapters).
         self.planned: dict[tuple[str, int], int] = {}
 
     def phases(self, batch_size: int) -> dict[str, int]:
@@ -82,12 +83,12 @@ class Evaluation:
 
     def generate_peak(self, rows: int) -> int:
         prompt = self.prompt(rows)
-        return max(traced_peak(load, answer, prompt, self.gpu) for load in self.answering)
+        return traced_peak(self.evaluated_model, answer, prompt, self.gpu)
 
     def judge_peak(self, count: int) -> int:
         if self.config.scorer == "self":
             inputs = texts(count, self.text_tokens)
-            return max(traced_peak(load, embed, inputs, self.gpu) for load in self.answering)
+            return traced_peak(self.evaluated_model, embed, inputs, self.gpu)
         spec = self.config.model if self.config.scorer == "base" else self.config.scorer
         return judge_peak(spec, self.precision.frozen_dtype, self.gpu, count, self.text_tokens)
 
@@ -112,19 +113,16 @@ class Evaluation:
     def evaluated_model(self) -> PreTrainedModel:
         """The trained model as evaluation loads it: QLoRA's NF4 base with its adapters beside it, else the
         whole model in the frozen dtype (a LoRA adapter merged into its base changes no size)."""
-        model = self.base_model()
+        model = fake_model(self.config.model, self.precision.frozen_dtype)
         if self.config.quant == "nf4":
             apply_approach(model, self.config, Runtime(CPU, precision=self.precision))
         return model.eval()
-
-    def base_model(self) -> PreTrainedModel:
-        return fake_model(self.config.model, self.precision.frozen_dtype)
 
 
 @functools.cache
 def judge_peak(spec: str, dtype: torch.dtype, gpu: bool, count: int, tokens: int) -> int:
     """The judge `spec` in `dtype` embedding `count` texts of `tokens` tokens (the same for many runs' plans)."""
-    return traced_peak(lambda: fake_model(spec, dtype), embed, texts(count, tokens), gpu)
+    return traced_peak(lambda: fake_model(spec, dtype, text_only=True), embed, texts(count, tokens), gpu)
 
 
 def traced_peak(load: Callable[[], PreTrainedModel], run: Callable[[PreTrainedModel, dict], object],
@@ -149,12 +147,13 @@ def texts(count: int, tokens: int) -> dict[str, torch.Tensor]:
     return {"input_ids": mask.clone(), "attention_mask": mask}
 
 
-def fake_model(spec: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The whole model `spec` names as evaluation loads it (models.load: sdpa attention), its weights fake
-    tensors in `dtype`."""
+def fake_model(spec: str, dtype: torch.dtype, *, text_only: bool = False) -> nn.Module:
+    """The whole model `spec` names as evaluation loads it (models.load: sdpa attention), or as a judge its
+    text decoder alone (models/lazy.py), its weights fake tensors in `dtype`."""
     model, _ = build_on_meta(spec, dtype)
-    materialize(model, model, lambda name, start, stop: torch.empty(stop - start), CPU)
-    return model.eval()
+    part = model.get_decoder() if text_only else model
+    materialize(model, part, lambda name, start, stop: torch.empty(stop - start), CPU)
+    return part.eval()
 
 
 def answer(model: PreTrainedModel, prompt: dict[str, torch.Tensor]) -> tuple:

@@ -28,6 +28,7 @@ from engine.collate import Collator
 from engine.config import TrainConfig, result_settings
 from engine.data_checks import check_data
 from engine.data_sources import load_splits
+from engine.device_memory import phase_peak
 from engine.launch import setup_runtime
 from engine.loss import answer_token_count
 from engine.metrics import Scalars
@@ -73,18 +74,23 @@ def train(config: TrainConfig) -> dict:
         step, history, stats = loop(run, scalars, bar)
     wall = time.perf_counter() - started
     completed = step == run.total_steps
+    phases = {"train": phase_peak(runtime.device)}  # each phase's own peak on a GPU, as the plan has them
     if completed:
         run.strategy.export_final(run.processor, run.fingerprint)
+        phases["export"] = phase_peak(runtime.device)
+    # The rank's peak: its phases' on a GPU (each counted afresh); on the CPU the process's, never reset.
+    peak = runtime.peak_memory_bytes() if None in phases.values() else max(phases.values())
     summary = {
         "approach": config.approach, "model": run.fingerprint["model"], "world_size": runtime.world_size,
         "completed": completed, "steps": step, "total_steps": run.total_steps,
         "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
         "final_val_loss": history["val_loss"][-1][1] if history["val_loss"] else None,
         "wall_time_s": wall, "mean_step_time_s": sum(stats["step_times"]) / max(1, len(stats["step_times"])),
+        "mean_data_wait_s": stats["data_wait"] / max(1, len(stats["step_times"])),
         "samples_per_s": stats["rows"] / wall if wall else 0.0,
         "tokens_per_s": stats["tokens"] / wall if wall else 0.0,
         "trainable_params": trainable, "total_params": total, **run.strategy.quantized_summary(),
-        "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": runtime.peak_memory_bytes(),
+        "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": peak, "phase_peak_bytes": phases,
                                  **stats["memory"], **run.strategy.rank_report()}),
         **run.strategy.run_report(), "history": history,
     }
@@ -134,13 +140,14 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
     config, strategy, plan = run.config, run.strategy, run.plan
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
-    stats = {"step_times": [], "tokens": 0, "rows": 0, "memory": {}}
+    stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}}
     eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))  # HF Trainer's rounding: the original's cadence
     collator = Collator(run.processor, config.max_length)
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
         batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data.rank)]
+        stats["data_wait"] += time.perf_counter() - tick  # the step waits for its batches: collated here, in line
         rows = len(plan.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
         refuse_divergence(step + 1, config, training_loss=loss, gradient_norm=grad_norm)

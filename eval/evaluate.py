@@ -6,7 +6,7 @@ with the mean score and which scorer gave it, which `run.py report` reads.
 Evaluation holds one model at a time, in phases: the evaluated model answers (and, as `--scorer self`,
 is its own judge, so it scores before it goes), and is freed; then the judge (`--scorer base` or a
 folder, in the evaluated model's dtype) loads, scores those answers, and is freed. After training,
-the base model then does the same unless its score is cached. Ranks share the rows: rank r answers
+the base model then does the same unless its score is cached (QLoRA's: the NF4 base it trained on). Ranks share the rows: rank r answers
 and scores rows r, r+N, ... of the test split, holding one whole model at a time like a one-process
 evaluation, and the main rank gathers every row in order.
 """
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 import models
 from engine.config import TrainConfig
 from engine.data_sources import load_splits
-from engine.device_memory import free_device_memory
-from engine.merge import load_adapted
+from engine.device_memory import free_device_memory, phase_peak
+from engine.merge import load_adapted, load_nf4_base
 from engine.metrics import Scalars
 from engine.precision import Precision, precision_for
 from engine.runtime import Runtime, resolve_model
@@ -58,7 +59,7 @@ def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, lim
     them; returns results.json's content."""
     test = load_splits(dataset, limit_exhibits=limit_exhibits)["test"]
     dtype = precision_for("auto", device).frozen_dtype
-    rows, scores, _ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
+    rows, scores, *_ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
                                         Runtime(device), scorer=scorer, base=base, dtype=dtype,
                                         batch_size=batch_size, max_new_tokens=max_new_tokens, which=None)
     results = write_scored(output, rows, scores, scorer)
@@ -82,12 +83,13 @@ def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, devi
 
 
 def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: str,
-                 baseline: float | None = None) -> dict:
+                 baseline: float | None = None, phase_peak_bytes: dict | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     write_results(folder / RESULTS_CSV, rows, scores)
     results = {"score": average_score(scores), "baseline_score": baseline, "scorer": scorer, "rows": len(rows),
                "examples": [{k: r[k] for k in ("user_question", "model_generated_answer", "ground_truth_answer")}
-                            for r in rows[:3]]}
+                            for r in rows[:3]],
+               **({"phase_peak_bytes": phase_peak_bytes} if phase_peak_bytes else {})}
     (folder / RESULTS_JSON).write_text(json.dumps(results, indent=2))
     return results
 
@@ -106,21 +108,30 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
     test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
     settings = dict(scorer=config.scorer, base=base, dtype=dtype, batch_size=config.batch_size,
                     max_new_tokens=config.max_new_tokens)
-    rows, scores, processor = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), test, runtime,
-                                                **settings, which="trained model")
+    rows, scores, processor, peaks = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), test,
+                                                       runtime, **settings, which="trained model")
+    phases = [peaks]
     cache = _baseline_cache(config, spec, runtime.precision)
     if not cache.exists():
-        # The base's weights with the run's processor (the same image size and splitting).
-        _, base_scores, _ = _answer_and_score(lambda: (load_evaluated(base, None, device, dtype)[0], processor),
-                                              test, runtime, **settings, which="base model")
+        # The base's weights with the run's processor (the same image size and splitting). QLoRA's base is
+        # the NF4 one it trained on: its adapter's gain is measured on the model it corrects, and a 16 GB
+        # card, which QLoRA is for, cannot hold the 8B's bf16 base to answer with.
+        load_base = (partial(load_nf4_base, base, config.quant_keep_vision, device, dtype) if config.quant == "nf4"
+                     else partial(load_evaluated, base, None, device, dtype))
+        _, base_scores, _, peaks = _answer_and_score(lambda: (load_base()[0].eval(), processor),
+                                                     test, runtime, **settings, which="base model")
+        phases.append(peaks)
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"score": average_score(base_scores), "scores": base_scores}))
-    runtime.gather(None)  # the cache file is written before anyone reads it
+    phases = [peaks for rank in runtime.gather(phases) for peaks in rank]  # (and the cache file is written)
     results = {}
     if runtime.is_main:
         baseline = json.loads(cache.read_text())
-        results = write_scored(out / "eval", rows, scores, config.scorer, baseline=baseline["score"])
+        # Each phase's peak over the ranks and models, as `run.py plan` plans them (on a GPU; else None).
+        peaks = {name: max((p[name] for p in phases if p.get(name) is not None), default=None) for name in phases[0]}
+        results = write_scored(out / "eval", rows, scores, config.scorer, baseline=baseline["score"],
+                               phase_peak_bytes=peaks)
         scalars = Scalars(out / "tensorboard", True, 0)  # beside the training's points, on its step axis
         scalars.log(step, {"eval/similarity_score": results["score"]})
         scalars.text(step, "eval/answers", "\n\n".join(
@@ -133,14 +144,15 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
 
 def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base: str, dtype: torch.dtype,
                       batch_size: int, max_new_tokens: int,
-                      which: str | None) -> tuple[list[dict], list[float], ProcessorMixin]:
+                      which: str | None) -> tuple[list[dict], list[float], ProcessorMixin, dict[str, int | None]]:
     """Rank r's rows r, r+N, ... in two phases, one model on the device in each. Answers: `load()`'s model
     answers them (and as `--scorer self`, its own judge, scores them), then is freed. Scores: the judge
     (`scorer`, of `base`, in `dtype`) loads, scores them, and is freed. Every rank gets all the rows back in
-    order, and the loaded model's processor. The main rank's bars count its own share of the rows (`which`
-    model they are for, when there are two)."""
+    order, the loaded model's processor, and this rank's peak in each phase (None off a GPU). The main rank's
+    bars count its own share of the rows (`which` model they are for, when there are two)."""
     device = runtime.device
     mine = list(range(runtime.rank, len(split), runtime.world_size))
+    phase_peak(device)  # each phase's peak counted afresh from here (on a GPU)
     model, processor = load()
     with _bar("answering", which, len(mine), "row", runtime) as bar:
         rows = generate_answers(model, processor, [split[i] for i in mine], batch_size=batch_size,
@@ -150,13 +162,15 @@ def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base:
             scores = _score(rows, model, processor.tokenizer, batched=False, device=device, progress=bar.update)
         del model  # its answers (and self-scores) are in: it goes before the judge comes
         free_device_memory(device)
+        peaks = {"generate": phase_peak(device)}
         if scorer != "self":  # one fixed judge for every approach, batched with the padding masked out
             judge, tokenizer = load_judge(scorer, base, device, dtype)
             scores = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update)
             del judge
             free_device_memory(device)
+            peaks["judge"] = phase_peak(device)
     done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores))) for item in part)
-    return [row for _, row, _ in done], [score for *_, score in done], processor
+    return [row for _, row, _ in done], [score for *_, score in done], processor, peaks
 
 
 def _score(rows: list[dict], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batched: bool,
@@ -179,10 +193,11 @@ def _show(rows: list[dict], scores: list[float], before: list[float] | None, res
 
 def _baseline_cache(config: TrainConfig, spec: str, precision: Precision) -> Path:
     """Where the base model's score lives, keyed by everything that changes it (the judge's dtype too: scores
-    cached before it followed the run's precision came from an fp32 judge)."""
+    cached before it followed the run's precision came from an fp32 judge; QLoRA's NF4 base)."""
     key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "precision": precision.name,
            "judge_dtype": str(precision.frozen_dtype), "dataset": config.dataset,
            "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
-           "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge]}
+           "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge],
+           **({"base": ["nf4", config.quant_keep_vision]} if config.quant == "nf4" else {})}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"

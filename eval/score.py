@@ -6,16 +6,18 @@ in Gefu-Xu/MuseQuest `my_utils.py`: each text alone, tokenized as the processor 
 (`hidden_states[-1]`, which is after the final norm in transformers 4.46 and in 5.x alike) is
 averaged over all tokens, and the score is `1.0 - cosine` computed in the model's own dtype (bf16
 on a GPU, which is why the original's per-row scores are coarse binary fractions such as 0.0234375).
-We take that hidden state from the text decoder directly (`get_decoder()`), which is the same
-tensor without computing the vocabulary logits; a test checks the two agree.
+We take that hidden state from the text decoder directly (`get_decoder()`, which is the decoder
+itself when a judge is given as one), the same tensor without the vocabulary logits; a test checks
+the two agree.
 
 With `--scorer self` every approach is measured by its own fine-tuned weights, so two approaches'
 scores come from different rulers. Fair mode (`batched=True`) is meant for one fixed judge (the base
 model by default, loaded by `load_judge`): texts go in batches and pooling averages the real tokens
 only, in fp32, so neither padding nor which texts share a batch changes a score beyond float rounding.
 
-The judge runs in the run's compute dtype (bf16 on a GPU, fp32 on the CPU), so it takes the
-evaluated model's memory, not twice it as fp32 would (31.3 GiB for the 8B). On the tiny model over
+The judge is the model's text decoder alone (models/lazy.py: no vision encoder, connector or lm_head,
+2.4 GiB less for the 8B), in the run's compute dtype (bf16 on a GPU, fp32 on the CPU): 13.2 GiB for the
+8B in bf16, where the whole model in fp32 took 31.3. On the tiny model over
 the original's 1,554 result rows, a bf16 judge moves a row's score by at most 0.006 (0.0007-0.0015
 on average) and a file's mean score by at most 0.0023 against an fp32 judge: under one step of the
 original's own bf16 scores (2^-7 for scores in [1, 2)); tests/test_eval.py holds it to that.
@@ -24,14 +26,15 @@ original's own bf16 scores (2^-7 for scores in [1, 2)); tests/test_eval.py holds
 from collections.abc import Callable
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch.nn as nn
+from transformers import PreTrainedTokenizerBase
 
-import models
 from engine.config import check_scorer
+from models.lazy import load_text_model
 
 
 @torch.no_grad()
-def similarity_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, generated: list[str],
+def similarity_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, generated: list[str],
                       truth: list[str], *, batched: bool, batch_size: int = 8, device: torch.device,
                       progress: Callable[[int], object] = lambda texts: None) -> list[float]:
     """One score per (generated, truth) pair; `batched` picks fair mode, else the original's. `progress` is
@@ -50,24 +53,24 @@ def similarity_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def load_judge(spec: str, base_spec: str, device: torch.device,
-               dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The fixed judge of `--scorer`: "base" (`base_spec`, the model every approach starts from) or a local
-    Hugging Face folder, in `dtype` (the run's compute dtype). `--scorer self` has no judge to load: the
-    evaluated model scores its own answers."""
+    Hugging Face folder, in `dtype` (the run's compute dtype): its text decoder alone, which is all a score
+    reads. `--scorer self` has no judge to load: the evaluated model scores its own answers."""
     check_scorer(spec)
-    model, processor = models.load(base_spec if spec == "base" else spec, dtype, device)
-    return model.eval(), processor.tokenizer
+    decoder, processor = load_text_model(base_spec if spec == "base" else spec, dtype, device)
+    return decoder.eval(), processor.tokenizer
 
 
 def _distance(answer: torch.Tensor, reference: torch.Tensor) -> float:
     return float(1.0 - torch.cosine_similarity(answer, reference, dim=1).mean())
 
 
-def _last_hidden_state(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def _mean_embedding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str,
+def _mean_embedding(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str,
                     device: torch.device, progress: Callable[[int], object]) -> torch.Tensor:
     inputs = tokenizer(text, return_tensors="pt").to(device)
     embedding = _last_hidden_state(model, inputs["input_ids"], inputs["attention_mask"]).mean(dim=1)
@@ -75,7 +78,7 @@ def _mean_embedding(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return embedding
 
 
-def _masked_mean_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+def _masked_mean_embeddings(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                             batch_size: int, device: torch.device, progress: Callable[[int], object]) -> torch.Tensor:
     pooled = []
     for start in range(0, len(texts), batch_size):

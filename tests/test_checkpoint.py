@@ -129,3 +129,37 @@ def test_each_rank_saves_and_restores_its_own_gpus_generator_only(monkeypatch):
     checkpoint.restore_train_state(train_state, optimizer, scheduler, rank=1, device=gpu)
     assert asked == [gpu] and set_on == [gpu]
     assert checkpoint.rng_state(torch.device("cpu"))["cuda"] is None
+
+
+@pytest.mark.parametrize("kind", ["adamw", "bf16 moments", "adamw8bit"])
+def test_a_resumed_ranks_optimizer_state_lands_on_its_own_device(tmp_path, monkeypatch, kind):
+    """Rank 0's train state, read into host memory, goes to each resuming rank's own parameters' device (the meta
+    device stands for that rank's GPU here), every dtype kept (8-bit codes stay uint8; torch's own load would cast
+    them to the parameter's float dtype). (The offloaded optimizer's state lives on the host by design.)"""
+    from engine.adamw import AdamW
+    from engine.optim import adamw
+
+    def trained(device: str) -> torch.optim.Optimizer:
+        weight = torch.nn.Parameter(torch.ones(4096, device=device, dtype=torch.bfloat16 if kind == "bf16 moments"
+                                               else torch.float32))
+        moments = {"bf16 moments": "bf16", "adamw8bit": "8bit"}.get(kind, "fp32")
+        return adamw([weight], 1e-3, (0.9, 0.999), 0.0, moments, seed=0)
+
+    saved = trained("cpu")
+    saved.param_groups[0]["params"][0].grad = torch.full((4096,), 0.5, dtype=saved.param_groups[0]["params"][0].dtype)
+    saved.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(saved, lambda step: 1.0)
+    state = checkpoint.train_state(saved, scheduler, [checkpoint.rng_state(torch.device("cpu"))])
+    path = checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, state, dict(META, val_loss=None), 1)
+    read = checkpoint.load(path, META)[1]
+    # The meta device has no random generator; the rounding one is made on the parameters' device on a GPU.
+    monkeypatch.setattr(AdamW, "_rounding", lambda self, device: torch.Generator().manual_seed(0))
+    resumed = trained("meta")
+    checkpoint.restore_train_state(read, resumed, torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 1.0),
+                                   rank=0, device=torch.device("meta"))
+    placed = {(name, str(value.device), value.dtype) for param, per_param in resumed.state.items()
+              for name, value in per_param.items() if torch.is_tensor(value) and value.dim() > 0}
+    kept = {(name, value.dtype) for per_param in saved.state.values() for name, value in per_param.items()
+            if torch.is_tensor(value) and value.dim() > 0}
+    assert placed and {(name, dtype) for name, _, dtype in placed} == kept
+    assert {device for _, device, _ in placed} == {"meta"}

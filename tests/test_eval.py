@@ -16,6 +16,7 @@ from eval.generate import generate_answers, generate_ids, prompt_batch, question
 from eval.results_csv import AVERAGE, SCORE, average_score, read_results, write_results
 from eval.score import load_judge, similarity_scores
 from harness import SEED_RESULTS
+from models.lazy import SliceReader
 from models.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, build_tiny
 
 CPU = torch.device("cpu")
@@ -84,6 +85,23 @@ def test_the_judge_loads_in_the_runs_dtype_and_refuses_a_bad_spec(processor, dty
     assert tokenizer.pad_token_id == processor.tokenizer.pad_token_id
     with pytest.raises(UsageError, match="neither self, base nor a local model folder"):
         load_judge(str(tmp_path / "missing"), "tiny", CPU, dtype)
+
+
+def test_the_judge_reads_the_text_decoder_alone_and_scores_as_the_whole_model(processor, tmp_path, monkeypatch):
+    """A judge from a folder reads no vision encoder, connector or lm_head weight (1.3B of the 8B's parameters,
+    2.4 GiB in bf16: what lets a 16 GB card judge), and scores exactly as the whole model it came from."""
+    whole = build_tiny(0).eval()
+    whole.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    read, reader = [], SliceReader.__call__
+    monkeypatch.setattr(SliceReader, "__call__", lambda self, name, *span: read.append(name) or reader(self, name, *span))
+    judge, tokenizer = load_judge(str(tmp_path), "tiny", CPU, torch.float32)
+    decoder = dict(whole.get_decoder().named_parameters())
+    assert len(read) == len(decoder) and not [name for name in read if "text_model" not in name]
+    assert dict(judge.named_parameters()).keys() == decoder.keys()
+    generated, truth = TEXTS, TEXTS[::-1]
+    assert similarity_scores(judge, tokenizer, generated, truth, batched=True, device=CPU) == pytest.approx(
+        similarity_scores(whole, processor.tokenizer, generated, truth, batched=True, device=CPU), abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -6,6 +6,7 @@ by the code itself, as on a GPU, where a collection that happens to run in time 
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import weakref
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import eval.score
 import models
 from engine.build import apply_approach, load_whole
 from engine.config import from_approach
@@ -27,7 +29,7 @@ from engine.runtime import Runtime
 from eval.evaluate import evaluate_run, load_evaluated
 from eval.generate import generate_answers, prompt_batch
 from eval.results_csv import SCORE, read_results
-from eval.score import similarity_scores
+from eval.score import load_judge, similarity_scores
 from harness import run_engine, spawn
 from quant import Linear4bit
 
@@ -115,23 +117,26 @@ def test_evaluation_holds_one_model_at_a_time_in_the_runs_dtype(lora_run, scorer
     out = shutil.copytree(lora_run, tmp_path / "lora")
     monkeypatch.setenv("MUSEFT_CACHE", str(tmp_path / "cache"))  # no baseline cached: the base model runs too
     loaded, earlier = [], []
-    load = models.load
 
-    def one_at_a_time(spec, dtype, device, **kwargs):
-        alive = sum(ref() is not None for ref in earlier)
-        assert alive == 0, f"{spec} loads while {alive} tensors of an earlier model are alive"
-        model, processor = load(spec, dtype, device, **kwargs)
-        earlier.extend(weakref.ref(t) for t in (model, *model.parameters(), *model.buffers()))
-        loaded.append(dtype)
-        return model, processor
+    def one_at_a_time(load):
+        def loading(spec, dtype, device, **kwargs):
+            alive = sum(ref() is not None for ref in earlier)
+            assert alive == 0, f"{spec} loads while {alive} tensors of an earlier model are alive"
+            model, processor = load(spec, dtype, device, **kwargs)
+            earlier.extend(weakref.ref(t) for t in (model, *model.parameters(), *model.buffers()))
+            loaded.append(dtype)
+            return model, processor
+        return loading
 
-    monkeypatch.setattr(models, "load", one_at_a_time)
+    monkeypatch.setattr(models, "load", one_at_a_time(models.load))
+    # The judge is its text decoder alone, loaded by its own function.
+    monkeypatch.setattr(eval.score, "load_text_model", one_at_a_time(eval.score.load_text_model))
     config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
                            output_dir=str(out), device="cpu", precision="bf16-mixed", scorer=scorer)
     with collector_off():
         evaluate_run(config, Runtime(CPU, precision=BF16_MIXED), 3)
     assert loaded == [torch.bfloat16] * (4 if scorer == "base" else 2)
-    monkeypatch.setattr(models, "load", load)
+    monkeypatch.undo()
     rows = read_results(out / "eval" / "results.csv")
     judge, processor = load_evaluated(str(out / "base"), out / "final" if scorer == "self" else None, CPU,
                                       torch.bfloat16)
@@ -219,3 +224,27 @@ def test_qlora_evaluation_answers_as_the_training_model(qlora_run):
         assert torch.equal(evaluated(**inputs).logits, trained(**inputs).logits)
     answers = [generate_answers(model, processor, rows, max_new_tokens=8, device=CPU) for model in (evaluated, trained)]
     assert answers[0] == answers[1] and any(row["model_generated_answer"] for row in answers[0])
+
+
+def test_qlora_scores_before_training_on_its_nf4_base(qlora_run, monkeypatch, tmp_path):
+    """The score before training answers with the NF4 base QLoRA trained on, not the bf16 base (which a 16 GB
+    card cannot hold for the 8B): rebuilt here as training builds it, with its adapters at their start (B = 0,
+    so they add nothing), its answers scored by the base's judge, row by row as the cache holds them."""
+    out, config = qlora_run
+    out = shutil.copytree(out, tmp_path / "qlora")
+    config = from_approach("qlora", model="tiny", limit_exhibits=2, output_dir=str(out), device="cpu",
+                           precision="bf16-mixed", lora_target=("projections", "lm_head"))
+    monkeypatch.setenv("MUSEFT_CACHE", str(tmp_path / "cache"))
+    evaluate_run(config, Runtime(CPU, precision=BF16_MIXED), 3)
+    [cache] = (tmp_path / "cache" / "baselines").glob("*.json")
+    runtime = Runtime(CPU, precision=BF16_MIXED)
+    base, _ = load_whole(config, runtime, None)
+    apply_approach(base, config, runtime)
+    _, processor = load_evaluated(str(out / "base"), out / "final", CPU, torch.bfloat16)
+    test = list(load_splits("musequest", limit_exhibits=2)["test"])
+    rows = generate_answers(base.eval(), processor, test, batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens, device=CPU)
+    judge, tokenizer = load_judge("base", str(out / "base"), CPU, torch.bfloat16)
+    expected = similarity_scores(judge, tokenizer, [row["model_generated_answer"] for row in rows],
+                                 [row["ground_truth_answer"] for row in rows], batched=True, device=CPU)
+    assert json.loads(cache.read_text())["scores"] == pytest.approx(expected, abs=1e-6)
