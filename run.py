@@ -92,7 +92,7 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def merge(args: argparse.Namespace) -> str:
-    from engine.merge import merge_adapter
+    from engine.outputs.merge import merge_adapter
 
     return f"merged model written to {merge_adapter(args.adapter, args.output, args.model, args.device)}"
 
@@ -245,7 +245,7 @@ def plan_parser() -> argparse.ArgumentParser:
 
 
 def plan(args: argparse.Namespace) -> str:
-    from engine.fit import describe
+    from engine.plan.fit import describe
 
     config, result = planned(args)
     return json.dumps(result) if args.json else describe(config, result)
@@ -253,7 +253,7 @@ def plan(args: argparse.Namespace) -> str:
 
 def planned(args: argparse.Namespace, search: bool = True) -> tuple[TrainConfig, dict]:
     """The config `run.py plan`'s flags give, and its plan (bench/original_runs.py runs it too)."""
-    from engine.fit import budget_for, plan_run
+    from engine.plan.fit import budget_for, plan_run
 
     settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
                 if name not in ("gpu_memory", "sequence_length", "json", "debug", "approach")}
@@ -292,9 +292,13 @@ def train(argv: list[str]) -> int:
     try:
         config = from_approach(approach, **args)
         out = config.out
-        from engine.launch import launch
-        from engine.finetune import finetune  # heavy imports only once the flags are known to be good
+        from engine.launch import launch, placement  # heavy imports only once the flags are known to be good
+        from engine.plan.fit import refuse_if_unfit_before_loading
+        from finetune import finetune
 
+        ranks, device = placement(config)
+        if device.type == "cuda" or config.memory_budget is not None:  # planned before any rank loads a weight
+            refuse_if_unfit_before_loading(config, ranks, gpu=device.type == "cuda")
         summary = launch(config, finetune)
     except BaseException as error:
         return stop(error, out, resumable=out is not None)

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.loss import summed_token_loss  # noqa: E402
-from models.tiny import IMAGE_SEQ_LEN, IMAGE_SIZE, IMAGE_TOKEN_ID, build_tiny  # noqa: E402
-from parallel import DataParallel  # noqa: E402
+from engine.loss import summed_token_loss
+from models.tiny import IMAGE_SEQ_LEN, IMAGE_SIZE, IMAGE_TOKEN_ID, build_tiny
+from parallel import DataParallel
 
 WORLD = 2
 SEQ_LEN = 64

@@ -27,12 +27,13 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402
-from ddp_vs_torch import SEQ_LEN, WORLD, parse_args, random_batch, spawn  # noqa: E402
-from engine.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
-from engine.loss import summed_token_loss  # noqa: E402
-from models.tiny import build_tiny  # noqa: E402
-from parallel import fsdp  # noqa: E402
+from ddp_vs_torch import SEQ_LEN, WORLD, parse_args, random_batch, spawn
+
+import models
+from engine.activation_checkpoint import apply_activation_checkpointing
+from engine.loss import summed_token_loss
+from models.tiny import build_tiny
+from parallel import fsdp
 
 ROWS = ("ours", "torch FSDP2", "torch FSDP2 + AC")
 MIB = 2**20

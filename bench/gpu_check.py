@@ -138,7 +138,7 @@ def check_one_rank_group(device: str) -> dict:
 
 
 def check_kernels(device: str) -> dict:
-    """NF4 (quant/) and 8-bit blocks (engine/adamw.py's moments) on the GPU against the same on the CPU."""
+    """NF4 (quant/) and 8-bit blocks (engine/optim/adamw.py's moments) on the GPU against the same on the CPU."""
     if device != "cuda":
         return {"result": "skip", "why": "no GPU"}
     import bitsandbytes.functional as bnbf

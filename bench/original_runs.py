@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.fit import GIB  # noqa: E402
-from run import plan_parser, planned  # noqa: E402
+from engine.plan.fit import GIB
+from run import plan_parser, planned
 
 MODEL = "--model models/idefics2_8b_config.json"
 # (the original's run, our flags, what it logged after its first step in GiB -- held (memory_allocated) and

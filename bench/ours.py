@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from measure import Batches, Contender
 from transformers import ProcessorMixin
 
-from measure import Batches, Contender
 from engine.config import APPROACHES, TrainConfig, from_approach
-from engine.optim import optimizer_for
+from engine.optim.optimizer import optimizer_for
 from engine.runtime import Runtime
+from engine.step import train_step
 from engine.strategies import strategy_for
 from engine.strategies.single import ReadsOwnPiece
-from engine.trainer import train_step
 
 LR = 1e-4
 OPTIONS = {  # a case's "+option" -> the engine settings it overrides

@@ -42,11 +42,13 @@ off the config:
   decoder's layers (only the decoder's keep anything for backward here: nothing in vision trains)
   but not the connector's modality projection and perceiver layers, which ours recomputes too.
 
-Every peer's AdamW groups are the engine's (engine/optim.py `adamw`): 1-D weights do not decay.
+Every peer's AdamW groups are the engine's (engine/optim/optimizer.py `adamw`): 1-D weights do not decay.
 """
 
 import torch
 import torch.nn as nn
+from measure import Batches, Contender
+from ours import pipeline_stages
 from torch.distributed.device_mesh import DeviceMesh
 from transformers import PreTrainedModel
 
@@ -55,11 +57,9 @@ from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import mark_trainable
 from engine.config import TrainConfig
 from engine.loss import answer_token_count, logits_loss
-from engine.optim import decay_groups
+from engine.optim.optimizer import decay_groups
 from engine.runtime import Runtime
-from measure import Batches, Contender
 from models.stages import split_points, stage
-from ours import pipeline_stages
 
 NAMES = {  # (adapter, quant, parallel) -> the peer in words
     ("lora", "none", "none"): "transformers + PEFT LoRA",
@@ -187,10 +187,9 @@ def _pipelining(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -
     """This rank's stage of the engine's split, in torch's GPipe schedule. Ranks form a (stages, shards)
     mesh, stage-major as ours; under pipeline+fsdp each stage's blocks and the stage are FSDP2 units over
     its shards, each shard group with its own rows, whose gradients FSDP2 averages."""
+    from pipeline_vs_torch import FIRST_INPUTS, KEYWORD_INPUTS, TorchAdapter
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
-
-    from pipeline_vs_torch import FIRST_INPUTS, KEYWORD_INPUTS, TorchAdapter
 
     stages = pipeline_stages(config, runtime.world_size)
     mesh = init_device_mesh(runtime.device.type, (stages, runtime.world_size // stages),

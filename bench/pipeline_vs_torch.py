@@ -42,11 +42,12 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddp_vs_torch import WORLD, parse_args, random_batch, spawn  # noqa: E402
-from engine.loss import answer_loss, answer_token_count  # noqa: E402
-from models.stages import Stage, split_points, stage  # noqa: E402
-from models.tiny import build_tiny  # noqa: E402
-from parallel.pipeline import Pipeline, bubble  # noqa: E402
+from ddp_vs_torch import WORLD, parse_args, random_batch, spawn
+
+from engine.loss import answer_loss, answer_token_count
+from models.stages import Stage, split_points, stage
+from models.tiny import build_tiny
+from parallel.pipeline import Pipeline, bubble
 
 # (implementation, schedule, micro-batches); the first torch gpipe row of each M is the ratio's base.
 ROWS = (("ours", "gpipe", 1), ("ours", "gpipe", 4), ("ours", "1f1b", 4),
@@ -66,7 +67,7 @@ class TorchAdapter(nn.Module):
 
     def forward(self, *inputs: torch.Tensor, **batch: torch.Tensor) -> torch.Tensor:
         if self.stage.first:
-            return self.stage(None, dict(zip(FIRST_INPUTS, inputs), **batch))
+            return self.stage(None, dict(zip(FIRST_INPUTS, inputs, strict=True), **batch))
         (hidden,) = inputs
         return self.stage(hidden, batch)
 
@@ -158,8 +159,8 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace) -> None:
             times[i].append(time.perf_counter() - start)
             idles[i].append(idle)
             losses[i].append(loss)
-    mine = [(statistics.median(t[args.warmup :]), statistics.median(f[args.warmup :]), l[0])
-            for t, f, l in zip(times, idles, losses)]
+    mine = [(statistics.median(step[args.warmup :]), statistics.median(idle[args.warmup :]), loss[0])
+            for step, idle, loss in zip(times, idles, losses, strict=True)]
     ranks = [None] * WORLD
     dist.all_gather_object(ranks, mine)
     if rank == 0:

@@ -51,14 +51,15 @@ import torch.multiprocessing as mp
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from engine.collate import Collator  # noqa: E402
-from engine.data_sources import load_splits  # noqa: E402
-from engine.precision import precision_for  # noqa: E402
-from engine.runtime import Runtime  # noqa: E402
-from measure import Batches, measure  # noqa: E402
-from ours import baseline_of, engine_config, engine_contender, pipeline_stages, world_of  # noqa: E402
-from peers import peer_contender, peer_name  # noqa: E402
-from real_size import largest_batch, peak_flops, step_fits  # noqa: E402
+from measure import Batches, measure
+from ours import baseline_of, engine_config, engine_contender, pipeline_stages, world_of
+from peers import peer_contender, peer_name
+from real_size import largest_batch, peak_flops, step_fits
+
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
+from engine.precision import precision_for
+from engine.runtime import Runtime
 
 REAL_CONFIG = BENCH.parent / "models" / "idefics2_8b_config.json"
 SINGLE = ("lora", "qlora", "full")

@@ -8,7 +8,7 @@ allocated), with the approach applied as a run applies it (`apply_approach`: LoR
 full fine-tuning trains, in the precision's master dtype); a pipeline stage is `models.stages.stage`
 of the original's split; FSDP holds 1/N of everything. Bytes per trained weight: the weight and its
 gradient in the trained dtype, and the two AdamW moments (fp32, bf16, or 8 bits plus an fp32 scale
-per block of 256: engine/adamw.py), or with the optimizer offloaded (engine/offload.py) only the
+per block of 256: engine/optim/adamw.py), or with the optimizer offloaded (engine/optim/offload.py) only the
 weight and gradient, the fp32 masters and moments being in host memory. Activations come on top.
 """
 
@@ -19,14 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.adamw import BLOCK  # noqa: E402
-from engine.build import apply_approach  # noqa: E402
-from engine.config import from_approach  # noqa: E402
-from engine.loss import answer_loss  # noqa: E402
-from engine.precision import PRECISIONS  # noqa: E402
-from engine.runtime import Runtime  # noqa: E402
-from models import load  # noqa: E402
-from models.stages import stage  # noqa: E402
+from engine.build import apply_approach
+from engine.config import from_approach
+from engine.loss import answer_loss
+from engine.optim.adamw import BLOCK
+from engine.precision import PRECISIONS
+from engine.runtime import Runtime
+from models import load
+from models.stages import stage
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8b_config.json")
 META, GIB = torch.device("meta"), 2**30

@@ -14,8 +14,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 import lora
 import models
 from engine.config import TrainConfig
-from engine.export import export_pretrained
 from engine.metrics import parameter_counts
+from engine.outputs.export import export_pretrained
 from engine.runtime import Runtime, resolve_model
 from models.lazy import SliceReader, load_on_meta, local_folder
 from models.targets import QUANT_SKIP, VISION_ENCODER

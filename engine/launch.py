@@ -13,24 +13,17 @@ same sentence and exit status, a bug as the rank's traceback.
 
 import contextlib
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from engine.config import TrainConfig
+from engine.runtime import pick_device, torchrun_world_size
 from errors import PEER_GONE, DiskError, UsageError, debug, explain, lost_peer
-from engine.precision import precision_for
-from engine.runtime import Runtime, pick_device
-
-
-def torchrun_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def ranks_wanted(config: TrainConfig) -> int:
@@ -43,20 +36,26 @@ def ranks_wanted(config: TrainConfig) -> int:
     return config.gpus or world
 
 
+def placement(config: TrainConfig) -> tuple[int, torch.device]:
+    """The run's ranks and this process's device for them (asking for more GPUs than there are is refused here)."""
+    wanted = ranks_wanted(config)
+    return wanted, pick_device(config.device, wanted if _spawning(wanted) else 1)
+
+
 def launch(config: TrainConfig, worker: Callable[[TrainConfig], Any]) -> Any:
-    """Run `worker(config)` on every rank; returns rank 0's result.
+    """Run `worker(config)` on every rank; returns rank 0's result. Whether the run fits is the caller's to ask
+    first (run.py asks engine/plan/fit.py), before any rank starts.
 
     `worker` must be a module-level function (it is pickled to spawned ranks) decorated with
     torch's `errors.record`, so that a rank's exception reaches the parent's report.
     """
-    wanted = ranks_wanted(config)
-    spawning = wanted > 1 and torchrun_world_size() == 1
-    device = pick_device(config.device, wanted if spawning else 1)  # more GPUs than present: refused here
-    if device.type == "cuda" or config.memory_budget is not None:
-        from engine.fit import refuse_if_unfit_before_loading
+    wanted, _ = placement(config)
+    return _spawn(config, worker, wanted) if _spawning(wanted) else _in_group(worker, config)
 
-        refuse_if_unfit_before_loading(config, wanted, gpu=device.type == "cuda")
-    return _spawn(config, worker, wanted) if spawning else _in_group(worker, config)
+
+def _spawning(ranks: int) -> bool:
+    """Whether this process starts the ranks itself (--gpus N), rather than being one that torchrun started."""
+    return ranks > 1 and torchrun_world_size() == 1
 
 
 def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int) -> Any:
@@ -140,35 +139,6 @@ def _quiet_launcher() -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, propagate in zip(loggers, saved):
+        for logger, propagate in zip(loggers, saved, strict=True):
             logger.propagate = propagate
             logger.removeHandler(silence)
-
-
-def setup_runtime(config: TrainConfig) -> Runtime:
-    """This process's rank, world and device; joins the process group when there is more than one rank."""
-    world = torchrun_world_size()
-    if world == 1:
-        device = pick_device(config.device, 1)
-        return Runtime(device, precision=precision_for(config.precision, device))
-    device = pick_device(config.device, 1)
-    if device.type == "cuda":
-        device = local_gpu(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    setup = dist.new_group(backend="gloo", timeout=timedelta(minutes=config.setup_timeout))
-    return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device),
-                   setup_group=setup)
-
-
-def local_gpu(local_rank: int, local_ranks: int) -> torch.device:
-    """This rank's GPU: the only one it sees, when a scheduler gives each task its own (CUDA_VISIBLE_DEVICES per
-    task, as Slurm's --gpus-per-task does), else the LOCAL_RANK-th of the machine's, as torchrun starts them."""
-    visible = torch.cuda.device_count()
-    if visible == 1:
-        return torch.device("cuda", 0)
-    if visible >= local_ranks:
-        return torch.device("cuda", local_rank)
-    raise UsageError(f"{local_ranks} ranks were started on this machine but each sees {visible} GPUs; give each rank "
-                     "one GPU (CUDA_VISIBLE_DEVICES per rank) or let every rank see them all.")

@@ -52,7 +52,7 @@ def answer_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> 
     targets = next_tokens(labels)
     keep = targets != IGNORE
     answers, targets = hidden[keep], targets[keep]
-    chunks = zip(answers.split(CHUNK), targets.split(CHUNK))
+    chunks = zip(answers.split(CHUNK), targets.split(CHUNK), strict=True)
     if type(head) is not nn.Linear or head.bias is not None:
         return sum((F.cross_entropy(head(h).float(), t, reduction="sum") for h, t in chunks),
                    torch.zeros((), device=hidden.device))

@@ -3,7 +3,7 @@
 `fp32`: every weight and every matmul in fp32 (the CPU default). `bf16-mixed`: frozen weights in
 bf16, whatever trains keeps an fp32 master (a 1e-5 update to a bf16 weight rounds away), and the
 forward runs under bf16 autocast (the CUDA default). `bf16`: what trains is bf16 too, and so are its
-gradients and optimizer moments: 8 bytes a trained weight instead of 16; engine/adamw.py rounds every
+gradients and optimizer moments: 8 bytes a trained weight instead of 16; engine/optim/adamw.py rounds every
 update stochastically, so small updates land on average instead of rounding away. All three run on
 either device: CPU autocast has a bf16 path, so the dtype path of every GPU run is exercised by the
 CPU tests.

@@ -1,6 +1,6 @@
 """--resume: continue a run exactly where its newest readable checkpoint left it, or refuse, saying why.
 
-The checkpoint's settings are compared with this run's (engine/checkpoint.py `load`, naming the first
+The checkpoint's settings are compared with this run's (engine/outputs/checkpoint.py `load`, naming the first
 flag that differs); the weights, optimizer, schedule and every rank's random generators are restored.
 """
 
@@ -8,7 +8,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from engine import checkpoint
+from engine.outputs import checkpoint
 from engine.strategies import Single
 from errors import UsageError
 

@@ -4,11 +4,14 @@ Everything else asks the Runtime (its `precision`: engine/precision.py) instead 
 hardware itself.
 """
 
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from engine.config import TrainConfig
 from engine.precision import Precision, precision_for
 from errors import UsageError
 
@@ -86,3 +89,36 @@ def resolve_model(spec: str, device: torch.device) -> str:
     if spec != "auto":
         return spec
     return REAL_MODEL if device.type == "cuda" else "tiny"
+
+
+def torchrun_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_runtime(config: TrainConfig) -> Runtime:
+    """This process's rank, world and device; joins the process group when there is more than one rank."""
+    world = torchrun_world_size()
+    if world == 1:
+        device = pick_device(config.device, 1)
+        return Runtime(device, precision=precision_for(config.precision, device))
+    device = pick_device(config.device, 1)
+    if device.type == "cuda":
+        device = local_gpu(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    setup = dist.new_group(backend="gloo", timeout=timedelta(minutes=config.setup_timeout))
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device),
+                   setup_group=setup)
+
+
+def local_gpu(local_rank: int, local_ranks: int) -> torch.device:
+    """This rank's GPU: the only one it sees, when a scheduler gives each task its own (CUDA_VISIBLE_DEVICES per
+    task, as Slurm's --gpus-per-task does), else the LOCAL_RANK-th of the machine's, as torchrun starts them."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if visible >= local_ranks:
+        return torch.device("cuda", local_rank)
+    raise UsageError(f"{local_ranks} ranks were started on this machine but each sees {visible} GPUs; give each rank "
+                     "one GPU (CUDA_VISIBLE_DEVICES per rank) or let every rank see them all.")

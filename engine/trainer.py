@@ -10,7 +10,6 @@ the parallelism is the strategy's (engine/strategies/); nothing here asks which 
 """
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -21,21 +20,20 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 from transformers import ProcessorMixin
 
-
-from engine import checkpoint
-from engine.batches import BatchPlan
-from engine.collate import Collator
 from engine.config import TrainConfig, result_settings
-from engine.data_checks import check_data
-from engine.data_sources import load_splits
+from engine.data.batches import BatchPlan
+from engine.data.checks import check_data
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
 from engine.device_memory import phase_peak
-from engine.launch import setup_runtime
-from engine.loss import answer_token_count
 from engine.metrics import Scalars
-from engine.optim import cosine_with_warmup, optimizer_for, scaled_lr
-from engine.output_folder import claim, prepare_for_run
+from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
+from engine.outputs import checkpoint
+from engine.outputs.folder import claim, prepare_for_run
+from engine.outputs.publish import write_json
 from engine.resume import refuse_finished, resume
-from engine.runtime import Runtime, resolve_model
+from engine.runtime import Runtime, resolve_model, setup_runtime
+from engine.step import train_step
 from engine.strategies import Single, strategy_for
 from engine.tensorboard_server import check_port_free, serve
 from errors import UsageError
@@ -95,7 +93,7 @@ def train(config: TrainConfig) -> dict:
         **run.strategy.run_report(), "history": history,
     }
     if runtime.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
     scalars.close()
     return summary
 
@@ -193,14 +191,3 @@ def refuse_divergence(step: int, config: TrainConfig, **values: float) -> None:
                 ", or a batch holds no answer tokens (an empty answer, or too short a --max-length)"
             raise UsageError(f"step {step}: the {name.replace('_', ' ')} is {value:g}, so the run stopped before "
                              f"saving anything of it; the learning rate (--lr {config.lr:g}) is likely too high{empty}.")
-
-
-def train_step(strategy: Single, optimizer: torch.optim.Optimizer, batches: list[dict],
-               max_grad_norm: float) -> tuple[float, float, int]:
-    """Forward/backward this rank's micro-batches, clip, step. Returns (global loss, grad norm, global tokens)."""
-    strategy.train()
-    answer_tokens = int(strategy.data.sum_over_ranks(sum(answer_token_count(b["labels"]) for b in batches)))
-    loss = strategy.forward_backward(batches, answer_tokens)
-    grad_norm = strategy.clip_(max_grad_norm)
-    optimizer.step()
-    return loss, grad_norm, answer_tokens

@@ -17,7 +17,7 @@ def answers_table(rows: list[dict], scores: list[float], before: list[float] | N
     if before is None:
         title, cells = "score", [f"{score:.3f}" for score in scores]
     else:
-        title, cells = "before → after", [f"{then:.3f} → {now:.3f}" for then, now in zip(before, scores)]
+        title, cells = "before → after", [f"{then:.3f} → {now:.3f}" for then, now in zip(before, scores, strict=True)]
     id_width, score_width = max(map(len, ["id", *ids])), max(map(len, [title, *cells]))
     text_width = WIDTH - id_width - score_width - 4 * len(GAP)
     question = text_width // 4  # questions are short; the answers are what is read
@@ -25,7 +25,7 @@ def answers_table(rows: list[dict], scores: list[float], before: list[float] | N
     widths = (id_width, score_width, question, reference, text_width - question - reference)
     lines = [_line(("id", title, "question", "reference", "answer"), widths)]
     lines += [_line((data_id, cell, row["user_question"], row["ground_truth_answer"], row["model_generated_answer"]),
-                    widths) for data_id, cell, row in zip(ids, cells, rows)]
+                    widths) for data_id, cell, row in zip(ids, cells, rows, strict=True)]
     return "\n".join(lines)
 
 
@@ -38,7 +38,7 @@ def score_line(results: dict) -> str:
 
 
 def _line(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
-    return GAP.join(_cut(cell, width) for cell, width in zip(cells, widths)).rstrip()
+    return GAP.join(_cut(cell, width) for cell, width in zip(cells, widths, strict=True)).rstrip()
 
 
 def _cut(text: str, width: int) -> str:

@@ -47,7 +47,7 @@ def score_chart(scores: list[Score]) -> Figure:
         shown = [(row, score) for row, score in enumerate(scores) if getattr(score, when) is not None]
         values = [getattr(score, when) for _, score in shown]
         bars = axes.barh([row + offset for row, _ in shown], values, height, color=color, label=f"{when} training")
-        axes.bar_label(bars, [f" {value:.3f} ({score.scorer})" for value, (_, score) in zip(values, shown)],
+        axes.bar_label(bars, [f" {value:.3f} ({score.scorer})" for value, (_, score) in zip(values, shown, strict=True)],
                        fontsize=8)
     axes.set_yticks(range(len(scores)), [score.label for score in scores])
     axes.invert_yaxis()
@@ -65,7 +65,7 @@ def loss_chart(histories: dict[str, dict]) -> Figure:
     for number, (name, history) in enumerate(histories.items()):
         for key, style, what in (("train_loss", "-", "train"), ("val_loss", "--", "validation")):
             if history.get(key):
-                steps, losses = zip(*history[key])
+                steps, losses = zip(*history[key], strict=True)
                 axes.plot(steps, losses, style, marker="o", markersize=3, color=f"C{number}", label=f"{name} {what}")
     axes.set(xlabel="optimizer step", ylabel="loss (mean over answer tokens)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))

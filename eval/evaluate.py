@@ -24,10 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 
 import models
 from engine.config import TrainConfig
-from engine.data_sources import load_splits
+from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory, phase_peak
-from engine.merge import load_adapted, load_nf4_base
 from engine.metrics import Scalars
+from engine.outputs.merge import load_adapted, load_nf4_base
+from engine.outputs.publish import write_json
 from engine.precision import Precision, precision_for
 from engine.runtime import Runtime, resolve_model
 from eval.answers_table import answers_table, score_line
@@ -43,7 +44,7 @@ RESULTS_CSV, RESULTS_JSON = "results.csv", "results.json"
 def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device,
                    dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
     """The model to evaluate, in `dtype` (default: the device's default precision's frozen dtype):
-    a Hugging Face id or folder, or an adapter's model as it trained (engine/merge.py)."""
+    a Hugging Face id or folder, or an adapter's model as it trained (engine/outputs/merge.py)."""
     dtype = dtype or precision_for("auto", device).frozen_dtype
     if adapter is not None:
         model, processor = load_adapted(adapter, model_spec, device, dtype)
@@ -90,7 +91,7 @@ def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: st
                "examples": [{k: r[k] for k in ("user_question", "model_generated_answer", "ground_truth_answer")}
                             for r in rows[:3]],
                **({"phase_peak_bytes": phase_peak_bytes} if phase_peak_bytes else {})}
-    (folder / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+    write_json(folder / RESULTS_JSON, results)
     return results
 
 
@@ -123,7 +124,7 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
         phases.append(peaks)
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"score": average_score(base_scores), "scores": base_scores}))
+            write_json(cache, {"score": average_score(base_scores), "scores": base_scores})
     phases = [peaks for rank in runtime.gather(phases) for peaks in rank]  # (and the cache file is written)
     results = {}
     if runtime.is_main:
@@ -169,7 +170,7 @@ def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base:
             del judge
             free_device_memory(device)
             peaks["judge"] = phase_peak(device)
-    done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores))) for item in part)
+    done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores, strict=True))) for item in part)
     return [row for _, row, _ in done], [score for *_, score in done], processor, peaks
 
 

@@ -1,23 +1,20 @@
 """Greedy answers to a split's rows, batched, for the similarity score.
 
-Each prompt is the dialog up to its last assistant turn, rendered by the chat template with the
-generation prompt ("Assistant:") and given the images that come before that turn, as training saw
-it. Prompts are left-padded, so every row's prompt ends in the last column and the new tokens are
-the columns after it; only those are decoded (R7, R8). Decoding stops at `</s>` or
+Each prompt is the row's dialog up to its last assistant turn, left-padded (engine/data/prompts.py),
+so the new tokens are the columns after it; only those are decoded (R7, R8). Decoding stops at `</s>` or
 `<end_of_utterance>` and may never emit an image token, which only the processor may place: the stop
 and ban lists of Idefics2-8B's generation_config.json, passed explicitly because a model built
 from a bare config (or a saved fine-tune) may not carry them.
 """
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
-from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-from engine.data_sources import image_entries
+from engine.data.prompts import prompt_batch, question_and_reference
 
 STOP_TOKENS = ["</s>", "<end_of_utterance>"]
 IMAGE_TOKENS = ["<image>", "<fake_token_around_image>"]
@@ -33,7 +30,7 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, rows: Se
     for start in range(0, len(rows), batch_size):
         batch = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         answers = answer_rows(model, processor, batch, max_new_tokens, device)
-        records += [_record(row, answer) for row, answer in zip(batch, answers)]
+        records += [_record(row, answer) for row, answer in zip(batch, answers, strict=True)]
         progress(len(batch))
     return records
 
@@ -68,52 +65,7 @@ def generate_ids(model: PreTrainedModel, processor: ProcessorMixin, rows: list[d
     return inputs, output[:, inputs["input_ids"].shape[1] :]
 
 
-def prompt_batch(processor: ProcessorMixin, rows: list[dict]) -> BatchFeature:
-    """Every row's prompt (its dialog before the last answer), left-padded to the longest."""
-    prompts = [_prompt_messages(row) for row in rows]
-    texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in prompts]
-    images = [_row_images(row)[: image_entries(messages)] for row, messages in zip(rows, prompts)]
-    with _left_padding(processor.tokenizer):
-        # The processor wants None, not a list of empty lists, when no prompt has an image.
-        return processor(text=texts, images=images if any(images) else None, padding="longest", return_tensors="pt")
-
-
-@contextlib.contextmanager
-def _left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
-    previous = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = previous
-
-
-def _messages(row: dict) -> list[dict]:
-    return json.loads(row["dialog"])["messages"]
-
-
-def _last_answer_turn(messages: list[dict]) -> int:
-    return max(turn for turn, message in enumerate(messages) if message["role"] == "assistant")
-
-
-def _prompt_messages(row: dict) -> list[dict]:
-    messages = _messages(row)
-    return messages[: _last_answer_turn(messages)]
-
-
-def _text(message: dict) -> str:
-    # The chat template joins a turn's text parts with nothing between them.
-    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
-
-
-def _row_images(row: dict) -> list[Image.Image]:
-    return [] if row.get("image") is None else [row["image"]]
-
-
 def _record(row: dict, answer: str) -> dict:
-    messages = _messages(row)
-    last = _last_answer_turn(messages)
-    question = next((_text(m) for m in reversed(messages[:last]) if m["role"] == "user"), "")
+    question, reference = question_and_reference(row)
     return {"data_id": row["data_id"], "item_name": row["item_name"], "image_name": row["image_name"],
-            "user_question": question, "model_generated_answer": answer,
-            "ground_truth_answer": _text(messages[last])}
+            "user_question": question, "model_generated_answer": answer, "ground_truth_answer": reference}

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 
-from engine.data_sources import load_splits
+from engine.data.sources import load_splits
 from engine.metrics import Scalars
 from errors import UsageError
 from eval.charts import Score, loss_chart, score_chart, score_of, svg, throughput_chart
@@ -103,7 +103,7 @@ def row_table(runs: list[Run], rows: list[list[dict | None]], pictures: list[str
     largest = max((float(record[SCORE]) for row in rows for record in row if record), default=1.0) or 1.0
     lines = [f"<thead><tr><th>picture</th><th>exhibit and question</th><th>reference answer</th>{header}</tr></thead>",
              "<tbody>"]
-    for row, picture in zip(rows, pictures):
+    for row, picture in zip(rows, pictures, strict=True):
         first = next(record for record in row if record is not None)
         image = f'<img src="{escape(picture)}" alt="{escape(first["image_name"])}">' if picture else "no picture"
         cells = [f"<td>{image}</td>",

@@ -11,6 +11,7 @@ is what we write, so an original file read and written back comes out byte for b
 import csv
 from pathlib import Path
 
+from engine.outputs.publish import write_file
 from errors import UsageError
 
 SCORE = "semantic_similarity_score"
@@ -41,10 +42,12 @@ def write_results(path: Path, rows: list[dict], scores: list[float]) -> None:
     if not rows or len(rows) != len(scores):
         raise ValueError(f"need one score per row and at least one row, got {len(scores)} for {len(rows)}")
     columns = [column for column in rows[0] if column != SCORE] + [SCORE]
-    partial = Path(path).with_name(Path(path).name + ".partial")
-    with partial.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({**row, SCORE: score} for row, score in zip(rows, scores))
-        writer.writerow({"item_name": AVERAGE, SCORE: average_score(scores)})
-    partial.replace(path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({**row, SCORE: score} for row, score in zip(rows, scores, strict=True))
+            writer.writerow({"item_name": AVERAGE, SCORE: average_score(scores)})
+
+    write_file(Path(path), write)

@@ -46,10 +46,10 @@ def similarity_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, gene
     if not batched:
         return [_distance(_mean_embedding(model, tokenizer, answer, device, progress),
                           _mean_embedding(model, tokenizer, reference, device, progress))
-                for answer, reference in zip(generated, truth)]
+                for answer, reference in zip(generated, truth, strict=True)]
     embeddings = _masked_mean_embeddings(model, tokenizer, [*generated, *truth], batch_size, device, progress)
     return [_distance(answer[None], reference[None])
-            for answer, reference in zip(embeddings[: len(generated)], embeddings[len(generated) :])]
+            for answer, reference in zip(embeddings[: len(generated)], embeddings[len(generated) :], strict=True)]
 
 
 def load_judge(spec: str, base_spec: str, device: torch.device,

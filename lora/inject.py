@@ -22,7 +22,7 @@ def inject(model: nn.Module, paths: list[str], r: int = 8, alpha: float = 64, dr
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{path} already has a LoRA adapter")
-        _replace(model, path, LoRALinear(base, r, alpha, dropout, rslora, init))
+        model.set_submodule(path, LoRALinear(base, r, alpha, dropout, rslora, init))
     return list(paths)
 
 
@@ -51,7 +51,7 @@ def merge_and_unload(model: nn.Module) -> list[str]:
     modules = lora_modules(model)
     for path, module in modules.items():
         module.merge()
-        _replace(model, path, module.base)
+        model.set_submodule(path, module.base)
     return list(modules)
 
 
@@ -60,8 +60,3 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{path}.{name}": tensor.detach()
             for path, module in lora_modules(model).items()
             for name, tensor in (("lora_A.weight", module.lora_A.weight), ("lora_B.weight", module.lora_B.weight))}
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)

@@ -6,7 +6,6 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 """
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -37,6 +36,8 @@ def save(model: nn.Module, directory: str | Path, *, base_model_name_or_path: st
 
     `target_modules` goes into the config as PEFT would read it (a full-match regex, or path
     suffixes); by default the exact wrapped paths. It must select exactly the wrapped modules.
+    It writes in place, as PEFT's save_pretrained does; a run writes it into a temporary folder that
+    appears whole (engine/outputs/publish.py).
     """
     modules = lora_modules(model)
     settings = {(m.r, m.alpha, getattr(m.dropout, "p", 0.0), m.rslora, m.init) for m in modules.values()}
@@ -57,8 +58,8 @@ def save(model: nn.Module, directory: str | Path, *, base_model_name_or_path: st
     tensors = {PREFIX + name: tensor.cpu().contiguous() for name, tensor in adapter.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -133,9 +134,3 @@ def _check_tensors(model: nn.Module, paths: list[str], r: int, tensors: dict[str
         raise UsageError(f"adapter {directory} does not fit this model: {wrong[0]} has shape "
                          f"{tuple(tensors[wrong[0]].shape)}, the model needs {expected[wrong[0]]}.")
 
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary name, then rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)

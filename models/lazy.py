@@ -87,7 +87,7 @@ def load_on_meta(folder: Path, dtype: torch.dtype, attn_implementation: str = "s
 def build_on_meta(spec: str, dtype: torch.dtype, attn_implementation: str = "sdpa") \
         -> tuple[PreTrainedModel, ProcessorMixin]:
     """The model `spec` names (as `models.load` takes it) with parameters on meta, and its processor:
-    no weights are read or drawn (engine/plan.py fills them with fake tensors)."""
+    no weights are read or drawn (engine/plan/ranks.py fills them with fake tensors)."""
     config, processor = config_and_processor(spec)
     config._attn_implementation = attn_implementation
     with parameters_on_meta():
@@ -121,7 +121,7 @@ def materialize(model: nn.Module, part: nn.Module, read: SliceReader, device: to
             elif param is not None and param.device != device:  # made real before loading: LoRA's A and B
                 module._parameters[attr] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
         # Buffers one by one, not by part.to(), which would swap the parameters just set and cannot swap
-        # fake ones (engine/plan.py): the rotary tables move; an empty NF4 layer's codes are read.
+        # fake ones (engine/plan/ranks.py): the rotary tables move; an empty NF4 layer's codes are read.
         for attr, buffer in module._buffers.items():
             if buffer is not None and buffer.is_meta:
                 weight = read(names[id(buffer)], 0, buffer.numel()).view(buffer.shape)

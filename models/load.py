@@ -2,12 +2,17 @@
 or a config file (random weights of that architecture: benchmarks and memory checks without a download)."""
 
 import json
-
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel,
-                          ProcessorMixin)
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from errors import UsageError
 from models.tiny import build_tiny, shipped_processor, tiny_idefics2_config, tiny_processor

@@ -47,7 +47,7 @@ def matching_modules(model: nn.Module, patterns: list[str],
         except re.error as error:
             raise UsageError(f"target pattern {pattern!r} is not a valid regular expression: {error}") from error
     paths = [name for name, module in model.named_modules() if isinstance(module, kind)]
-    for pattern, regex in zip(patterns, compiled):
+    for pattern, regex in zip(patterns, compiled, strict=True):
         if not any(regex.search(path) for path in paths):
             raise UsageError(
                 f"target {pattern!r} matches no linear layer in the model; "

@@ -33,13 +33,13 @@ class _Bucket:
         self.flat = torch.zeros(sum(sizes) + len(params), dtype=torch.promote_types(params[0].dtype, torch.float32),
                                 device=params[0].device)
         *chunks, self.used = self.flat.split([*sizes, len(params)])
-        self.views = [chunk.view_as(p) for chunk, p in zip(chunks, params)]
+        self.views = [chunk.view_as(p) for chunk, p in zip(chunks, params, strict=True)]
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
 
     def launch(self, group: dist.ProcessGroup | None) -> None:
         # A parameter without a gradient (unused in every local backward) contributes zeros.
-        for index, (param, view) in enumerate(zip(self.params, self.views)):
+        for index, (param, view) in enumerate(zip(self.params, self.views, strict=True)):
             if param.grad is None:
                 view.zero_()
             else:
@@ -49,7 +49,7 @@ class _Bucket:
 
     def finish(self) -> None:
         self.work.wait()
-        for param, view, used in zip(self.params, self.views, self.used.tolist()):
+        for param, view, used in zip(self.params, self.views, self.used.tolist(), strict=True):
             if not used:
                 continue
             if param.grad is None:

@@ -135,7 +135,7 @@ class _Flat:
     def views(self, full: torch.Tensor) -> Iterator[tuple[dict[str, torch.Tensor], str, torch.Tensor]]:
         """(the owner's table, attribute, the full tensor) of every tensor of the flat."""
         for (module, table, attr), shape, chunk in zip(self.owners, self.shapes,
-                                                       full[:sum(self.sizes)].split(self.sizes)):
+                                                       full[:sum(self.sizes)].split(self.sizes), strict=True):
             yield getattr(module, table), attr, chunk.view(shape)
 
 
@@ -176,7 +176,7 @@ class _Unit:
         # Plain tensors (not Parameters) stand in for the deleted names only while forward runs, in
         # each owner's parameter (or buffer) table: the one contract relied on is nn.Module's, that
         # attribute lookup reads those tables, so any module that reads its weights as attributes works.
-        views = [v for flat, full in zip(self.flats, self.schedule.start(self)) for v in flat.views(full)]
+        views = [v for flat, full in zip(self.flats, self.schedule.start(self), strict=True) for v in flat.views(full)]
         for table, attr, view in views:
             table[attr] = view
         try:
@@ -239,7 +239,7 @@ class _Schedule:
             self._finish_with_this_backward()
         gathers = self._take(unit) or self._issue(unit)
         fulls = [_Gather.apply(flat.shard, gather, functools.partial(self._reducing, unit, flat.shard)
-                               if self.prefetch else None) for flat, gather in zip(unit.flats, gathers)]
+                               if self.prefetch else None) for flat, gather in zip(unit.flats, gathers, strict=True)]
         self._log("compute start", unit)
         following = _following(self.orders[backward], unit)
         if self.prefetch and following is not None:
@@ -372,7 +372,7 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
                 continue
             full = _AllGather(flat.shard, flat.shard.dtype, unit.group).wait()
             # Clones, so the unit's full buffer dies with this loop.
-            tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full)))
+            tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full), strict=True))
         yield tensors
 
 

@@ -52,7 +52,7 @@ class Handle:
 def exchange(ops: list[dist.P2POp]) -> Handle:
     """Posts `ops` (one process group's) as one group, whose ops complete together."""
     works = dist.batch_isend_irecv(ops)
-    # (A plan's ranks play alone in a "fake" group, engine/plan.py: no peer ever posts there.)
+    # (A plan's ranks play alone in a "fake" group, engine/plan/ranks.py: no peer ever posts there.)
     if os.environ.get(RULES, "0") in ("", "0") or dist.get_backend(ops[0].group) == "fake":
         return Handle(works)
     return _stream(ops[0].group).post(ops, works)

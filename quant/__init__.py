@@ -7,7 +7,7 @@ import logging
 # warning would only alarm users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from quant.linear4bit import Linear4bit  # noqa: E402
-from quant.quantize import QuantizingReader, dequantize, quantize, quantized_bytes  # noqa: E402
+from quant.linear4bit import Linear4bit  # noqa: E402 (imported after the logger is quieted)
+from quant.quantize import QuantizingReader, dequantize, quantize, quantized_bytes  # noqa: E402 (likewise)
 
 __all__ = ["Linear4bit", "QuantizingReader", "dequantize", "quantize", "quantized_bytes"]

@@ -48,7 +48,7 @@ def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The buffers of `QUANT_STATE` for the float `weight`, quantized on its own device."""
     packed, state = bnbf.quantize_4bit(weight, blocksize=BLOCK_SIZE, compress_statistics=True,
                                        quant_type="nf4", quant_storage=torch.uint8)
-    return dict(zip(QUANT_STATE, (packed, state.absmax, state.state2.absmax, state.offset)))
+    return dict(zip(QUANT_STATE, (packed, state.absmax, state.state2.absmax, state.offset), strict=True))
 
 
 class _NF4Matmul(torch.autograd.Function):

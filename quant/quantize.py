@@ -20,7 +20,7 @@ def _skip_predicate(model: nn.Module, skip: Callable[[str], bool] | list[str] | 
         return skip
     regexes = [re.compile(pattern) for pattern in skip]
     paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for pattern, regex in zip(skip, regexes):
+    for pattern, regex in zip(skip, regexes, strict=True):
         if not any(regex.search(path) for path in paths):
             raise ValueError(f"skip pattern {pattern!r} matches no nn.Linear in the model")
     return lambda path: any(regex.search(path) for regex in regexes)
@@ -45,7 +45,7 @@ def quantize(model: nn.Module, skip: Callable[[str], bool] | list[str] | None = 
         # (A plan's fake tensors cannot be moved; a meta linear becomes an empty layer, for QuantizingReader.)
         if device is not None and linear.weight.device != device and not linear.weight.is_meta:
             linear.to(device)
-        _replace(model, path, Linear4bit.from_linear(linear, compute_dtype))
+        model.set_submodule(path, Linear4bit.from_linear(linear, compute_dtype))
     return len(paths)
 
 
@@ -103,10 +103,5 @@ def dequantize(model: nn.Module, dtype: torch.dtype) -> int:
             linear.weight.copy_(quantized.dequantize())
             if quantized.bias is not None:
                 linear.bias.copy_(quantized.bias)
-        _replace(model, path, linear)
+        model.set_submodule(path, linear)
     return len(paths)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.tiny import build_tiny, tiny_processor  # noqa: E402
+from models.tiny import build_tiny, tiny_processor
 
 # Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own.
 os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))

@@ -152,7 +152,7 @@ def run_engine(out, approach: str, batch_size: int, gpus: int | None, **override
     # starts imports this module.
     from engine.config import from_approach
     from engine.launch import launch
-    from engine.finetune import finetune
+    from finetune import finetune
 
     settings = dict(model="tiny", limit_exhibits=2, batch_size=batch_size, max_steps=3, eval_every=1.0, lr=5e-3,
                     lora_dropout=0.0, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",

@@ -14,13 +14,13 @@ from transformers import AutoModelForImageTextToText
 import lora
 import models
 from engine.build import add_lora
-from engine.collate import Collator
 from engine.config import from_approach
-from engine.data_sources import load_splits
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
 from engine.runtime import Runtime
+from engine.step import train_step
 from engine.strategies import Single
-from engine.finetune import finetune
-from engine.trainer import train_step
+from finetune import finetune
 from models.targets import QUANT_SKIP
 from quant import quantize
 from run import main

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from engine.batches import BatchPlan
+from engine.data.batches import BatchPlan
 
 
 @pytest.mark.parametrize("batch_size,grad_accum,world_size", [(8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)])

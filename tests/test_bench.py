@@ -19,17 +19,17 @@ import torch.nn as nn
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from measure import Contender, SavedTensors, held_bytes, measure  # noqa: E402
-from ours import world_of  # noqa: E402
-from real_size import largest_batch  # noqa: E402
+from measure import Contender, SavedTensors, held_bytes, measure
+from ours import world_of
+from real_size import largest_batch
 
 # bench/run.py under a name of its own: `run` is the engine's command line.
 _spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
 bench_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_run)
 
-import models  # noqa: E402
-from models.tiny import build_tiny, tiny_idefics2_config  # noqa: E402
+import models
+from models.tiny import build_tiny, tiny_idefics2_config
 
 
 @pytest.mark.parametrize("capacity, limit, expected", [(37, 64, 37), (0, 64, 0), (1, 64, 1), (64, 64, 64),

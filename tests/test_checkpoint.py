@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from engine import checkpoint
+from engine.outputs import checkpoint
 from errors import UsageError
 
 META = {"approach": "full", "model": "tiny"}
@@ -17,7 +17,7 @@ def _save(folder, step, val_loss, keep_last=2, value=None):
 
 
 def test_rotation_keeps_the_newest_and_the_best(tmp_path):
-    for step, val_loss in zip(range(1, 6), [5.0, 3.0, 4.0, 6.0, None]):
+    for step, val_loss in zip(range(1, 6), [5.0, 3.0, 4.0, 6.0, None], strict=True):
         _save(tmp_path, step, val_loss)
     assert [p.name for p in checkpoint.complete(tmp_path)] == ["step-000002", "step-000004", "step-000005"]
     assert checkpoint.best(tmp_path).name == "step-000002"
@@ -119,7 +119,7 @@ def test_each_rank_saves_and_restores_its_own_gpus_generator_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.zeros(4))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_on.append(device))
     for every in ("get_rng_state_all", "set_rng_state_all"):
-        monkeypatch.setattr(torch.cuda, every, lambda *args: pytest.fail(f"{every} touches every GPU"))
+        monkeypatch.setattr(torch.cuda, every, lambda *args, every=every: pytest.fail(f"{every} touches every GPU"))
     gpu = torch.device("cuda", 3)
     state = checkpoint.rng_state(gpu)
     model = torch.nn.Linear(2, 2)
@@ -136,8 +136,8 @@ def test_a_resumed_ranks_optimizer_state_lands_on_its_own_device(tmp_path, monke
     """Rank 0's train state, read into host memory, goes to each resuming rank's own parameters' device (the meta
     device stands for that rank's GPU here), every dtype kept (8-bit codes stay uint8; torch's own load would cast
     them to the parameter's float dtype). (The offloaded optimizer's state lives on the host by design.)"""
-    from engine.adamw import AdamW
-    from engine.optim import adamw
+    from engine.optim.adamw import AdamW
+    from engine.optim.optimizer import adamw
 
     def trained(device: str) -> torch.optim.Optimizer:
         weight = torch.nn.Parameter(torch.ones(4096, device=device, dtype=torch.bfloat16 if kind == "bf16 moments"

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.collate import Collator
-from engine.data_sources import MUSEQUEST_DIR, load_splits
+from engine.data.collate import Collator
+from engine.data.sources import MUSEQUEST_DIR, load_splits
+from engine.data.standin_images import standin_image
 from errors import UsageError
-from engine.standin_images import standin_image
 
 BOS, FAKE, IMG, EOU, PAD, NEWLINE = 1, 32000, 32001, 32002, 32003, 13
 X = -100  # ignored label

@@ -15,12 +15,12 @@ import datasets
 import pytest
 from PIL import Image
 
-import engine.data_checks as data_checks
+import engine.data.checks as data_checks
 from engine.build import configure_processor
-from engine.collate import Collator
 from engine.config import from_approach
-from engine.data_checks import answer_starts, check_data, check_images, check_lengths, row_lengths
-from engine.data_sources import load_splits
+from engine.data.checks import answer_starts, check_data, check_images, check_lengths, row_lengths
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
 from errors import UsageError
 from harness import assert_one_sentence, run_cli, snapshot
 from models.tiny import tiny_idefics3

@@ -52,7 +52,7 @@ def _train(rank: int, world: int, parallel: str = "none", steps: int = 1, micro:
         count = (y != IGNORE).sum()
         per_rank = ROWS // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        for index, (xb, yb) in enumerate(zip(x[rows].chunk(micro), y[rows].chunk(micro))):
+        for index, (xb, yb) in enumerate(zip(x[rows].chunk(micro), y[rows].chunk(micro), strict=True)):
             last = index == micro - 1
             with contextlib.nullcontext() if last else trained.no_sync():
                 loss = F.cross_entropy(trained(xb), yb, ignore_index=IGNORE, reduction="sum") / count

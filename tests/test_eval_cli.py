@@ -15,9 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import eval.evaluate as evaluation
 from engine.config import from_approach
-from engine.data_sources import load_splits
+from engine.data.sources import load_splits
+from engine.data.standin_images import standin_image
 from engine.runtime import Runtime
-from engine.standin_images import standin_image
 from eval.results_csv import SCORE, read_results
 from harness import SEED_RESULTS, run_cli, run_engine
 from run import main
@@ -77,7 +77,7 @@ def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs,
     rows = read_results(out / "eval" / "results.csv")
     lines = shown.out.splitlines()
     assert len(lines) == len(rows) + 2 and lines[0].split()[0] == "id"
-    for line, row in zip(lines[1:-1], rows):
+    for line, row in zip(lines[1:-1], rows, strict=True):
         data_id, before, arrow, after = line.split()[:4]
         assert (data_id, arrow, after) == (row["data_id"], "→", f"{float(row[SCORE]):.3f}") and float(before) >= 0
     assert lines[-1] == (f"score: {results['baseline_score']:.3f} before → {results['score']:.3f} after "

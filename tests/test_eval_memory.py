@@ -23,11 +23,12 @@ import eval.score
 import models
 from engine.build import apply_approach, load_whole
 from engine.config import from_approach
-from engine.data_sources import load_splits
+from engine.data.prompts import prompt_batch
+from engine.data.sources import load_splits
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from eval.evaluate import evaluate_run, load_evaluated
-from eval.generate import generate_answers, prompt_batch
+from eval.generate import generate_answers
 from eval.results_csv import SCORE, read_results
 from eval.score import load_judge, similarity_scores
 from harness import run_engine, spawn
@@ -56,8 +57,8 @@ def training_tensors_alive_at_evaluation(rank: int, world: int, folder, parallel
     """One step of LoRA with activation checkpointing, then (at once) how many of the training model's
     tensors -- the model, its parameters and buffers, the optimizer's state -- are still alive when
     evaluation starts. Run on each rank of `world` (a process group already joined when `world` > 1)."""
-    import engine.finetune
     import engine.trainer
+    import finetune
 
     if world > 1:
         os.environ["WORLD_SIZE"] = str(world)  # as torchrun sets it: the run joins the group that is up
@@ -80,9 +81,9 @@ def training_tensors_alive_at_evaluation(rank: int, world: int, folder, parallel
                            limit_exhibits=1, batch_size=1, max_steps=1, eval_every=1.0, output_dir=str(folder),
                            device="cpu", final="last", activation_checkpointing=True)
     with mock.patch.object(engine.trainer, "loop", watched_loop), \
-            mock.patch.object(engine.finetune, "evaluate_run", evaluation_starts), collector_off():
+            mock.patch.object(finetune, "evaluate_run", evaluation_starts), collector_off():
         with contextlib.suppress(_EvaluationStarted):
-            engine.finetune.finetune(config)
+            finetune.finetune(config)
     return {"alive": alive, "watched": len(watched)}
 
 

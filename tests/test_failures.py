@@ -23,9 +23,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import run
-from engine import checkpoint
 from engine.config import from_approach
-from engine.launch import launch, setup_runtime
+from engine.launch import launch
+from engine.outputs import checkpoint
+from engine.runtime import setup_runtime
 from errors import DiskError, UsageError, explain
 from harness import ROOT, assert_one_sentence, run_cli, snapshot
 

@@ -6,6 +6,8 @@ Units are numbered as in `model.fsdp_units`: the toy's four blocks 0-3, then the
 records the order units run in, so prefetching starts with the second.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,7 +123,7 @@ def test_tiny_idefics2_steps_with_prefetch_equal_those_without(ranks):
                     for prefetch in (True, False)}
         assert sorted(gathered[True]) == sorted(gathered[False]) and min(gathered[True]) >= steps["vision layers"]
         events = steps[True, "backward"]
-        ahead = [unit for (before, _), (event, unit) in zip(events, events[1:])
+        ahead = [unit for (before, _), (event, unit) in itertools.pairwise(events)
                  if before == "compute start" and event == "gather issued"]
         assert ahead == gathered[True][1:]
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import checkpoint
-from engine.data_sources import load_splits
+from engine.data.sources import load_splits
+from engine.outputs import checkpoint
 from errors import UsageError
 from harness import FULL, assert_same_curves, run_engine, saved_logits, saved_weights
 from models.tiny import build_tiny

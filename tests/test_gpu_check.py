@@ -9,7 +9,7 @@ import pytest
 from harness import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
+import gpu_check
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.finetune import charts_to_tensorboard
 from eval.results_csv import read_results, write_results
+from finetune import charts_to_tensorboard
 from harness import run_engine
 from run import main
 
@@ -69,7 +69,7 @@ def test_the_rendered_page_shows_the_charts_every_row_and_its_picture_worst_firs
     rows = re.findall(r'<tr class="row">.*?</tr>', dom, re.S)
     shown = [re.search(r"\(data_id (\S+)\)", text(row))[1] for row in rows]
     assert sorted(shown) == sorted(records["lr-low"]) == sorted(records["lr-high"])  # every row, once
-    for row, data_id in zip(rows, shown):
+    for row, data_id in zip(rows, shown, strict=True):
         for name in RUNS:
             record = records[name][data_id]
             for field in ("user_question", "ground_truth_answer", "model_generated_answer"):

@@ -13,8 +13,9 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from engine.config import from_approach
+from engine.launch import launch
+from engine.runtime import setup_runtime
 from errors import UsageError
-from engine.launch import launch, setup_runtime
 from harness import ROOT
 
 TINY_RUN = ["--approach", "lora_ddp", "--limit-exhibits", "2", "--batch-size", "1", "--max-steps", "2",

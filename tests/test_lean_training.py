@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import engine.loss
-from engine.adamw import AdamW, stochastic_round
 from engine.loss import IGNORE, answer_loss, logits_loss
-from engine.offload import HostAdamW
+from engine.optim.adamw import AdamW, stochastic_round
+from engine.optim.offload import HostAdamW
 from lora.lora_linear import LoRALinear
 
 
@@ -61,7 +61,7 @@ def test_bf16_adamw_with_stochastic_rounding_tracks_fp32_where_plain_bf16_stalls
     _, plain = _regression(torch.bfloat16, lambda p, lr: torch.optim.AdamW(p, lr=lr), lr)  # rounds to nearest
 
     def gap(losses):
-        return max(abs(a - b) for a, b in zip(losses, fp32))
+        return max(abs(a - b) for a, b in zip(losses, fp32, strict=True))
 
     assert gap(plain) > 0.5 * (fp32[0] - fp32[-1])  # plain bf16 loses most of the progress
     assert gap(rounded) < 0.1 * gap(plain)
@@ -198,7 +198,7 @@ def test_chunked_answer_loss_under_bf16_autocast_matches_autocast_full_logits(mo
             loss = loss_fn(hidden, head, labels)
         loss.backward()
         results.append((loss, hidden.grad, head.weight.grad))
-    for ours, theirs in zip(*results):
+    for ours, theirs in zip(*results, strict=True):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
 

@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import lora
-from errors import UsageError
 from engine.metrics import parameter_counts
+from errors import UsageError
 from models.targets import matching_modules
 from models.tiny import build_tiny
 

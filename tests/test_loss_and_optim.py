@@ -7,7 +7,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from engine.loss import IGNORE, answer_token_count, summed_token_loss
-from engine.optim import adamw, cosine_with_warmup, scaled_lr, warmup_steps
+from engine.optim.optimizer import adamw, cosine_with_warmup, scaled_lr, warmup_steps
 
 
 def test_summed_loss_matches_a_hand_computation():

@@ -23,7 +23,7 @@ def test_tiny_is_deterministic_per_seed_and_small():
     first, again, other = models.build_tiny(5), models.build_tiny(5), models.build_tiny(6)
     params = sum(p.numel() for p in first.parameters())
     assert 1e6 < params < 1e7
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True))
     assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
     for part in ("vision_model", "connector", "text_model"):
         assert hasattr(first.model, part)

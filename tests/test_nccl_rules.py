@@ -104,7 +104,9 @@ def _unpaired_schedule(rank: int, world: int, schedule: str, micro_batches: int)
     from parallel.pipeline import _order
 
     os.environ[p2p.DEADLINE] = str(DEADLINE_S)
-    tensor = lambda: torch.zeros(2)  # noqa: E731 - an activation or its gradient
+    def tensor() -> torch.Tensor:  # an activation or its gradient
+        return torch.zeros(2)
+
     previous, following = (rank - 1 if rank > 0 else None), (rank + 1 if rank < world - 1 else None)
     sends, start = [], time.perf_counter()
     try:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from engine.output_folder import check_new, claim, prepare, prepare_for_run
+from engine.outputs.folder import check_new, claim, prepare, prepare_for_run
 from engine.runtime import Runtime
 from errors import UsageError
 from harness import ROOT, SEED_RESULTS, assert_one_sentence, run_cli, snapshot, spawn
@@ -110,7 +110,7 @@ def test_every_rank_gets_the_main_ranks_refusal(tmp_path):
 
 
 def test_merge_output_must_be_new_or_empty_and_publishing_there_deletes_nothing(tmp_path):
-    from engine.export import _publish  # here: the ranks spawned above import this module, and this is slow
+    from engine.outputs.export import _publish  # here: the ranks spawned above import this module, and this is slow
 
     check_new(tmp_path / "new", "--output")
     check_new(tmp_path, "--output")  # empty

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import IGNORE, Toy, assert_close, spawn, toy_data
 from engine.loss import answer_loss, summed_token_loss
+from harness import IGNORE, Toy, assert_close, spawn, toy_data
 from models.stages import create_causal_mask, split_points, stage
 from models.tiny import PAD_TOKEN_ID
 from parallel import p2p
@@ -76,7 +76,7 @@ def _shape(batch: dict) -> tuple[torch.Size, torch.dtype]:
 def _micro_batches(step: int, micro: int) -> tuple[list[dict], int]:
     """The global batch of `step` cut into `micro` micro-batches, and its label count."""
     x, y = toy_data(step)
-    return [{"x": xb, "y": yb} for xb, yb in zip(x.chunk(micro), y.chunk(micro))], int((y != IGNORE).sum())
+    return [{"x": xb, "y": yb} for xb, yb in zip(x.chunk(micro), y.chunk(micro), strict=True)], int((y != IGNORE).sum())
 
 
 def _train(rank: int, stages: int, micro: int, schedule: str, group: dist.ProcessGroup | None = None) -> dict:
@@ -215,7 +215,7 @@ def test_idle_fraction_is_the_wait_for_a_slow_stage_and_never_a_stages_own_work(
     slowest = results[-1]["slept"]
     for rank, result in enumerate(results):
         assert len(result["idle"]) == STEPS, rank  # measured every step
-        for step, (idle, wall, slept) in enumerate(zip(result["idle"], result["wall"], result["slept"])):
+        for step, (idle, wall, slept) in enumerate(zip(result["idle"], result["wall"], result["slept"], strict=True)):
             # The blocked time and the rank's own sleep are disjoint parts of the step, whose wall time is
             # at most the stopwatch's: so idle <= 1 - slept / stopwatch, exactly.
             assert idle <= 1 - slept / wall + 1e-9, (rank, step, idle, slept, wall)

@@ -4,6 +4,7 @@ Tolerances as in test_fsdp_runs (which explains them): the pipeline computes the
 another order, micro-batch by micro-batch.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ def test_full_mp_equals_one_process_full_and_each_rank_holds_its_stage(world, sc
     _assert_same_weights(tmp_path / "final", reference_final)
     # Contiguous stages over all decoder layers; each rank's parameters are exactly its stage's.
     layers = [rank["decoder_layers"] for rank in piped["ranks"]]
-    assert layers[0][0] == 0 and all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
+    assert layers[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(layers))
     assert layers[-1][1] == len(build_tiny(0).model.text_model.layers)
     assert sum(rank["param_bytes"] for rank in piped["ranks"]) == reference["ranks"][0]["param_bytes"]
     assert all(rank["param_bytes"] < reference["ranks"][0]["param_bytes"] for rank in piped["ranks"])

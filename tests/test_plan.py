@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import engine.plan
+import engine.plan.ranks
 import models
 from engine.config import from_approach
-from engine.cuda_rules import cuda_autocast
-from engine.fit import GIB, WidestBatch, plan_run, refuse_if_unfit_before_loading
-from engine.memory_trace import CUDA_BLOCK, MemoryTrace
-from engine.optim import optimizer_for
-from engine.plan import at_fullest, plan_ranks, traced_step
-from engine.plan_eval import evaluation_plan
+from engine.optim.optimizer import optimizer_for
+from engine.plan.cuda_rules import cuda_autocast
+from engine.plan.evaluation import evaluation_plan
+from engine.plan.fit import GIB, WidestBatch, plan_run, refuse_if_unfit_before_loading
+from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace
+from engine.plan.ranks import at_fullest, plan_ranks, traced_step
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from engine.strategies import strategy_for
@@ -146,7 +146,7 @@ def test_run_over_its_memory_budget_is_refused_before_loading(tmp_path):
 def test_run_whose_checkpoints_cannot_fit_on_disk_is_refused(tmp_path, monkeypatch):
     import shutil
 
-    from engine import fit
+    from engine.plan import fit
     from errors import UsageError
 
     monkeypatch.setattr(fit.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
@@ -209,7 +209,9 @@ def measured_evaluation(config, precision) -> dict[str, int]:
     with MemoryTrace() as trace:
         judge, tokenizer = load_judge("base", "tiny", cpu, precision.frozen_dtype)
         trace.at_peak_of(lambda: 0)
-        text = lambda tokens: " ".join(["a"] * (tokens - 1))  # noqa: E731 ("a" is one token; BOS the other)
+        def text(tokens: int) -> str:  # "a" is one token; BOS the other
+            return " ".join(["a"] * (tokens - 1))
+
         answers = [text(evaluation.text_tokens)] * 4
         similarity_scores(judge, tokenizer, answers, answers[:3] + [text(evaluation.text_tokens - 1)], batched=True,
                           device=cpu)
@@ -277,5 +279,5 @@ def test_cuda_autocast_keeps_cudas_fp32_ops_in_fp32(monkeypatch):
     config = from_approach("lora", model="tiny", limit_exhibits=4, batch_size=4, activation_checkpointing=True)
     batch = WidestBatch(config, None)(4)
     corrected = plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0]
-    monkeypatch.setattr(engine.plan, "cuda_autocast", lambda gpu: contextlib.nullcontext(), raising=False)
+    monkeypatch.setattr(engine.plan.ranks, "cuda_autocast", lambda gpu: contextlib.nullcontext(), raising=False)
     assert plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0].activation_bytes < corrected.activation_bytes

@@ -31,8 +31,8 @@ SETTINGS = {"lora": {}, "qlora": {}, "full": FULL}  # the one-process approaches
 
 
 def test_bf16_mixed_keeps_masters_in_fp32_and_computes_in_bf16(processor):
-    from engine.collate import Collator
-    from engine.data_sources import load_splits
+    from engine.data.collate import Collator
+    from engine.data.sources import load_splits
 
     config = from_approach("full", model="tiny", device="cpu", precision=BF16)
     strategy = Single(config, Runtime(CPU, precision=precision_for(BF16, CPU)))

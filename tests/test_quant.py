@@ -1,6 +1,7 @@
 """NF4 Linear4bit against bitsandbytes' own quantizer and layer, and against the NF4 format itself."""
 
 import copy
+import itertools
 import math
 
 import bitsandbytes as bnb
@@ -69,7 +70,7 @@ def _expected_nf4_error(block_size: int = 64) -> float:
     expected_max = sum(step * (1 - (2 * _phi(i * step) - 1) ** block_size) for i in range(10_000))
     s = 1 / expected_max
     code = NF4.tolist()
-    error = sum((_phi(hi / s) - _phi(lo / s)) * (hi - lo) / 4 for lo, hi in zip(code, code[1:]))
+    error = sum((_phi(hi / s) - _phi(lo / s)) * (hi - lo) / 4 for lo, hi in itertools.pairwise(code))
     return error * (block_size - 1) / block_size
 
 
@@ -162,7 +163,7 @@ def test_state_dict_round_trips_through_safetensors(tiny_model, tmp_path):
     other = build_tiny(seed=1)
     quantize(other, skip=["lm_head"])
     other.load_state_dict(load_file(tmp_path / "quantized.safetensors"))
-    layers = [(a, b) for a, b in zip(tiny_model.modules(), other.modules()) if isinstance(a, Linear4bit)]
+    layers = [(a, b) for a, b in zip(tiny_model.modules(), other.modules(), strict=True) if isinstance(a, Linear4bit)]
     assert layers and all(torch.equal(a.dequantize(), b.dequantize()) for a, b in layers)
     assert torch.equal(_logits(tiny_model), _logits(other))
 
@@ -194,7 +195,7 @@ def test_adapter_on_the_quantized_base_trains_while_the_base_gets_no_gradient():
     down.grad = up.grad = None
     # The same network with plain fp32 linears holding the dequantized weights.
     plain = [nn.Linear(q.in_features, q.out_features) for q in (first, second)]
-    for p, q in zip(plain, (first, second)):
+    for p, q in zip(plain, (first, second), strict=True):
         p.weight.data, p.bias.data = q.dequantize(), q.bias.data
     run(*plain).backward()
 

@@ -60,9 +60,9 @@ def _record_collectives() -> list[tuple]:
 
 
 def _one_step(rank: int, world: int, wrapper: str) -> dict:
+    from models.parts import blocks
     from parallel.ddp import DataParallel
     from parallel.fsdp import fully_shard, unit_state_dicts
-    from models.parts import blocks
 
     calls = _record_collectives()
     model = _model()

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import checkpoint
 from engine.config import from_approach, result_settings
+from engine.outputs import checkpoint
 from errors import UsageError
 from harness import ROOT, assert_one_sentence, run_cli, snapshot
 

@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
-from errors import UsageError
 from engine.tensorboard_server import check_port_free, serve
+from errors import UsageError
 from harness import free_port
 
 

@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import models
-from engine import checkpoint
-from engine.collate import Collator
 from engine.config import from_approach
-from engine.data_sources import load_splits
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
+from engine.outputs import checkpoint
 from engine.runtime import Runtime
+from engine.step import train_step
 from engine.strategies import Single
-from engine.trainer import train, train_step
+from engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Runtime(torch.device("cpu"))
@@ -82,7 +83,7 @@ def test_resume_continues_with_exactly_the_same_losses(straight_run, tmp_path):
 def test_base_and_final_reload_with_transformers(straight_run, processor):
     out, summary = straight_run
     base = AutoModelForImageTextToText.from_pretrained(out / "base")
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), models.build_tiny(0).state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), models.build_tiny(0).state_dict().values(), strict=True))
     final = AutoModelForImageTextToText.from_pretrained(out / "final")
     # --final best: the final weights are the base plus the best checkpoint's trainable tensors.
     best = checkpoint.best(out / "checkpoints")

@@ -7,10 +7,10 @@ from pathlib import Path
 from transformers import PreTrainedModel, ProcessorMixin
 
 import models
-from engine import checkpoint
-from engine.export import export_adapter, export_pretrained_by_unit
 from engine.loss import loss_forward
 from engine.metrics import parameter_counts, quantized_summary
+from engine.outputs import checkpoint
+from engine.outputs.export import export_adapter, export_pretrained_by_unit
 from engine.strategies.single import ReadsOwnPiece
 from parallel import fsdp
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from engine import checkpoint
-from engine.export import export_adapter, export_pretrained_by_stage
 from engine.loss import answer_loss
+from engine.outputs import checkpoint
+from engine.outputs.export import export_adapter, export_pretrained_by_stage
 from engine.runtime import Runtime
 from engine.strategies.single import ReadsOwnPiece
 from models.lazy import materialize

@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel, ProcessorMixin
 
-from engine import checkpoint
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import apply_approach, load_whole, load_without_weights, quantizing
-from engine.collate import Collator
 from engine.config import TrainConfig
-from engine.export import export_adapter, export_pretrained
+from engine.data.collate import Collator
 from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts, quantized_summary
+from engine.outputs import checkpoint
+from engine.outputs.export import export_adapter, export_pretrained
 from engine.runtime import Runtime
 from errors import UsageError
 from models.lazy import SliceReader, materialize
@@ -57,7 +57,7 @@ class Single:
         return load_whole(self.config, self.runtime, base_copy)
 
     def adopt(self, model: PreTrainedModel, read: SliceReader) -> None:
-        """Take a model built on meta whose weights `read` gives, instead of `materialize`'s (engine/plan.py
+        """Take a model built on meta whose weights `read` gives, instead of `materialize`'s (engine/plan/ranks.py
         reads fake tensors): this strategy reads them all now; sharding and staging ones in `prepare`."""
         materialize(model, model, read, self.runtime.device)
 

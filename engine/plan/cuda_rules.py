@@ -1,4 +1,4 @@
-"""What a GPU plan, traced on CPU fake tensors, must do as CUDA does (engine/plan.py).
+"""What a GPU plan, traced on CPU fake tensors, must do as CUDA does (engine/plan/ranks.py).
 
 Fake CUDA tensors cannot run backward without a GPU, so a GPU run's step is planned on CPU fakes.
 Two of CPU's kernels keep different tensors from CUDA's, and each context below makes the CPU

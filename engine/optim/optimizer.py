@@ -6,9 +6,9 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from engine.adamw import AdamW
 from engine.config import TrainConfig
-from engine.offload import HostAdamW
+from engine.optim.adamw import AdamW
+from engine.optim.offload import HostAdamW
 from engine.precision import Precision
 
 
@@ -47,9 +47,9 @@ def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[floa
     """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
 
     fp32 moments of fp32 weights: torch's AdamW. Moments in bf16 or 8 bits, or bf16 weights (which need
-    stochastic rounding): engine/adamw.py, seeded with `seed`. `offload`: torch's AdamW on fp32 masters
-    in host memory (engine/offload.py). `fused`: torch's fused kernel (default: on a GPU; a plan of a
-    GPU run asks for it on fake CPU tensors, engine/plan.py).
+    stochastic rounding): engine/optim/adamw.py, seeded with `seed`. `offload`: torch's AdamW on fp32 masters
+    in host memory (engine/optim/offload.py). `fused`: torch's fused kernel (default: on a GPU; a plan of a
+    GPU run asks for it on fake CPU tensors, engine/plan/ranks.py).
     """
     trainable = [p for p in parameters if p.requires_grad]
     groups = decay_groups(trainable, weight_decay)

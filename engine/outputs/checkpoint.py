@@ -26,10 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.config import as_given
+from engine.outputs.publish import TMP_PREFIX, publish_folder, temporary
 from errors import UsageError
 
 PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def save(
     With a `shard` of several ranks, every rank calls this with its own tensors and state.
     """
     final = folder / f"{PREFIX}{step:06d}"
-    tmp = folder / f"{TMP_PREFIX}{final.name}"
+    tmp = temporary(final)
     if shard.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving this step
@@ -75,9 +75,7 @@ def save(
     if shard.rank == 0:
         (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
         _fsync_folder(tmp)
-        if final.exists():  # re-saving the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish_folder(tmp, final)  # re-saving the same step after a resume replaces it whole
         _rotate(folder, keep_last)
     shard.barrier()
     return final

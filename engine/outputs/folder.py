@@ -9,12 +9,12 @@ and only that). A folder is a run folder when it holds the `config.json` a run w
 import shutil
 from pathlib import Path
 
+from engine.outputs.publish import TMP_PREFIX, temporary
 from engine.runtime import Runtime
 from errors import UsageError
 
 CONFIG = "config.json"  # written by every run before its first step: what makes a folder a run folder
 RUN_WRITES = ("checkpoints", "final", "base", "eval", "tensorboard", "summary.json", CONFIG)  # config.json last
-TMP_PREFIX = ".tmp-"  # a half-written OUT/final or OUT/base, left by a run killed while exporting
 
 
 def prepare(out: Path, resume: bool, overwrite: bool) -> None:
@@ -67,7 +67,7 @@ def check_new(folder: Path, flag: str) -> None:
     """Refuse to write a new model folder where something already is (or where its temporary sibling is)."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UsageError(f"{flag} {folder} already exists and is not empty; choose a new folder.")
-    tmp = folder.with_name(TMP_PREFIX + folder.name)
+    tmp = temporary(folder)
     if tmp.exists() or tmp.is_symlink():
         raise UsageError(f"{flag} {folder}: {tmp} is in the way (left by an interrupted write?); remove it or "
                          f"choose another folder.")

@@ -9,7 +9,6 @@ size) is given the rows' images.
 """
 
 import io
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from transformers import Idefics2Processor, ProcessorMixin
 
 from engine.build import configure_processor
 from engine.config import TrainConfig
-from engine.data_sources import image_entries
+from engine.data.sources import dialog_messages, image_entries
 from errors import UsageError
 from models.load import config_and_processor
 
@@ -120,7 +119,7 @@ def check_lengths(splits: datasets.DatasetDict, processor: ProcessorMixin, max_l
     cut = []  # (tokens before the last answer, split, row) of every row the cut shortens
     for name, split in splits.items():
         indices = [index for row_split, index, _ in over if row_split == name]
-        cut += [(start, name, index) for index, start in zip(indices, answer_starts(split, indices, processor))]
+        cut += [(start, name, index) for index, start in zip(indices, answer_starts(split, indices, processor), strict=True)]
     start, name, index = max(cut, key=lambda row: row[0])
     if start >= limit:  # the collator would refuse this row mid-run: no answer token is left after the cut
         within = (f"--max-length {max_length}; use --max-length {start + 1} or more" if limit == max_length else
@@ -161,7 +160,7 @@ def _token_counts(processor: ProcessorMixin, texts: list[str], split: datasets.D
     if isinstance(processor, Idefics2Processor):  # image tokens do not depend on the pixels
         return [len(ids) for ids in processor(text=texts)["input_ids"]]
     counts = []
-    for text, index, count in zip(texts, indices, image_counts):
+    for text, index, count in zip(texts, indices, image_counts, strict=True):
         image = split[index]["image"]
         images = ([] if image is None else [image])[:count]
         counts.append(len(processor(text=[text], images=[images] if images else None)["input_ids"][0]))
@@ -169,7 +168,7 @@ def _token_counts(processor: ProcessorMixin, texts: list[str], split: datasets.D
 
 
 def _dialogs(split: datasets.Dataset, indices) -> list[list[dict]]:
-    return [json.loads(dialog)["messages"] for dialog in _column(split, "dialog", indices)]
+    return [dialog_messages(dialog) for dialog in _column(split, "dialog", indices)]
 
 
 def _where(splits: datasets.DatasetDict, name: str, index: int) -> str:

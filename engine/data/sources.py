@@ -15,8 +15,8 @@ import datasets
 import pandas as pd
 import pyarrow.compute as pc
 
+from engine.data.standin_images import standin_image
 from errors import UsageError
-from engine.standin_images import standin_image
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
@@ -139,16 +139,21 @@ def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]]
         missing = [column for column in COLUMNS if column not in columns[name]]
         if missing:
             raise UsageError(f"the {name!r} split lacks the column(s) {missing}; every split needs {list(COLUMNS)}.")
-        for data_id, dialog, images in zip(splits[name]["data_id"], splits[name]["dialog"], images_per_row[name]):
+        for data_id, dialog, images in zip(splits[name]["data_id"], splits[name]["dialog"], images_per_row[name], strict=True):
             problem = dialog_problem(dialog, images)
             if problem:
                 raise UsageError(f"row data_id={data_id} of the {name!r} split: {problem}.")
 
 
+def dialog_messages(dialog: str) -> list[dict]:
+    """A row's dialog column (a JSON string) as its list of messages."""
+    return json.loads(dialog)["messages"]
+
+
 def dialog_problem(dialog: str, images: int) -> str | None:
     """What is wrong with a dialog JSON string for a row holding `images` images, or None."""
     try:
-        messages = json.loads(dialog)["messages"]
+        messages = dialog_messages(dialog)
         roles = [message["role"] for message in messages]
         images_in_dialog = image_entries(messages)
     except (json.JSONDecodeError, TypeError, KeyError) as error:

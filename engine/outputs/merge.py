@@ -20,11 +20,11 @@ from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 import lora
 import models
-from errors import UsageError
-from engine.export import TRAINING_CONFIG, export_pretrained
-from engine.output_folder import check_new
+from engine.outputs.export import TRAINING_CONFIG, export_pretrained
+from engine.outputs.folder import check_new
 from engine.precision import precision_for
 from engine.runtime import pick_device
+from errors import UsageError
 from models.targets import QUANT_SKIP, VISION_ENCODER
 from quant import dequantize, quantize
 

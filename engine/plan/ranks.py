@@ -2,7 +2,7 @@
 
 Every rank's training step runs as the engine runs it -- the strategy's own build, sharding or
 stage, the approach, the optimizer, `train_step` -- on fake tensors (shapes and dtypes, no data:
-engine/memory_trace.py), with the real batch that will be the widest of the data set. Ranks of a
+engine/plan/memory_trace.py), with the real batch that will be the widest of the data set. Ranks of a
 parallel run are played one at a time in one process, each in a fake process group of the run's
 size, so every collective has its real shapes. An 8B model costs no memory and takes seconds.
 
@@ -10,7 +10,7 @@ A GPU plan runs on CPU fakes (fake CUDA tensors cannot run backward without a GP
 what differs on CUDA: the caching allocator's 512-byte blocks, the fused AdamW kernel (the engine's
 choice on a GPU: no temporaries), dropout's 1-byte masks (CPU keeps a mask as wide as the input), and
 autocast's fp32 ops (CUDA runs layer_norm, softmax and others in fp32 where CPU keeps bf16):
-engine/cuda_rules.py.
+engine/plan/cuda_rules.py.
 
 Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer state; the bytes held
 between steps (everything still live after the optimizer step and zero_grad -- weights, optimizer
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import io
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -31,14 +32,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from engine.build import apply_approach
 from engine.config import TrainConfig
-from engine.cuda_rules import cuda_autocast, cuda_dropout
-from engine.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.metrics import memory_breakdown
-from engine.optim import optimizer_for
+from engine.optim.optimizer import optimizer_for
+from engine.plan.cuda_rules import cuda_autocast, cuda_dropout
+from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
+from engine.step import train_step
 from engine.strategies import FSDP, STRATEGIES, PipelineParallel, Single, strategy_for
-from engine.trainer import train_step
 from models.lazy import build_on_meta
 from parallel import fsdp
 
@@ -85,7 +86,7 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
         strategy.adopt(model, read=lambda name, start, stop: torch.empty(stop - start))
         apply_approach(model, config, runtime)
         strategy.prepare(model)
-        make = lambda: optimizer_for(config, precision, strategy.parameters(), config.lr, fused=gpu or None)  # noqa: E731
+        make = partial(optimizer_for, config, precision, strategy.parameters(), config.lr, fused=gpu or None)
         optimizer = trace.ignoring(make) if on_host else make()
         steps = [traced_step(trace, strategy, optimizer, batch, config, on_host) for _ in range(2)]
         held = trace.live  # between steps, as torch.cuda.memory_allocated() after one
@@ -134,7 +135,7 @@ def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, 
 
 
 def export_added(trace: MemoryTrace, strategy: Single, precision: Precision, adapter: bool) -> int:
-    """What writing OUT/final adds on this rank's device to what training holds, as engine/export.py writes
+    """What writing OUT/final adds on this rank's device to what training holds, as engine/outputs/export.py writes
     each strategy's (the best checkpoint it reads first goes to the CPU, then into the weights in place).
     A whole model is cast to the frozen dtype wherever it is in another, the casts of a piece kept until it
     is written: the main rank's whole model at once, a pipeline stage's own weights, or under FSDP one unit

@@ -1,5 +1,5 @@
-"""What evaluation after training holds on each GPU, planned as a training step is (engine/plan.py):
-the models' own forward on fake tensors, every storage counted by engine/memory_trace.py.
+"""What evaluation after training holds on each GPU, planned as a training step is (engine/plan/ranks.py):
+the models' own forward on fake tensors, every storage counted by engine/plan/memory_trace.py.
 
 Evaluation (eval/evaluate.py) holds one model at a time, and every rank evaluates its own rows of the
 test split (r, r+N, ...) holding a whole model: a sharded or pipelined run needs a whole model per GPU
@@ -31,11 +31,11 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from engine.build import apply_approach, configure_processor
 from engine.config import TrainConfig
-from engine.data_sources import load_splits
-from engine.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
+from engine.data.prompts import prompt_batch, question_and_reference
+from engine.data.sources import load_splits
+from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
-from eval.generate import _record, prompt_batch
 from models.lazy import build_on_meta, materialize
 from models.load import config_and_processor
 
@@ -64,7 +64,7 @@ class Evaluation:
         self.widest = test[lengths.index(self.prompt_tokens)]
         self.share = math.ceil(len(test) / (config.gpus or 1))  # rank 0's rows, the most any rank has
         tokenizer = self.processor.tokenizer
-        reference = max(len(tokenizer(_record(row, "")["ground_truth_answer"])["input_ids"]) for row in test)
+        reference = max(len(tokenizer(question_and_reference(row)[1])["input_ids"]) for row in test)
         self.text_tokens = max(config.max_new_tokens + 1, reference)  # an answer's tokens and its BOS
         # The model that answers, the largest: the base model's answers, for the score before training, come
         # from a model as large (full, LoRA merged) or smaller (QLoRA's NF4 base, without its adapters).

@@ -142,7 +142,7 @@ class AdamW(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         if saved.get("moments") != self.moments or len(saved["param_groups"]) != len(self.param_groups):
             raise ValueError("the saved optimizer state is not of this optimizer's kind")
-        for group, settings in zip(self.param_groups, saved["param_groups"]):
+        for group, settings in zip(self.param_groups, saved["param_groups"], strict=True):
             group.update(settings)
         self.state = defaultdict(dict, {
             params[index]: {k: v.to(params[index].device) if torch.is_tensor(v) else v for k, v in state.items()}

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
 import lora
+from engine.outputs.publish import publish_folder, temporary
 from parallel import fsdp
 
 
@@ -60,7 +61,7 @@ def export_pretrained_by_stage(model: PreTrainedModel, own: dict[str, torch.Tens
     the model's names, as one safetensors file of a shared temporary folder, which the `main` rank
     (one of the writers) completes with the index, config and processor and publishes. `own` is None
     on the stage's other ranks (pipeline+fsdp). Every rank calls it."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
+    tmp = temporary(folder)
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -76,9 +77,7 @@ def export_pretrained_by_stage(model: PreTrainedModel, own: dict[str, torch.Tens
         pieces = [piece for piece in pieces if piece is not None]
         weight_map = {name: file for file, names, _ in pieces for name in names}
         _write_index_and_config(tmp, model, processor, weight_map, sum(size for *_, size in pieces))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        publish_folder(tmp, folder)
     dist.barrier()
 
 
@@ -135,7 +134,7 @@ def _publish(folder: Path, write: Callable[[Path], None], replace: bool = True) 
     names) nothing is deleted that was there before: the sibling must not exist and `folder` must be
     missing or empty.
     """
-    tmp = folder.with_name(f".tmp-{folder.name}")
+    tmp = temporary(folder)
     if replace:
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -146,7 +145,4 @@ def _publish(folder: Path, write: Callable[[Path], None], replace: bool = True) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # made just now, by us
         raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    return publish_folder(tmp, folder)

@@ -1,5 +1,5 @@
 """Whether a run fits: its plan on the widest batch of its data, phase by phase -- training and writing
-OUT/final (engine/plan.py), generating the evaluation's answers and judging them (engine/plan_eval.py)
+OUT/final (engine/plan/ranks.py), generating the evaluation's answers and judging them (engine/plan/evaluation.py)
 -- against the GPU's memory, and the free disk where it writes; the largest batch at which every phase
 fits; and the refusal, in one sentence, of a run that does not, before any weight loads (engine/launch.py)."""
 
@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.build import configure_processor
-from engine.collate import Collator
 from engine.config import TrainConfig
-from engine.data_checks import row_lengths
-from engine.data_sources import load_splits
+from engine.data.checks import row_lengths
+from engine.data.collate import Collator
+from engine.data.sources import load_splits
 from engine.loss import IGNORE
-from engine.plan import RankPlan, plan_ranks
-from engine.plan_eval import evaluation_plan
+from engine.plan.evaluation import evaluation_plan
+from engine.plan.ranks import RankPlan, plan_ranks
 from engine.precision import Precision, precision_for
 from errors import UsageError
 from models.load import config_and_processor
@@ -51,7 +51,7 @@ def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length
             "device": "cuda" if gpu else "cpu", "precision": precision.name,
             "activation_checkpointing": bool(config.activation_checkpointing),
             "evaluation": None if run.evaluation is None else run.evaluation.describe(config.batch_size),
-            "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases} for rank, rank_phases in zip(ranks, phases)],
+            "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases} for rank, rank_phases in zip(ranks, phases, strict=True)],
             "disk": disk_plan(config, ranks)}
     if budget is not None and (search or not plan["fits"]):
         plan["max_batch_size"] = max_batch_size(config, run, budget, peak)
@@ -213,8 +213,13 @@ def budget_for(gpu: bool, memory_budget: float | None, gpu_memory: float | None)
 def describe(config: TrainConfig, plan: dict) -> str:
     """The plan as a table, one row per rank, each phase's peak, and the verdicts."""
     unit, size = ("GiB", GIB) if plan["peak_bytes"] >= GIB else ("MiB", 2**20)
-    gib = lambda value: f"{value / size:.2f}"  # noqa: E731
-    disk_gib = lambda value: f"{value / GIB:.2f}"  # noqa: E731
+
+    def gib(value: int) -> str:
+        return f"{value / size:.2f}"
+
+    def disk_gib(value: int) -> str:
+        return f"{value / GIB:.2f}"
+
     ranks, device = plan["ranks"], "GPU" if plan["device"] == "cuda" else "rank"
     where = f"{len(ranks)} {device}{'s' if len(ranks) > 1 else ''}"
     lines = [f"plan: {config.approach} on {where}, batch {plan['batch_size']}, {plan['sequence_length']} tokens a row, "

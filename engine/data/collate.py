@@ -6,15 +6,15 @@ expansion (Idefics2's fixed count, Idefics3's per-image grid) produce. A boundar
 are not a prefix of the whole dialog's tokens is refused rather than guessed.
 """
 
-import json
 
 import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from engine.data_sources import dialog_problem, image_entries
-from errors import UsageError
+from engine.data.prompts import row_images
+from engine.data.sources import dialog_messages, dialog_problem, image_entries
 from engine.loss import IGNORE
+from errors import UsageError
 
 Span = tuple[int, int]  # [start, end) token positions within one row's unpadded tokens
 
@@ -28,15 +28,15 @@ class Collator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         dialogs = [_checked_messages(row) for row in rows]
-        images = [_images(row) for row in rows]
+        images = [row_images(row) for row in rows]
         texts = [self.processor.apply_chat_template(messages) for messages in dialogs]
         # Left padding: batched generation appends to the right end of every row.
         batch = dict(self.processor(text=texts, images=_images_argument(images), padding="longest",
                                     padding_side="left", return_tensors="pt"))
         ids = batch["input_ids"]
         lengths = batch["attention_mask"].sum(dim=1).tolist()
-        spans = [self._answer_spans(messages, row_images, ids[r, ids.shape[1] - lengths[r]:].tolist())
-                 for r, (messages, row_images) in enumerate(zip(dialogs, images))]
+        spans = [self._answer_spans(messages, pictures, ids[r, ids.shape[1] - lengths[r]:].tolist())
+                 for r, (messages, pictures) in enumerate(zip(dialogs, images, strict=True))]
         labels = torch.full_like(ids, IGNORE)
         for r, row_spans in enumerate(spans):
             offset = ids.shape[1] - lengths[r]
@@ -63,18 +63,14 @@ class Collator:
                 raise ValueError("the chat template tokenizes a turn boundary differently from the whole dialog, "
                                  "so the assistant's answer cannot be located in the tokens")
         bounds = [len(prefix) for prefix in prefixes]
-        return list(zip(bounds[::2], bounds[1::2]))
+        return list(zip(bounds[::2], bounds[1::2], strict=True))
 
 
 def _checked_messages(row: dict) -> list[dict]:
-    problem = dialog_problem(row["dialog"], len(_images(row)))
+    problem = dialog_problem(row["dialog"], len(row_images(row)))
     if problem:
         raise UsageError(f"row data_id={row.get('data_id')}: {problem}.")
-    return json.loads(row["dialog"])["messages"]
-
-
-def _images(row: dict) -> list[Image.Image]:
-    return [] if row.get("image") is None else [row["image"]]
+    return dialog_messages(row["dialog"])
 
 
 def _images_argument(images: list[list[Image.Image]]) -> list[list[Image.Image]] | None:
@@ -84,7 +80,7 @@ def _images_argument(images: list[list[Image.Image]]) -> list[list[Image.Image]]
 
 def _truncate(batch: dict, lengths: list[int], answer_starts: list[int], max_length: int, rows: list[dict]) -> None:
     """Keep each row's first `max_length` tokens, which cuts its last answer from the end."""
-    for row, length, start in zip(rows, lengths, answer_starts):
+    for row, length, start in zip(rows, lengths, answer_starts, strict=True):
         if length > max_length and start >= max_length:
             raise UsageError(f"row data_id={row.get('data_id')}: its prompt and image tokens need {start} tokens, "
                              f"leaving no room for the answer within max_length={max_length}.")

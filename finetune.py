@@ -1,15 +1,15 @@
 """What `python run.py` runs on every rank: train, then answer and score the test split with what
-was trained. The one engine module that imports eval/ (eval/ builds on the engine, not the reverse)."""
+was trained. It sits above both engine/ and eval/ (eval/ builds on the engine, never the reverse)."""
 
-import json
 
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.utils import logging as hf_logging
 
 from engine.config import TrainConfig
 from engine.device_memory import free_device_memory
-from engine.launch import setup_runtime
 from engine.metrics import Scalars
+from engine.outputs.publish import write_json
+from engine.runtime import setup_runtime
 from engine.trainer import train
 from errors import UsageError
 from eval.evaluate import evaluate_run
@@ -28,7 +28,7 @@ def finetune(config: TrainConfig) -> dict:
     if summary["completed"] and not config.skip_eval:
         summary["eval"] = evaluate_run(config, runtime, summary["steps"])
         if runtime.is_main:
-            (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json(config.out / "summary.json", summary)
             charts_to_tensorboard(config, summary)
     return summary
 

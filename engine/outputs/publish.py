@@ -1,0 +1,35 @@
+"""Every file and folder a run writes appears whole or not at all: written under a temporary sibling
+name, then renamed over the final one. A run killed midway leaves only a `.tmp-` sibling, which the
+run folder's checks recognise as its own leftover (engine/outputs/folder.py)."""
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def temporary(path: Path) -> Path:
+    """Where `path` is written before it is published: a sibling that no reader looks for."""
+    return path.with_name(TMP_PREFIX + path.name)
+
+
+def publish_folder(tmp: Path, folder: Path) -> Path:
+    """Swap the folder `tmp`, written whole, in as `folder`, replacing an old copy (the caller's own)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(a temporary path)`, then rename it to `path`, so that a reader never sees half a file."""
+    tmp = temporary(path)
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value: object) -> None:
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)))
