@@ -212,14 +212,14 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def report(args: argparse.Namespace) -> str:
-    from engine.metrics import Scalars
+    from engine.tensorboard import Scalars
     from eval.report import report as table
 
     markdown = table(args.runs)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "report.md").write_text(markdown)
     print(markdown)  # before the page, which needs the report extra: without it, the table is still shown
-    scalars = Scalars(args.output / "tensorboard", True, 0)  # the same view in TensorBoard
+    scalars = Scalars(args.output / "tensorboard")  # the same view in TensorBoard
     scalars.text(0, "report", markdown)
     try:
         from eval.html_report import write_page

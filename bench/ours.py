@@ -24,7 +24,7 @@ from engine.optim.optimizer import optimizer_for
 from engine.runtime import Runtime
 from engine.step import train_step
 from engine.strategies import strategy_for
-from engine.strategies.single import ReadsOwnPiece
+from engine.strategies.base import ReadsOwnPiece
 
 LR = 1e-4
 OPTIONS = {  # a case's "+option" -> the engine settings it overrides

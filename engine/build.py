@@ -16,7 +16,7 @@ import models
 from engine.config import TrainConfig
 from engine.metrics import parameter_counts
 from engine.outputs.export import export_pretrained
-from engine.runtime import Runtime, resolve_model
+from engine.runtime import Runtime
 from models.lazy import SliceReader, load_on_meta, local_folder
 from models.targets import QUANT_SKIP, VISION_ENCODER
 from quant import Linear4bit, QuantizingReader, quantize
@@ -29,8 +29,8 @@ def load_whole(config: TrainConfig, runtime: Runtime, base_copy: Path | None) ->
     weights and processor go (written once, by the main rank, before quantization or adapters)."""
     # An NF4 base is loaded on the CPU and quantized layer by layer onto the device, so the
     # accelerator never holds the whole bf16 model.
-    load_device = torch.device("cpu") if config.quant == "nf4" else runtime.device
-    model, processor = models.load(resolve_model(config.model, runtime.device), runtime.precision.frozen_dtype,
+    load_device = torch.device("cpu") if config.quantized else runtime.device
+    model, processor = models.load(config.model, runtime.precision.frozen_dtype,
                                    load_device, attn_implementation=config.attn_implementation, seed=config.seed)
     configure_processor(processor, config)
     if base_copy is not None and runtime.is_main and not base_copy.exists():
@@ -52,7 +52,7 @@ def load_without_weights(config: TrainConfig, runtime: Runtime, base_copy: Path 
                 del model
             folder = base_copy
         else:
-            folder = local_folder(resolve_model(config.model, runtime.device))
+            folder = local_folder(config.model)
     folder = Path(runtime.from_main(str(folder)))  # also the barrier: the files are complete now
     model, processor, read = load_on_meta(folder, runtime.precision.frozen_dtype, config.attn_implementation)
     configure_processor(processor, config)
@@ -61,14 +61,14 @@ def load_without_weights(config: TrainConfig, runtime: Runtime, base_copy: Path 
 
 def apply_approach(model: PreTrainedModel, config: TrainConfig, runtime: Runtime) -> None:
     """NF4 base, LoRA or the modules full fine-tuning trains, and fp32 masters for what trains."""
-    if config.quant == "nf4":
+    if config.quantized:
         quantize(model, skip=QUANT_SKIP + ([VISION_ENCODER] if config.quant_keep_vision else []), device=runtime.device)
         tensors = [*model.parameters(), *model.buffers()]
         # The layers left unquantized; not asked of a plan's fake tensors, which it cannot move, nor of
         # a model without weights yet (its strategy reads them onto the device, QuantizingReader).
         if not any(t.is_meta for t in tensors) and any(t.device != runtime.device for t in tensors):
             model.to(runtime.device)
-    if config.adapter == "lora":
+    if config.trains_adapter:
         add_lora(model, config)
     else:
         mark_trainable(model, config.train_modules)

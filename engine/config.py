@@ -18,6 +18,8 @@ from typing import Any
 
 from errors import UsageError
 
+REAL_MODEL = "HuggingFaceM4/idefics2-8b"  # what --model auto trains on a GPU
+
 # name -> (adapter, quant, parallel, one line for --help)
 APPROACHES: dict[str, tuple[str, str, str, str]] = {
     "lora": ("lora", "none", "none", "LoRA adapters on a bf16 base, one device (the default)"),
@@ -173,6 +175,38 @@ class TrainConfig:
     overwrite: bool = option(False, "replace the run in a used --output-dir: delete what a run writes there first")
     tensorboard: bool = option(False, "serve TensorBoard for this run")
     tensorboard_port: int = option(6006, "port for --tensorboard", minimum=1, maximum=65535)
+
+    def resolved(self, gpu: bool) -> "TrainConfig":
+        """This config with every `auto` decided for a GPU run or a CPU one: the one place each rule is written,
+        applied once when the device is known (engine/trainer.py, finetune.py, the planner); nothing downstream
+        asks again. --model: the built-in tiny model on a CPU, Idefics2-8B on a GPU; --precision: bf16-mixed
+        on a GPU, fp32 on a CPU; activation checkpointing: on a GPU (as every one of the original's runs had it),
+        off on a CPU, where memory is rarely what limits a run."""
+        return dataclasses.replace(
+            self, model=(REAL_MODEL if gpu else "tiny") if self.model == "auto" else self.model,
+            precision=("bf16-mixed" if gpu else "fp32") if self.precision == "auto" else self.precision,
+            activation_checkpointing=gpu if self.activation_checkpointing is None else self.activation_checkpointing)
+
+    @property
+    def base_copy(self) -> Path | None:
+        """Where the built-in tiny model's exact starting weights are written (OUT/base), so that evaluation,
+        `run.py merge` and any tool can rebuild it; None for a model that lives in a folder or on the hub."""
+        return self.out / "base" if self.model == "tiny" else None
+
+    @property
+    def base_weights(self) -> str:
+        """Where the (resolved) base model's weights are read from once the run has started."""
+        return str(self.base_copy or self.model)
+
+    @property
+    def trains_adapter(self) -> bool:
+        """LoRA (on a float or an NF4 base): the run trains and exports an adapter, not the whole model."""
+        return self.adapter != "none"
+
+    @property
+    def quantized(self) -> bool:
+        """QLoRA: the frozen base is NF4, quantized as it loads."""
+        return self.quant == "nf4"
 
     @property
     def out(self) -> Path:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from engine.config import TrainConfig
 from engine.runtime import pick_device, torchrun_world_size
+from engine.strategies import STRATEGIES
 from errors import PEER_GONE, DiskError, UsageError, debug, explain, lost_peer
 
 
@@ -31,7 +32,7 @@ def ranks_wanted(config: TrainConfig) -> int:
     world = torchrun_world_size()
     if world > 1 and config.gpus not in (None, world):
         raise UsageError(f"torchrun started {world} ranks but --gpus asks for {config.gpus}; give one or the other.")
-    if world > 1 and config.parallel == "none":
+    if world > 1 and STRATEGIES[config.parallel].one_rank:
         raise UsageError(f"approach {config.approach!r} runs on one device, but torchrun started {world} ranks.")
     return config.gpus or world
 

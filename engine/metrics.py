@@ -1,42 +1,10 @@
-"""What a run reports: TensorBoard scalars on the main rank, and per-rank memory bytes."""
-
-from pathlib import Path
+"""What a run measures of its model: parameter counts, quantized bytes, and per-rank memory bytes."""
 
 import torch
 import torch.nn as nn
 
 import lora
 from quant import quantized_bytes
-
-
-class Scalars:
-    """TensorBoard scalars (and texts, charts), on the optimizer-step axis, written by the main rank only."""
-
-    def __init__(self, folder: Path, enabled: bool, resume_step: int):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops points a killed run logged past its last checkpoint.
-            self.writer = SummaryWriter(str(folder), purge_step=resume_step or None)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-
-    def text(self, step: int, name: str, value: str) -> None:
-        if self.writer is not None:
-            self.writer.add_text(name, value, step)
-
-    def figure(self, step: int, name: str, figure: object) -> None:
-        """A matplotlib Figure (eval/charts.py) as an image; TensorBoard closes it."""
-        if self.writer is not None:
-            self.writer.add_figure(name, figure, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -59,7 +59,7 @@ PRECISIONS = {
 
 
 def precision_for(flag: str, device: torch.device) -> Precision:
-    """`auto`: bf16-mixed on CUDA, fp32 elsewhere. The one place that rule is written."""
+    """`auto`: bf16-mixed on CUDA, fp32 elsewhere (as TrainConfig.resolved decides it for a run)."""
     if flag == "auto":
         flag = "bf16-mixed" if device.type == "cuda" else "fp32"
     return PRECISIONS[flag]

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from engine.outputs import checkpoint
-from engine.strategies import Single
+from engine.strategies import Strategy
 from errors import UsageError
 
 
@@ -22,7 +22,7 @@ def refuse_finished(out: Path) -> None:
                              "steps): there is nothing to resume; start a new run in another --output-dir.")
 
 
-def resume(folder: Path, strategy: Single, optimizer, scheduler, fingerprint: dict) -> int:
+def resume(folder: Path, strategy: Strategy, optimizer, scheduler, fingerprint: dict) -> int:
     """Restore the newest checkpoint every rank can read; returns the step to continue from (0 if none).
 
     A damaged checkpoint (killed mid-copy, a bad disk) is skipped, with a warning, for the one before;

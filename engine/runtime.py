@@ -1,7 +1,6 @@
-"""Device, precision and process facts, chosen in exactly one place.
-
-Everything else asks the Runtime (its `precision`: engine/precision.py) instead of looking at the
-hardware itself.
+"""Device, precision and process facts, chosen in exactly one place: `setup_runtime` joins this process to
+its ranks and picks its device once. Everything else asks the Runtime (its `precision`:
+engine/precision.py) instead of looking at the hardware itself.
 """
 
 import os
@@ -14,8 +13,6 @@ import torch.distributed as dist
 from engine.config import TrainConfig
 from engine.precision import Precision, precision_for
 from errors import UsageError
-
-REAL_MODEL = "HuggingFaceM4/idefics2-8b"
 
 
 @dataclass(frozen=True)
@@ -82,13 +79,6 @@ def pick_device(flag: str, gpus: int) -> torch.device:
     if gpus > present:
         raise UsageError(f"--gpus {gpus} asks for more GPUs than the {present} present on this machine.")
     return torch.device("cuda", 0)
-
-
-def resolve_model(spec: str, device: torch.device) -> str:
-    """`auto` means the built-in tiny model on CPU and the real Idefics2-8B on a GPU."""
-    if spec != "auto":
-        return spec
-    return REAL_MODEL if device.type == "cuda" else "tiny"
 
 
 def torchrun_world_size() -> int:

@@ -26,16 +26,15 @@ from engine.data.checks import check_data
 from engine.data.collate import Collator
 from engine.data.sources import load_splits
 from engine.device_memory import phase_peak
-from engine.metrics import Scalars
 from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
 from engine.outputs import checkpoint
 from engine.outputs.folder import claim, prepare_for_run
 from engine.outputs.publish import write_json
 from engine.resume import refuse_finished, resume
-from engine.runtime import Runtime, resolve_model, setup_runtime
+from engine.runtime import Runtime, setup_runtime
 from engine.step import train_step
-from engine.strategies import Single, strategy_for
-from engine.tensorboard_server import check_port_free, serve
+from engine.strategies import Strategy, strategy_for
+from engine.tensorboard import Scalars, check_port_free, serve
 from errors import UsageError
 
 
@@ -44,7 +43,7 @@ class Run:
     """Everything a run builds before its first step."""
     config: TrainConfig
     runtime: Runtime
-    strategy: Single
+    strategy: Strategy
     processor: ProcessorMixin
     splits: dict
     plan: BatchPlan
@@ -59,7 +58,7 @@ class Run:
 def train(config: TrainConfig) -> dict:
     run = setup(config)
     out, runtime = config.out, run.runtime
-    scalars = Scalars(out / "tensorboard", runtime.is_main, run.start)
+    scalars = Scalars(out / "tensorboard", enabled=runtime.is_main, resume_step=run.start)
     trainable, total = run.strategy.parameter_counts()
     scalars.text(run.start, "model/trainable_parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
@@ -102,28 +101,27 @@ def setup(config: TrainConfig) -> Run:
     """Ranks, data, this rank's model as its strategy prepares it, optimizer and schedule; resumed
     from the last checkpoint on --resume."""
     runtime = setup_runtime(config)
+    config = config.resolved(gpu=runtime.device.type == "cuda")
     prepare_for_run(config.out, config.resume, config.overwrite, runtime)  # before anything loads
     # Same seed on every rank and in every world size: adapters start identical, dropout matches.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    spec = resolve_model(config.model, runtime.device)
     if config.resume:
         refuse_finished(config.out)
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
-    check_data(splits, config, spec)  # every image decodes, every row fits: before the model loads
+    check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
     strategy = strategy_for(config, runtime)
     if runtime.is_main:
         claim(config.out, config.to_json())  # the first file in OUT, before OUT/base
-    # The tiny model's exact starting point goes to OUT/base, so any tool can rebuild it.
-    processor = strategy.build(config.out / "base" if spec == "tiny" else None)
-    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data.world_size, config.seed)
+    processor = strategy.build(config.base_copy)
+    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size, config.seed)
     total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
     peak_lr = scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch)
     optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
-    fingerprint = {"approach": config.approach, "model": spec, "total_steps": total_steps,
+    fingerprint = {"approach": config.approach, "model": config.model, "total_steps": total_steps,
                    "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
                    "global_batch": plan.global_batch, "world_size": runtime.world_size,
                    "precision": runtime.precision.name, "settings": result_settings(config), **strategy.fingerprint()}
@@ -144,7 +142,7 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
-        batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data.rank)]
+        batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data_ranks.rank)]
         stats["data_wait"] += time.perf_counter() - tick  # the step waits for its batches: collated here, in line
         rows = len(plan.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)

@@ -15,22 +15,23 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import models
-from engine.config import TrainConfig
 from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory, phase_peak
-from engine.metrics import Scalars
 from engine.outputs.merge import load_adapted, load_nf4_base
 from engine.outputs.publish import write_json
-from engine.precision import Precision, precision_for
-from engine.runtime import Runtime, resolve_model
+from engine.precision import precision_for
+from engine.runtime import Runtime
+from engine.tensorboard import Scalars
 from eval.answers_table import answers_table, score_line
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
@@ -95,32 +96,45 @@ def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: st
     return results
 
 
-def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class TrainedRun:
+    """What evaluation after training is handed (finetune.py makes it from the run's resolved config)."""
+    final: Path  # OUT/final: an adapter on `base`, or a whole model
+    adapter: bool
+    base: str  # the base model's weights: OUT/base for the built-in tiny model, else its folder or hub id
+    nf4_base: bool  # QLoRA: the base quantized as it trained
+    keep_vision: bool  # QLoRA with the vision encoder left in float
+    dtype: torch.dtype  # the run's frozen dtype: the evaluated models' and the judge's
+    test: Dataset
+    scorer: str
+    batch_size: int
+    max_new_tokens: int
+    baseline_key: dict  # everything that changes the base model's score: where it is cached
+    results: Path  # OUT/eval
+
+
+def evaluate_run(run: TrainedRun, runtime: Runtime, scalars: Scalars, step: int) -> dict:
     """After training: OUT/final answers the test split and is scored, the rows split across every
     rank and gathered; the base model's score before training comes from a cache when this model,
-    data and scorer were measured before. The main rank writes OUT/eval, logs a few answers and
-    shows every row's."""
-    out, device = config.out, runtime.device
-    spec = resolve_model(config.model, device)
-    base = str(out / "base") if spec == "tiny" else spec
-    final = out / "final"  # an adapter (on `base`), or a whole model
-    dtype = runtime.precision.frozen_dtype  # the run's own precision, for the evaluated models and the judge
-    trained = (base, final) if config.adapter == "lora" else (str(final), None)  # (model, adapter)
-    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
-    settings = dict(scorer=config.scorer, base=base, dtype=dtype, batch_size=config.batch_size,
-                    max_new_tokens=config.max_new_tokens)
-    rows, scores, processor, peaks = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), test,
+    data and scorer were measured before. The main rank writes OUT/eval, logs the score and a few
+    answers to the run's TensorBoard `scalars` on its step axis, and shows every row's."""
+    device, dtype = runtime.device, run.dtype
+    trained = (run.base, run.final) if run.adapter else (str(run.final), None)  # (model, adapter)
+    settings = dict(scorer=run.scorer, base=run.base, dtype=dtype, batch_size=run.batch_size,
+                    max_new_tokens=run.max_new_tokens)
+    rows, scores, processor, peaks = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), run.test,
                                                        runtime, **settings, which="trained model")
     phases = [peaks]
-    cache = _baseline_cache(config, spec, runtime.precision)
+    digest = hashlib.sha256(json.dumps(run.baseline_key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"
     if not cache.exists():
         # The base's weights with the run's processor (the same image size and splitting). QLoRA's base is
         # the NF4 one it trained on: its adapter's gain is measured on the model it corrects, and a 16 GB
         # card, which QLoRA is for, cannot hold the 8B's bf16 base to answer with.
-        load_base = (partial(load_nf4_base, base, config.quant_keep_vision, device, dtype) if config.quant == "nf4"
-                     else partial(load_evaluated, base, None, device, dtype))
+        load_base = (partial(load_nf4_base, run.base, run.keep_vision, device, dtype) if run.nf4_base
+                     else partial(load_evaluated, run.base, None, device, dtype))
         _, base_scores, _, peaks = _answer_and_score(lambda: (load_base()[0].eval(), processor),
-                                                     test, runtime, **settings, which="base model")
+                                                     run.test, runtime, **settings, which="base model")
         phases.append(peaks)
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -131,14 +145,12 @@ def evaluate_run(config: TrainConfig, runtime: Runtime, step: int) -> dict:
         baseline = json.loads(cache.read_text())
         # Each phase's peak over the ranks and models, as `run.py plan` plans them (on a GPU; else None).
         peaks = {name: max((p[name] for p in phases if p.get(name) is not None), default=None) for name in phases[0]}
-        results = write_scored(out / "eval", rows, scores, config.scorer, baseline=baseline["score"],
+        results = write_scored(run.results, rows, scores, run.scorer, baseline=baseline["score"],
                                phase_peak_bytes=peaks)
-        scalars = Scalars(out / "tensorboard", True, 0)  # beside the training's points, on its step axis
         scalars.log(step, {"eval/similarity_score": results["score"]})
         scalars.text(step, "eval/answers", "\n\n".join(
             f"**Q:** {e['user_question']}  \n**generated:** {e['model_generated_answer']}  \n"
             f"**reference:** {e['ground_truth_answer']}" for e in results["examples"]))
-        scalars.close()
         _show(rows, scores, baseline.get("scores"), results)  # a cache written before per-row scores holds the mean
     return results
 
@@ -190,15 +202,3 @@ def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) 
 def _show(rows: list[dict], scores: list[float], before: list[float] | None, results: dict) -> None:
     print(answers_table(rows, scores, before))
     print(score_line(results), flush=True)
-
-
-def _baseline_cache(config: TrainConfig, spec: str, precision: Precision) -> Path:
-    """Where the base model's score lives, keyed by everything that changes it (the judge's dtype too: scores
-    cached before it followed the run's precision came from an fp32 judge; QLoRA's NF4 base)."""
-    key = {"model": spec, "seed": config.seed if spec == "tiny" else None, "precision": precision.name,
-           "judge_dtype": str(precision.frozen_dtype), "dataset": config.dataset,
-           "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
-           "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge],
-           **({"base": ["nf4", config.quant_keep_vision]} if config.quant == "nf4" else {})}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"

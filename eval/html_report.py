@@ -13,7 +13,7 @@ from pathlib import Path
 from string import Template
 
 from engine.data.sources import load_splits
-from engine.metrics import Scalars
+from engine.tensorboard import Scalars
 from errors import UsageError
 from eval.charts import Score, loss_chart, score_chart, score_of, svg, throughput_chart
 from eval.report import ORIGINAL, read_run_file, read_scores

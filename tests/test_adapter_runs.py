@@ -19,7 +19,7 @@ from engine.data.collate import Collator
 from engine.data.sources import load_splits
 from engine.runtime import Runtime
 from engine.step import train_step
-from engine.strategies import Single
+from engine.strategies import Strategy
 from finetune import finetune
 from models.targets import QUANT_SKIP
 from quant import quantize
@@ -138,7 +138,7 @@ def test_activation_checkpointing_with_lora_trains_every_adapter(processor):
     config = from_approach("lora", lora_dropout=0.0, activation_checkpointing=True)
     model = models.build_tiny(0)
     paths = add_lora(model, config)
-    strategy = Single(config, Runtime(torch.device("cpu")))
+    strategy = Strategy(config, Runtime(torch.device("cpu")))
     strategy.prepare(model)  # checkpoints the decoder layers, as --activation-checkpointing asks
     rows = load_splits("musequest", limit_exhibits=1)["train"]
     batches = [Collator(processor)([rows[0], rows[1]])]

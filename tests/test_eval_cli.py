@@ -18,7 +18,9 @@ from engine.config import from_approach
 from engine.data.sources import load_splits
 from engine.data.standin_images import standin_image
 from engine.runtime import Runtime
+from engine.tensorboard import Scalars
 from eval.results_csv import SCORE, read_results
+from finetune import trained_run
 from harness import SEED_RESULTS, run_cli, run_engine
 from run import main
 
@@ -72,7 +74,9 @@ def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs,
     out = shutil.copytree(runs / "lora", tmp_path / "lora")  # evaluate_run writes OUT/eval
     config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
                            output_dir=str(out), device="cpu")
-    results = evaluation.evaluate_run(config, Runtime(torch.device("cpu")), 3)
+    runtime = Runtime(torch.device("cpu"))
+    results = evaluation.evaluate_run(trained_run(config.resolved(gpu=False), runtime), runtime,
+                                      Scalars(out / "tensorboard"), 3)
     shown = capsys.readouterr()
     rows = read_results(out / "eval" / "results.csv")
     lines = shown.out.splitlines()

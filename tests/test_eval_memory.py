@@ -27,10 +27,12 @@ from engine.data.prompts import prompt_batch
 from engine.data.sources import load_splits
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
+from engine.tensorboard import Scalars
 from eval.evaluate import evaluate_run, load_evaluated
 from eval.generate import generate_answers
 from eval.results_csv import SCORE, read_results
 from eval.score import load_judge, similarity_scores
+from finetune import trained_run
 from harness import run_engine, spawn
 from quant import Linear4bit
 
@@ -73,7 +75,7 @@ def training_tensors_alive_at_evaluation(rank: int, world: int, folder, parallel
         watched.extend(weakref.ref(t) for t in [run.strategy.model, *tensors, *state])
         return result
 
-    def evaluation_starts(config, runtime, step):
+    def evaluation_starts(run, runtime, scalars, step):
         alive.append(sum(ref() is not None for ref in watched))
         raise _EvaluationStarted
 
@@ -102,6 +104,13 @@ def test_the_fsdp_training_model_is_freed_before_evaluation_loads(tmp_path):
 
 
 # ---- evaluation holds one model at a time, in the run's dtype (item 5) -------------------------------
+
+def evaluate(config) -> dict:
+    """Evaluation after a bf16-mixed CPU run of `config`, as finetune.py hands it over."""
+    runtime = Runtime(CPU, precision=BF16_MIXED)
+    scalars = Scalars(config.out / "tensorboard")
+    return evaluate_run(trained_run(config.resolved(gpu=False), runtime), runtime, scalars, 3)
+
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
@@ -135,7 +144,7 @@ def test_evaluation_holds_one_model_at_a_time_in_the_runs_dtype(lora_run, scorer
     config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
                            output_dir=str(out), device="cpu", precision="bf16-mixed", scorer=scorer)
     with collector_off():
-        evaluate_run(config, Runtime(CPU, precision=BF16_MIXED), 3)
+        evaluate(config)
     assert loaded == [torch.bfloat16] * (4 if scorer == "base" else 2)
     monkeypatch.undo()
     rows = read_results(out / "eval" / "results.csv")
@@ -236,7 +245,7 @@ def test_qlora_scores_before_training_on_its_nf4_base(qlora_run, monkeypatch, tm
     config = from_approach("qlora", model="tiny", limit_exhibits=2, output_dir=str(out), device="cpu",
                            precision="bf16-mixed", lora_target=("projections", "lm_head"))
     monkeypatch.setenv("MUSEFT_CACHE", str(tmp_path / "cache"))
-    evaluate_run(config, Runtime(CPU, precision=BF16_MIXED), 3)
+    evaluate(config)
     [cache] = (tmp_path / "cache" / "baselines").glob("*.json")
     runtime = Runtime(CPU, precision=BF16_MIXED)
     base, _ = load_whole(config, runtime, None)

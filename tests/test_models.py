@@ -111,11 +111,11 @@ def test_checkpointing_is_on_by_default_on_cuda_only(device, flag, expected):
     """The decision alone: the strategy's runtime says CUDA (nothing is put on it), the flag may override."""
     from engine.config import from_approach
     from engine.runtime import Runtime
-    from engine.strategies import Single
+    from engine.strategies import Strategy
 
     model = models.build_tiny(0)
     config = from_approach("lora", activation_checkpointing=flag)
-    Single(config, Runtime(torch.device(device))).checkpoint_activations(model)
+    Strategy(config, Runtime(torch.device(device))).checkpoint_activations(model)
     wrapped = [layer for layer in models.blocks(model) if "forward" in vars(layer)]  # an instance attribute
     assert wrapped == (models.checkpointed_blocks(model) if expected else [])
 

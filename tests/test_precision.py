@@ -22,7 +22,7 @@ import torch
 from engine.config import from_approach
 from engine.precision import precision_for
 from engine.runtime import Runtime
-from engine.strategies import Single
+from engine.strategies import Strategy
 from harness import FULL, run_engine, saved_weights
 
 CPU = torch.device("cpu")
@@ -35,7 +35,7 @@ def test_bf16_mixed_keeps_masters_in_fp32_and_computes_in_bf16(processor):
     from engine.data.sources import load_splits
 
     config = from_approach("full", model="tiny", device="cpu", precision=BF16)
-    strategy = Single(config, Runtime(CPU, precision=precision_for(BF16, CPU)))
+    strategy = Strategy(config, Runtime(CPU, precision=precision_for(BF16, CPU)))
     strategy.build(None)
     dtypes = {(p.requires_grad, p.dtype) for p in strategy.model.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}

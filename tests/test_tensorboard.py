@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from engine.tensorboard_server import check_port_free, serve
+from engine.tensorboard import check_port_free, serve
 from errors import UsageError
 from harness import free_port
 

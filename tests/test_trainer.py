@@ -16,7 +16,7 @@ from engine.data.sources import load_splits
 from engine.outputs import checkpoint
 from engine.runtime import Runtime
 from engine.step import train_step
-from engine.strategies import Single
+from engine.strategies import Strategy
 from engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _step(rows, processor, micro_batch: int) -> tuple[float, float, dict]:
     model = models.build_tiny(0)
     collator = Collator(processor)
     batches = [collator(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch)]
-    strategy = Single(from_approach("full", model="tiny", device="cpu", train_modules=("all",)), CPU)
+    strategy = Strategy(from_approach("full", model="tiny", device="cpu", train_modules=("all",)), CPU)
     strategy.prepare(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loss, grad_norm, _ = train_step(strategy, optimizer, batches, max_grad_norm=1e9)

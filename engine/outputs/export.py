@@ -2,18 +2,16 @@
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
 import lora
 from engine.outputs.publish import publish_folder, temporary
-from parallel import fsdp
 
 
 def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
@@ -30,70 +28,39 @@ def export_pretrained(model: PreTrainedModel, processor: ProcessorMixin, folder:
     return _publish(folder, write, replace)
 
 
-def export_pretrained_by_unit(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
-                              write: bool) -> Path | None:
-    """`export_pretrained` for an FSDP-sharded model: one safetensors file per FSDP unit, gathered
-    one at a time, so no rank ever holds the whole model. A collective: every rank calls it, the
-    `write` one saves."""
-    units = fsdp.unit_state_dicts(model)
-    if not write:
-        for _ in units:  # this rank's part of each gather
-            pass
-        return None
+def export_pieces(model: PreTrainedModel, processor: ProcessorMixin, folder: Path, dtype: torch.dtype,
+                  pieces: Iterable[dict[str, torch.Tensor]], count: int) -> Path:
+    """`export_pretrained` from `count` pieces of the model's tensors by name, one safetensors file each, taken
+    one at a time: the writer never holds the whole model (an FSDP run's units, gathered one by one)."""
 
-    def write_files(tmp: Path) -> None:
-        buffers = _persistent_buffers(model)
-        pieces = [*units, buffers] if buffers else units
-        count = len(model.fsdp_units) + bool(buffers)
+    def write(tmp: Path) -> None:
         weight_map, total = {}, 0
         for index, piece in enumerate(pieces, start=1):
-            file = f"model-{index:05d}-of-{count:05d}.safetensors"
-            total += _save_piece(piece, tmp / file, dtype)
+            file = piece_file(index, count)
+            total += save_piece(piece, tmp / file, dtype)
             weight_map.update(dict.fromkeys(piece, file))
-        _write_index_and_config(tmp, model, processor, weight_map, total)
+        write_index_and_config(tmp, model, processor, weight_map, total)
 
-    return _publish(folder, write_files)
-
-
-def export_pretrained_by_stage(model: PreTrainedModel, own: dict[str, torch.Tensor] | None, processor: ProcessorMixin,
-                               folder: Path, dtype: torch.dtype, stage: int, stages: int, main: bool) -> None:
-    """`export_pretrained` for a pipeline: one rank of every stage writes `own`, the stage's weights by
-    the model's names, as one safetensors file of a shared temporary folder, which the `main` rank
-    (one of the writers) completes with the index, config and processor and publishes. `own` is None
-    on the stage's other ranks (pipeline+fsdp). Every rank calls it."""
-    tmp = temporary(folder)
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    written = None
-    if own is not None:
-        piece = dict(own, **(_persistent_buffers(model) if main else {}))
-        file = f"model-{stage + 1:05d}-of-{stages:05d}.safetensors"
-        written = (file, sorted(piece), _save_piece(piece, tmp / file, dtype))
-    pieces = [None] * dist.get_world_size()
-    dist.all_gather_object(pieces, written)
-    if main:
-        pieces = [piece for piece in pieces if piece is not None]
-        weight_map = {name: file for file, names, _ in pieces for name in names}
-        _write_index_and_config(tmp, model, processor, weight_map, sum(size for *_, size in pieces))
-        publish_folder(tmp, folder)
-    dist.barrier()
+    return _publish(folder, write)
 
 
-def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+def piece_file(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     params = {name for name, _ in model.named_parameters()}
     return {name: tensor for name, tensor in model.state_dict().items() if name not in params}
 
 
-def _save_piece(piece: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> int:
+def save_piece(piece: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> int:
     """One safetensors file of a sharded Hugging Face folder; returns its tensor bytes."""
     piece = {name: _cast(tensor, dtype).contiguous() for name, tensor in piece.items()}
     save_file(piece, path, metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in piece.values())
 
 
-def _write_index_and_config(tmp: Path, model: PreTrainedModel, processor: ProcessorMixin, weight_map: dict[str, str],
+def write_index_and_config(tmp: Path, model: PreTrainedModel, processor: ProcessorMixin, weight_map: dict[str, str],
                             total: int) -> None:
     """What `save_pretrained` writes besides the weights: the shard index, configs and processor."""
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -114,7 +114,7 @@ class Evaluation:
         """The trained model as evaluation loads it: QLoRA's NF4 base with its adapters beside it, else the
         whole model in the frozen dtype (a LoRA adapter merged into its base changes no size)."""
         model = fake_model(self.config.model, self.precision.frozen_dtype)
-        if self.config.quant == "nf4":
+        if self.config.quantized:
             apply_approach(model, self.config, Runtime(CPU, precision=self.precision))
         return model.eval()
 

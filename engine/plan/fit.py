@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.build import configure_processor
-from engine.config import TrainConfig
+from engine.config import REAL_MODEL, TrainConfig
 from engine.data.checks import row_lengths
 from engine.data.collate import Collator
 from engine.data.sources import load_splits
@@ -21,6 +21,7 @@ from engine.loss import IGNORE
 from engine.plan.evaluation import evaluation_plan
 from engine.plan.ranks import RankPlan, plan_ranks
 from engine.precision import Precision, precision_for
+from engine.strategies import STRATEGIES
 from errors import UsageError
 from models.load import config_and_processor
 
@@ -36,10 +37,9 @@ def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length
     peak per rank and on any rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by default, as a
     GPU run has them) or for this CPU; `budget`: the bytes a rank may use (None: fit is not judged); `search`:
     find the largest batch whose every phase fits even if this one does."""
-    if gpu and config.activation_checkpointing is None:
-        config = dataclasses.replace(config, activation_checkpointing=True)
-    if config.model == "auto":  # the same shapes as the hub's Idefics2-8B, without fetching it
-        config = dataclasses.replace(config, model="tiny" if not gpu else SHIPPED_8B)
+    config = config.resolved(gpu)
+    if config.model == REAL_MODEL:  # the same shapes as the hub's Idefics2-8B, without fetching it
+        config = dataclasses.replace(config, model=SHIPPED_8B)
     precision = precision_for(config.precision, torch.device("cuda" if gpu else "cpu"))
     run = RunPhases(config, precision, gpu, WidestBatch(config, sequence_length))
     ranks, phases = run(config.batch_size)
@@ -101,7 +101,7 @@ def max_batch_size(config: TrainConfig, run: RunPhases, budget: int, planned_pea
     grows about linearly with the batch, so each next try is where the line through the last two meets the
     budget, kept strictly between the largest batch known to fit and the smallest known not to: a handful
     of plans of seconds each."""
-    unit = config.micro_batches if config.parallel.startswith("pipeline") else 1
+    unit = STRATEGIES[config.parallel].batch_multiple(config)
     known = {config.batch_size: planned_peak}
 
     def peak(batch: int) -> int:
@@ -185,11 +185,11 @@ def remedies(config: TrainConfig, plan: dict, over: Collection[str]) -> str:
     if {"train", "export"} & set(over):  # what training holds: the optimizer state, the trained weights
         if config.optimizer == "adamw" and config.optimizer_offload == "none":
             options.append("--optimizer adamw8bit")
-        if plan["precision"] == "bf16-mixed" and config.adapter == "none":
+        if plan["precision"] == "bf16-mixed" and not config.trains_adapter:
             options.append("--precision bf16")
-        if config.parallel in ("fsdp", "pipeline", "pipeline+fsdp"):
+        if not STRATEGIES[config.parallel].whole_model_per_rank:
             options.append("more GPUs (--gpus)")
-        elif config.adapter == "none":
+        elif not config.trains_adapter:
             options.append("--approach full_fsdp with more GPUs")
     if "generate" in over:  # every GPU holds a whole model to evaluate: more GPUs do not help
         options.append("a lower --max-new-tokens")
@@ -238,7 +238,7 @@ def describe(config: TrainConfig, plan: dict) -> str:
     else:
         judge = "the evaluated model itself, one text at a time" if evaluation["scorer"] == "self" else \
             f"the {evaluation['scorer']} model, {evaluation['judge_texts']} texts at once"
-        whole = " (a whole model, not its shard or stage)" if config.parallel not in ("none", "ddp") else ""
+        whole = "" if STRATEGIES[config.parallel].whole_model_per_rank else " (a whole model, not its shard or stage)"
         lines.append(f"evaluation: each {device} holds one model at a time{whole}, answering {evaluation['rows']} rows "
                      f"at once ({evaluation['prompt_tokens']} prompt tokens + {evaluation['new_tokens']} new, KV "
                      f"cache included), then judged by {judge} of {evaluation['judge_tokens']} tokens")

@@ -39,7 +39,7 @@ from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
 from engine.step import train_step
-from engine.strategies import FSDP, STRATEGIES, PipelineParallel, Single, strategy_for
+from engine.strategies import FSDP, STRATEGIES, PipelineParallel, Strategy, strategy_for
 from models.lazy import build_on_meta
 from parallel import fsdp
 
@@ -90,14 +90,14 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
         optimizer = trace.ignoring(make) if on_host else make()
         steps = [traced_step(trace, strategy, optimizer, batch, config, on_host) for _ in range(2)]
         held = trace.live  # between steps, as torch.cuda.memory_allocated() after one
-        export_peak = held + export_added(trace, strategy, precision, config.adapter != "none")
+        export_peak = held + export_added(trace, strategy, precision, config.trains_adapter)
         by_dtype = collections.Counter()
         for p in (p for part in strategy.parts for p in part.parameters()):
             by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
         trainable, total = strategy.parameter_counts()
         writes = strategy.writes_checkpoints
     model_bytes = total * precision.frozen_dtype.itemsize
-    export = trainable * precision.trained_dtype.itemsize if config.adapter != "none" else model_bytes
+    export = trainable * precision.trained_dtype.itemsize if config.trains_adapter else model_bytes
     peak, activations = at_fullest(steps)
     memory = steps[-1].memory  # while the gradients exist, as a run measures it
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
@@ -134,7 +134,7 @@ def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, 
     return TracedStep(memory, before, trace.peak, trace.at_peak)
 
 
-def export_added(trace: MemoryTrace, strategy: Single, precision: Precision, adapter: bool) -> int:
+def export_added(trace: MemoryTrace, strategy: Strategy, precision: Precision, adapter: bool) -> int:
     """What writing OUT/final adds on this rank's device to what training holds, as engine/outputs/export.py writes
     each strategy's (the best checkpoint it reads first goes to the CPU, then into the weights in place).
     A whole model is cast to the frozen dtype wherever it is in another, the casts of a piece kept until it

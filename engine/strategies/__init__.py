@@ -2,18 +2,18 @@
 
 from engine.config import TrainConfig
 from engine.runtime import Runtime
+from engine.strategies.base import Strategy
 from engine.strategies.ddp import DDP
 from engine.strategies.fsdp import FSDP
 from engine.strategies.pipeline import PipelineParallel
 from engine.strategies.pipeline_fsdp import PipelineFSDP
-from engine.strategies.single import Single
 
-STRATEGIES: dict[str, type[Single]] = {"none": Single, "ddp": DDP, "fsdp": FSDP, "pipeline": PipelineParallel,
+STRATEGIES: dict[str, type[Strategy]] = {"none": Strategy, "ddp": DDP, "fsdp": FSDP, "pipeline": PipelineParallel,
                                         "pipeline+fsdp": PipelineFSDP}
 
 
-def strategy_for(config: TrainConfig, runtime: Runtime) -> Single:
+def strategy_for(config: TrainConfig, runtime: Runtime) -> Strategy:
     return STRATEGIES[config.parallel](config, runtime)
 
 
-__all__ = ["DDP", "FSDP", "PipelineFSDP", "PipelineParallel", "STRATEGIES", "Single", "strategy_for"]
+__all__ = ["DDP", "FSDP", "PipelineFSDP", "PipelineParallel", "STRATEGIES", "Strategy", "strategy_for"]

@@ -6,11 +6,13 @@ import contextlib
 
 from transformers import PreTrainedModel
 
-from engine.strategies.single import Single
+from engine.strategies.base import Strategy
 from parallel.ddp import DataParallel
 
 
-class DDP(Single):
+class DDP(Strategy):
+    one_rank = False
+
     def prepare(self, model: PreTrainedModel) -> None:
         super().prepare(model)
         # One rank alone has nothing to sum with (and no process group to sum in).

@@ -2,6 +2,8 @@
 (parallel/fsdp.py), reads only its slices of the weight files, writes its own checkpoint shard,
 and takes part in gathering the final export unit by unit."""
 
+import collections
+import itertools
 from pathlib import Path
 
 from transformers import PreTrainedModel, ProcessorMixin
@@ -10,8 +12,8 @@ import models
 from engine.loss import loss_forward
 from engine.metrics import parameter_counts, quantized_summary
 from engine.outputs import checkpoint
-from engine.outputs.export import export_adapter, export_pretrained_by_unit
-from engine.strategies.single import ReadsOwnPiece
+from engine.outputs.export import export_adapter, export_pieces, persistent_buffers
+from engine.strategies.base import ReadsOwnPiece
 from parallel import fsdp
 
 
@@ -30,6 +32,8 @@ class MeasuredBeforeSharding:
 
 class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
     min_ranks = 2
+    one_rank = False
+    whole_model_per_rank = False
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
@@ -57,8 +61,14 @@ class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
         """Gathered one unit at a time, so no rank ever holds the whole model; the main rank writes."""
         if adapter_base is None:
-            export_pretrained_by_unit(self.model, processor, folder, self.precision.frozen_dtype,
-                                      write=self.runtime.is_main)
+            units = fsdp.unit_state_dicts(self.model)  # a collective per unit: every rank takes every one
+            if not self.runtime.is_main:
+                collections.deque(units, maxlen=0)
+                return
+            buffers = persistent_buffers(self.model)
+            export_pieces(self.model, processor, folder, self.precision.frozen_dtype,
+                          itertools.chain(units, [buffers] if buffers else []),
+                          len(self.model.fsdp_units) + bool(buffers))
             return
         adapter = {name: tensor for unit in fsdp.unit_state_dicts(self.model, trainable_only=True)
                    for name, tensor in unit.items()}

@@ -2,16 +2,19 @@
 and reads only that stage's weights; every rank has the whole batch, cut into micro-batches that
 flow through the stages (parallel/pipeline.py)."""
 
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from engine.config import TrainConfig
 from engine.loss import answer_loss
 from engine.outputs import checkpoint
-from engine.outputs.export import export_adapter, export_pretrained_by_stage
+from engine.outputs.export import export_adapter, persistent_buffers, piece_file, save_piece, write_index_and_config
+from engine.outputs.publish import publish_folder, temporary
 from engine.runtime import Runtime
-from engine.strategies.single import ReadsOwnPiece
+from engine.strategies.base import ReadsOwnPiece
 from models.lazy import materialize
 from models.stages import Stage, activation_shape, split_points, stage
 from parallel import clip
@@ -20,11 +23,17 @@ from parallel.pipeline import ActivationShape, Pipeline, bubble
 
 class PipelineParallel(ReadsOwnPiece):
     min_ranks = 2
+    one_rank = False
     alike_ranks = False  # each stage holds its own layers
+    whole_model_per_rank = False
+
+    @classmethod
+    def batch_multiple(cls, config: TrainConfig) -> int:
+        return config.micro_batches  # a batch is cut into that many micro-batches
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
-        self.data = Runtime(runtime.device, precision=runtime.precision)  # every stage sees the whole batch
+        self.data_ranks = Runtime(runtime.device, precision=runtime.precision)  # every stage sees the whole batch
         self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
         self.stage_index, self.stages, self.pipe = runtime.rank, runtime.world_size, None  # None: every rank
         self.idle: list[float] = []
@@ -48,7 +57,7 @@ class PipelineParallel(ReadsOwnPiece):
         micro = [piece for batch in batches for piece in self.micro_batches(batch)]
         loss = self.pipeline.train_step(micro, divisor)
         self.idle.append(self.pipeline.last_idle_fraction)
-        return self.data.sum_over_ranks(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
+        return self.data_ranks.sum_over_ranks(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
 
     def eval_loss(self, batch: dict) -> float:
         return self.pipeline.evaluate(self.micro_batches(batch))
@@ -72,13 +81,33 @@ class PipelineParallel(ReadsOwnPiece):
         """The whole model, one file per stage; or the adapter, every stage's gathered on the main rank."""
         own = self.stage_weights(trainable_only=adapter_base is not None)
         if adapter_base is None:
-            export_pretrained_by_stage(self.model, own, processor, folder, self.precision.frozen_dtype,
-                                       self.stage_index, self.stages, self.runtime.is_main)
+            self.export_by_stage(own, processor, folder)
             return
         stages = self.runtime.gather({name: tensor.cpu() for name, tensor in (own or {}).items()})
         if self.runtime.is_main:
             adapter = {name: tensor for stage in stages for name, tensor in stage.items()}
             export_adapter(self.model, processor, folder, adapter_base, self.config.to_json(), adapter)
+
+    def export_by_stage(self, own: dict[str, torch.Tensor] | None, processor: ProcessorMixin, folder: Path) -> None:
+        """One rank of every stage writes `own`, the stage's weights by the model's names, as one safetensors file
+        of a shared temporary folder, which the main rank (one of the writers) completes with the index, config
+        and processor and publishes. `own` is None on a stage's other ranks (pipeline+fsdp)."""
+        tmp, main = temporary(folder), self.runtime.is_main
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.runtime.gather(None)  # the folder is there before any stage writes into it
+        written = None
+        if own is not None:
+            piece = dict(own, **(persistent_buffers(self.model) if main else {}))
+            file = piece_file(self.stage_index + 1, self.stages)
+            written = (file, sorted(piece), save_piece(piece, tmp / file, self.precision.frozen_dtype))
+        pieces = [piece for piece in self.runtime.gather(written) if piece is not None]
+        if main:
+            weight_map = {name: file for file, names, _ in pieces for name in names}
+            write_index_and_config(tmp, self.model, processor, weight_map, sum(size for *_, size in pieces))
+            publish_folder(tmp, folder)
+        self.runtime.gather(None)  # published before any rank goes on
 
     def stage_weights(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         """This stage's weights (or those that train) by the model's names, on the rank that writes them."""

@@ -34,7 +34,7 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
         stage_groups = [dist.new_group(list(range(s * shards, (s + 1) * shards))) for s in range(stages)]
         pipe_groups = [dist.new_group(list(range(p, world, shards))) for p in range(shards)]
         self.group, self.pipe = stage_groups[self.stage_index], pipe_groups[position]
-        self.data = Runtime(runtime.device, position, shards, runtime.precision, group=self.group)
+        self.data_ranks = Runtime(runtime.device, position, shards, runtime.precision, group=self.group)
 
     def prepare(self, model: PreTrainedModel) -> None:
         own = self.own_stage(model)

@@ -30,16 +30,23 @@ from models.parts import checkpointed_blocks
 from quant import QuantizingReader
 
 
-class Single:
+class Strategy:
     min_ranks = 1
+    one_rank = True  # runs on one device: more ranks are refused
     alike_ranks = True  # every rank holds and allocates the same (replicas, shards): one stands for all in a plan
+    whole_model_per_rank = True  # each rank holds every weight (more GPUs make no room for a larger model)
+
+    @classmethod
+    def batch_multiple(cls, config: TrainConfig) -> int:
+        """What every --batch-size of this strategy must be a multiple of."""
+        return 1
 
     def __init__(self, config: TrainConfig, runtime: Runtime):
         if runtime.world_size < self.min_ranks:
             raise UsageError(f"--parallel {config.parallel} needs {self.min_ranks} or more ranks (--gpus N, or "
                              f"torchrun); this run has {runtime.world_size}.")
         self.config, self.runtime, self.precision = config, runtime, runtime.precision
-        self.data = runtime  # the ranks that split each global batch
+        self.data_ranks = runtime  # the ranks that split each global batch
         self.shard = checkpoint.Shard()  # which piece of a checkpoint this rank writes and reads
         self.model: PreTrainedModel | None = None  # the whole model as saved and exported
         self.parts: list[nn.Module] = []  # the modules this rank runs and trains
@@ -68,10 +75,8 @@ class Single:
         self.precision.autocast_forward(model, self.runtime.device)
 
     def checkpoint_activations(self, model: PreTrainedModel) -> None:
-        """On CUDA unless --no-activation-checkpointing (every one of the original's runs had it on);
-        off on CPU, where memory is rarely what limits a run, unless --activation-checkpointing."""
-        wanted = self.config.activation_checkpointing
-        if wanted or (wanted is None and self.runtime.device.type == "cuda"):
+        """As the resolved config says (TrainConfig.resolved: on a GPU, off on a CPU, unless a flag says)."""
+        if self.config.activation_checkpointing:
             apply_activation_checkpointing(checkpointed_blocks(model))
 
     def parameters(self) -> list[nn.Parameter]:
@@ -100,7 +105,7 @@ class Single:
                 loss = self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}) / divisor
                 loss.backward()
             local += loss.item()
-        return self.data.sum_over_ranks(local)
+        return self.data_ranks.sum_over_ranks(local)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The summed answer-token loss of one micro-batch, labels included (engine/loss.py's loss_forward)."""
@@ -119,8 +124,8 @@ class Single:
         """
         self.train(False)
         loss_sum, count = 0.0, 0
-        stride = batch_size * self.data.world_size
-        for start in range(self.data.rank * batch_size, -(-len(split) // stride) * stride, stride):
+        stride = batch_size * self.data_ranks.world_size
+        for start in range(self.data_ranks.rank * batch_size, -(-len(split) // stride) * stride, stride):
             counted = start < len(split)
             rows = range(start, min(start + batch_size, len(split))) if counted else range(min(batch_size, len(split)))
             batch = collator([split[i] for i in rows])
@@ -128,7 +133,7 @@ class Single:
             if counted:
                 loss_sum += loss
                 count += answer_token_count(batch["labels"])
-        return self.data.sum_over_ranks(loss_sum) / max(1, self.data.sum_over_ranks(count))
+        return self.data_ranks.sum_over_ranks(loss_sum) / max(1, self.data_ranks.sum_over_ranks(count))
 
     def eval_loss(self, batch: dict) -> float:
         """The summed loss of one whole validation batch, which every rank of `data` has."""
@@ -181,13 +186,13 @@ class Single:
     def export_final(self, processor: ProcessorMixin, fingerprint: dict) -> None:
         """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
         adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id or folder."""
-        config, spec = self.config, fingerprint["model"]
+        config = self.config
         best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
         if best is not None:
             self.load_checkpoint(best, fingerprint, with_train_state=False)  # the live optimizer is still held
-        base = config.out / "base" if spec == "tiny" else Path(spec)
-        self.export(config.out / "final", processor, None if config.adapter != "lora" else
-                    str(base.resolve()) if base.exists() else spec)
+        base = Path(config.base_weights)  # an adapter records its base: a folder by its absolute path
+        adapter_base = str(base.resolve()) if base.exists() else config.base_weights
+        self.export(config.out / "final", processor, adapter_base if config.trains_adapter else None)
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
         """OUT/final: a PEFT adapter folder on `adapter_base` when an adapter trained, else the
@@ -211,7 +216,7 @@ class Single:
         return {}
 
 
-class ReadsOwnPiece(Single):
+class ReadsOwnPiece(Strategy):
     """A strategy whose ranks each read only their own piece of the weights (a shard, a stage), in `prepare`."""
 
     def materialize(self, base_copy: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
