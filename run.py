@@ -282,7 +282,7 @@ def subcommand(name: str, argv: list[str]) -> int:
     return 0
 
 
-def train(argv: list[str]) -> int:
+def train_command(argv: list[str]) -> int:
     args = vars(train_parser().parse_args(argv))
     if args.pop("debug"):
         os.environ["MUSEFT_DEBUG"] = "1"  # for the ranks this process starts, too
@@ -342,7 +342,7 @@ def main(argv: list[str]) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # one progress bar, the trainer's
-        return subcommand(argv[0], argv[1:]) if argv[:1] and argv[0] in SUBCOMMANDS else train(argv)
+        return subcommand(argv[0], argv[1:]) if argv[:1] and argv[0] in SUBCOMMANDS else train_command(argv)
     except (KeyboardInterrupt, Terminated) as error:  # before a command's own handler is in place
         return stop(error)
     finally:

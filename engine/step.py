@@ -10,7 +10,7 @@ from engine.strategies import Strategy
 def train_step(strategy: Strategy, optimizer: torch.optim.Optimizer, batches: list[dict],
                max_grad_norm: float) -> tuple[float, float, int]:
     """Forward/backward this rank's micro-batches, clip, step. Returns (global loss, grad norm, global tokens)."""
-    strategy.train()
+    strategy.set_training()
     answer_tokens = int(strategy.data_ranks.sum_over_ranks(sum(answer_token_count(b["labels"]) for b in batches)))
     loss = strategy.forward_backward(batches, answer_tokens)
     grad_norm = strategy.clip_(max_grad_norm)

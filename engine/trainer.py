@@ -5,7 +5,7 @@ global batch, let the strategy run forward and backward with that divisor (so th
 exact global mean), clip by the global norm, step. Every `eval_every` of the run: validation loss,
 TensorBoard point, atomic checkpoint. A loss or gradient norm of inf or nan stops the run at that step,
 before anything of it is saved. Resume restores the trainable weights, optimizer, scheduler
-and RNG; the data position is the step number itself (see BatchPlan). Everything that depends on
+and RNG; the data position is the step number itself (see BatchOrder). Everything that depends on
 the parallelism is the strategy's (engine/strategies/); nothing here asks which one runs.
 """
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import ProcessorMixin
 
 from engine.config import TrainConfig, result_settings
-from engine.data.batches import BatchPlan
+from engine.data.batches import BatchOrder
 from engine.data.checks import check_data
 from engine.data.collate import Collator
 from engine.data.sources import load_splits
@@ -38,7 +38,7 @@ from engine.tensorboard import Scalars, check_port_free, serve
 from errors import UsageError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything a run builds before its first step."""
     config: TrainConfig
@@ -46,7 +46,7 @@ class Run:
     strategy: Strategy
     processor: ProcessorMixin
     splits: dict
-    plan: BatchPlan
+    order: BatchOrder  # which rows each step takes
     total_steps: int
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -116,25 +116,26 @@ def setup(config: TrainConfig) -> Run:
     if runtime.is_main:
         claim(config.out, config.to_json())  # the first file in OUT, before OUT/base
     processor = strategy.build(config.base_copy)
-    plan = BatchPlan(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size, config.seed)
-    total_steps = config.max_steps or plan.steps_per_epoch * config.epochs
-    peak_lr = scaled_lr(config.lr, config.lr_scaling, plan.global_batch, config.lr_reference_batch)
+    order = BatchOrder(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size, config.seed)
+    total_steps = config.max_steps or order.steps_per_epoch * config.epochs
+    peak_lr = scaled_lr(config.lr, config.lr_scaling, order.global_batch, config.lr_reference_batch)
     optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
     scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
     fingerprint = {"approach": config.approach, "model": config.model, "total_steps": total_steps,
                    "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
-                   "global_batch": plan.global_batch, "world_size": runtime.world_size,
+                   "global_batch": order.global_batch, "world_size": runtime.world_size,
                    "precision": runtime.precision.name, "settings": result_settings(config), **strategy.fingerprint()}
     start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume else 0
     if runtime.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "config.json").write_text(config.to_json())
-    return Run(config, runtime, strategy, processor, splits, plan, total_steps, optimizer, scheduler, fingerprint, start)
+    return Run(config=config, runtime=runtime, strategy=strategy, processor=processor, splits=splits, order=order,
+               total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint, start=start)
 
 
 def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
-    config, strategy, plan = run.config, run.strategy, run.plan
+    config, strategy, order = run.config, run.strategy, run.order
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
     stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}}
     eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))  # HF Trainer's rounding: the original's cadence
@@ -142,9 +143,9 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
-        batches = [collator([run.splits["train"][i] for i in rows]) for rows in plan.micro_batches(step, strategy.data_ranks.rank)]
+        batches = [collator([run.splits["train"][i] for i in rows]) for rows in order.micro_batches(step, strategy.data_ranks.rank)]
         stats["data_wait"] += time.perf_counter() - tick  # the step waits for its batches: collated here, in line
-        rows = len(plan.global_rows(step))  # a global batch, or fewer at an epoch's end
+        rows = len(order.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
         refuse_divergence(step + 1, config, training_loss=loss, gradient_norm=grad_norm)
         stats["memory"] = stats["memory"] or strategy.memory(run.optimizer)  # grads still exist: measured once

@@ -292,3 +292,25 @@ def test_cli_an_answer_longer_than_the_tiny_models_context_is_refused(tmp_path):
                                 "with ")
     assert "pass --max-length 2048 to cut the answers that do not fit." in result.stderr
     assert seconds < 120, seconds
+
+
+def test_a_run_reads_its_data_once_and_counts_each_row_once(tmp_path, monkeypatch):
+    """A one-process run planned before it loads (--memory-budget) then trained and evaluated: the planner, the
+    data checks, training and evaluation share one read of the data set, and each row's tokens are counted once
+    (the planner's widest row and the data checks' lengths)."""
+    import run
+    from engine.data import sources
+
+    reads, counted = [], []
+    read, count = sources._read_splits, data_checks._count_row_lengths
+    monkeypatch.setattr(sources, "_read_splits", lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs))
+    monkeypatch.setattr(data_checks, "_count_row_lengths",
+                        lambda split, processor: counted.append(len(split)) or count(split, processor))
+    sources._LOADED.clear()
+    data_checks._LENGTHS.clear()
+    assert run.train_command(["--approach", "lora", "--model", "tiny", "--device", "cpu", "--limit-exhibits", "1",
+                              "--max-steps", "1", "--batch-size", "1", "--max-new-tokens", "2",
+                              "--memory-budget", "64", "--output-dir", str(tmp_path / "run")]) == 0
+    splits = sources.load_splits("musequest", limit_exhibits=1)
+    assert len(reads) == 1
+    assert sorted(counted) == sorted(len(split) for split in splits.values())  # each split's rows, once

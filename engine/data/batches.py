@@ -1,6 +1,6 @@
 """Which rows go into which optimizer step, micro-batch and rank.
 
-The plan is a pure function of (seed, epoch, step): resuming needs nothing but the step
+The order is a pure function of (seed, epoch, step): resuming needs nothing but the step
 number, and a global batch holds the same rows in the same order whatever the world size
 or accumulation, so runs stay comparable across 1, 2 or 4 ranks (the last step of an epoch
 adds, on several ranks, the few padding rows described below).
@@ -20,7 +20,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchOrder:
     num_rows: int
     batch_size: int  # rows per micro-batch on one rank
     grad_accum: int = 1

@@ -132,8 +132,22 @@ def check_lengths(splits: datasets.DatasetDict, processor: ProcessorMixin, max_l
                          f"--max-length {context} to cut the answers that do not fit.")
 
 
+_LENGTHS: dict[tuple, list[int]] = {}  # this process's row lengths, the last few, by split and processor
+
+
 def row_lengths(split: datasets.Dataset, processor: ProcessorMixin) -> list[int]:
-    """Each row's token count as the collator makes it (its unpadded length, before any --max-length cut)."""
+    """Each row's token count as the collator makes it (its unpadded length, before any --max-length cut).
+    Counted once per process for a split and a processor alike (the planner's widest row, the data checks)."""
+    key = (split._fingerprint, type(processor).__name__, processor.tokenizer.name_or_path, len(processor.tokenizer),
+           processor.image_processor.to_json_string(), processor.chat_template)
+    if key not in _LENGTHS:
+        if len(_LENGTHS) >= 4:
+            del _LENGTHS[next(iter(_LENGTHS))]
+        _LENGTHS[key] = _count_row_lengths(split, processor)
+    return _LENGTHS[key]
+
+
+def _count_row_lengths(split: datasets.Dataset, processor: ProcessorMixin) -> list[int]:
     lengths = []
     for start in range(0, len(split), CHUNK):
         indices = range(start, min(start + CHUNK, len(split)))

@@ -23,8 +23,32 @@ COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
 MUSEQUEST_DIR = Path(__file__).parent / "musequest"
 
 
+_LOADED: dict[tuple, datasets.DatasetDict] = {}  # this process's data sets, the last few, by source as it is on disk
+
+
 def load_splits(source: str, *, limit_exhibits: int | None = None, image_size: int = 224) -> datasets.DatasetDict:
-    """The three splits of `source`; with `limit_exhibits=K`, only rows of the first K item names (sorted)."""
+    """The three splits of `source`; with `limit_exhibits=K`, only rows of the first K item names (sorted).
+    Read and checked once per process while the files stay as they are: the planner, the data checks,
+    training and evaluation share one copy (which nobody changes: a Dataset's methods return new ones)."""
+    key = (source, limit_exhibits, image_size, _as_on_disk(source))
+    if key not in _LOADED:
+        if len(_LOADED) >= 4:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = _read_splits(source, limit_exhibits=limit_exhibits, image_size=image_size)
+    return _LOADED[key]
+
+
+def _as_on_disk(source: str) -> tuple:
+    """Every file of a local source with its size and modification time: a data set edited in place is read
+    again."""
+    folder = Path(source)
+    if source == "musequest" or not folder.exists():
+        return ()
+    files = [folder] if folder.is_file() else sorted(path for path in folder.rglob("*") if path.is_file())
+    return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+
+
+def _read_splits(source: str, *, limit_exhibits: int | None, image_size: int) -> datasets.DatasetDict:
     if source == "musequest":
         splits = _musequest()
         _validate(splits, images_per_row={name: [1] * len(split) for name, split in splits.items()},

@@ -46,7 +46,7 @@ from parallel import fsdp
 CPU = torch.device("cpu")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class RankPlan:
     rank: int
     param_bytes: int
@@ -101,10 +101,12 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
     peak, activations = at_fullest(steps)
     memory = steps[-1].memory  # while the gradients exist, as a run measures it
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
-    return RankPlan(rank, memory["param_bytes"], dict(by_dtype), memory["buffer_bytes"], memory["grad_bytes"],
-                    optimizer_bytes, memory["optimizer_bytes"] - optimizer_bytes, held, activations, peak,
-                    memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0, model_bytes, export,
-                    export_peak)
+    return RankPlan(rank=rank, param_bytes=memory["param_bytes"], param_bytes_by_dtype=dict(by_dtype),
+                    buffer_bytes=memory["buffer_bytes"], grad_bytes=memory["grad_bytes"], optimizer_bytes=optimizer_bytes,
+                    host_optimizer_bytes=memory["optimizer_bytes"] - optimizer_bytes, held_bytes=held,
+                    activation_bytes=activations, peak_bytes=peak,
+                    checkpoint_bytes=memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0,
+                    model_bytes=model_bytes, export_bytes=export, export_peak_bytes=export_peak)
 
 
 @dataclasses.dataclass

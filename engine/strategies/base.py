@@ -89,7 +89,8 @@ class Strategy:
     def quantized_summary(self) -> dict:
         return quantized_summary(self.model)
 
-    def train(self, mode: bool = True) -> None:
+    def set_training(self, mode: bool = True) -> None:
+        """Training mode (dropout on) or evaluation mode, for every part this rank runs."""
         for part in self.parts:
             part.train(mode)
 
@@ -122,7 +123,7 @@ class Strategy:
         Every rank runs the same number of forwards, since an FSDP forward is a collective: a rank
         whose rows have run out repeats the split's first batch and does not count it.
         """
-        self.train(False)
+        self.set_training(False)
         loss_sum, count = 0.0, 0
         stride = batch_size * self.data_ranks.world_size
         for start in range(self.data_ranks.rank * batch_size, -(-len(split) // stride) * stride, stride):
