@@ -12,10 +12,14 @@ same sentence and exit status, a bug as the rank's traceback.
 """
 
 import contextlib
+import json
 import logging
+import multiprocessing
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,14 +67,17 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # The ranks fork from a server process that has torch, transformers and the worker's module imported (started
+    # by the first launch; it never touches CUDA): a rank starts without seconds of imports of its own.
+    multiprocessing.set_forkserver_preload(["torch", "transformers", worker.__module__])
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-        start_method="spawn",
+        start_method="forkserver",
     )
     try:
         with _quiet_launcher():
-            results = elastic_launch(launch_config, _rank)(worker, config)
+            results = elastic_launch(launch_config, _rank)(worker, config, (dict(os.environ), os.getcwd()))
     except ChildFailedError as failure:
         rank, message, stack = _reported_failure(failure)
         kind, _, sentence = message.partition(": ")  # torch's error file holds "ExceptionType: message"
@@ -83,12 +90,26 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
 
 
 SENTENCES = {"UsageError": UsageError, "DiskError": DiskError}  # what _rank raises for a parent to show as is
+# What torch's launcher sets for each rank (besides TORCHELASTIC_* and TORCH_NCCL_*): kept over the launching
+# process's values, which a forked rank otherwise takes.
+LAUNCHER_VARIABLES = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+                      "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
 
 
-def _rank(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
+def _rank(worker: Callable[[TrainConfig], Any], config: TrainConfig, launching: tuple[dict[str, str], str]) -> Any:
     """`worker(config)` on a spawned rank; a failure errors.explain words becomes a UsageError or DiskError of
     that sentence, which is what torch's error file then records for the parent. A lost peer stays as it is: the
-    parent names the rank that went away instead."""
+    parent names the rank that went away instead.
+
+    A forked rank starts with the fork server's environment and folder, the launching process's at its first
+    launch: it takes `launching`, the launching process's environment and folder now, and keeps the variables
+    torch's launcher set for this rank (its rank, world, rendezvous address, error file)."""
+    environ, folder = launching
+    from_launcher = {key: value for key, value in os.environ.items()
+                     if key in LAUNCHER_VARIABLES or key.startswith(("TORCHELASTIC_", "TORCH_NCCL_"))}
+    os.environ.clear()
+    os.environ.update(environ | from_launcher)
+    os.chdir(folder)
     try:
         return _in_group(worker, config)
     except Exception as error:
@@ -112,15 +133,28 @@ def _in_group(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
 def _reported_failure(failure) -> tuple[int, str, str]:
     """(rank, message, traceback) of the failure to show: the first rank that failed with a sentence of its own
     (the others may only have lost their peer), else the first that did not just lose its peer (a rank killed by
-    a signal, or a bug), else the first to fail."""
-    failures = []
-    for rank, failed in sorted(failure.failures.items(), key=lambda item: item[1].timestamp):
-        message = failed.message.get("message", "") if isinstance(failed.message, dict) else failed.message
-        stack = failed.message.get("extraInfo", {}).get("py_callstack", "") if isinstance(failed.message, dict) else ""
-        failures.append((rank, message, stack))
-    own_sentence = [f for f in failures if f[1].partition(": ")[0] in SENTENCES]
-    not_a_lost_peer = [f for f in failures if not PEER_GONE.search(f[1])]
-    return (own_sentence or not_a_lost_peer or failures)[0]
+    a signal, or a bug), else the first to fail. torch's launcher reports the one rank it saw exit first, which
+    may be a rank that lost its peer; every rank that failed before the rest were stopped left its error file
+    beside that one's, and is read from there."""
+    failures = {}
+    for rank, failed in failure.failures.items():
+        failures[rank] = (failed.timestamp, *_message_and_stack(failed.message))
+        for file in Path(failed.error_file).parent.parent.glob("*/error.json") if failed.error_file else []:
+            other = int(file.parent.name)  # the local rank's folder: the rank, on one machine
+            if other not in failures:
+                recorded = json.loads(file.read_text())["message"]
+                when = int(recorded.get("extraInfo", {}).get("timestamp", 0))
+                failures[other] = (when, *_message_and_stack(recorded))
+    ordered = [(rank, message, stack) for rank, (_, message, stack) in sorted(failures.items(), key=lambda i: i[1][0])]
+    own_sentence = [f for f in ordered if f[1].partition(": ")[0] in SENTENCES]
+    not_a_lost_peer = [f for f in ordered if not PEER_GONE.search(f[1])]
+    return (own_sentence or not_a_lost_peer or ordered)[0]
+
+
+def _message_and_stack(message: dict | str) -> tuple[str, str]:
+    if isinstance(message, dict):
+        return message.get("message", ""), message.get("extraInfo", {}).get("py_callstack", "")
+    return message, ""
 
 
 @contextlib.contextmanager

@@ -33,3 +33,22 @@ def processor(_processor):
 def tiny_model():
     """The built-in tiny Idefics2 with seed 0, fp32, in eval mode."""
     return build_tiny(seed=0)
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """`one_process(approach, batch_size, **overrides)`: (rank 0's summary, the run's folder) of a one-process run
+    of the engine (tests/harness.py `run_engine`): the reference that the parallel runs must reproduce, run once
+    per test session for each setting, however many test files compare against it. Read it, do not change it."""
+    from harness import run_engine
+
+    done = {}
+
+    def run(approach: str, batch_size: int, **overrides) -> tuple[dict, Path]:
+        key = (approach, batch_size, repr(sorted(overrides.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"one-process-{approach}")
+            done[key] = run_engine(out, approach, batch_size=batch_size, gpus=None, **overrides), out
+        return done[key]
+
+    return run

@@ -8,14 +8,14 @@ from harness import FULL, assert_same_curves, run_engine, saved_weights
 
 
 @pytest.mark.slow
-def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
-    single = run_engine(tmp_path / "single", "lora", batch_size=4, gpus=None)
+def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path, one_process):
+    single, single_out = one_process("lora", 4)
     ddp = run_engine(tmp_path / "ddp", "lora_ddp", batch_size=2, gpus=2)
     assert ddp["world_size"] == 2 and len(ddp["ranks"]) == 2
     for key in ("train_loss", "grad_norm", "val_loss"):  # the grad norm catches a sum-vs-mean slip
         assert [v for _, v in ddp["history"][key]] == pytest.approx([v for _, v in single["history"][key]], rel=1e-4)
     ours = load_file(tmp_path / "ddp" / "final" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    reference = load_file(single_out / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     # Resume with 2 ranks: stop after 2 steps, continue, and land on the same curve and weights.
     first = run_engine(tmp_path / "resumed", "lora_ddp", batch_size=2, gpus=2, stop_after_steps=2)
@@ -31,8 +31,8 @@ def test_two_ranks_reproduce_one_process_with_the_double_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path):
-    single = run_engine(tmp_path / "single", "qlora", batch_size=4, gpus=None)
+def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path, one_process):
+    single, _ = one_process("qlora", 4)
     hybrid = run_engine(tmp_path / "hybrid", "qlora", batch_size=2, gpus=2, parallel="ddp")
     assert hybrid["world_size"] == 2 and hybrid["quantized_ratio"] == single["quantized_ratio"]
     for key in ("train_loss", "grad_norm"):
@@ -40,12 +40,12 @@ def test_qlora_with_ddp_is_a_flag_away_and_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_with_ddp_equals_one_process(tmp_path):
+def test_full_fine_tuning_with_ddp_equals_one_process(tmp_path, one_process):
     """Replicated full fine-tuning (`--approach full --parallel ddp`): every trained weight's gradient summed."""
-    single = run_engine(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
+    single, single_out = one_process("full", 4, **FULL)
     hybrid = run_engine(tmp_path / "hybrid", "full", batch_size=2, gpus=2, parallel="ddp", **FULL)
     assert_same_curves(hybrid, single)
-    ours, reference = saved_weights(tmp_path / "hybrid" / "final"), saved_weights(tmp_path / "single" / "final")
+    ours, reference = saved_weights(tmp_path / "hybrid" / "final"), saved_weights(single_out / "final")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)

@@ -23,12 +23,12 @@ from models.tiny import build_tiny
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2])  # 4 ranks: test_fsdp.py on the toy, and test_pipeline_runs' headline
-def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp_path, processor):
-    single = run_engine(tmp_path / "single", "full", batch_size=4, gpus=None, **FULL)
+def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp_path, processor, one_process):
+    single, single_out = one_process("full", 4, **FULL)
     sharded = run_engine(tmp_path / "fsdp", "full_fsdp", batch_size=4 // world, gpus=world, **FULL)
     assert sharded["world_size"] == world and sharded["total_params"] == single["total_params"]
     assert_same_curves(sharded, single)
-    ours, reference = saved_weights(tmp_path / "fsdp" / "final"), saved_weights(tmp_path / "single" / "final")
+    ours, reference = saved_weights(tmp_path / "fsdp" / "final"), saved_weights(single_out / "final")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=5e-5, msg=name)
@@ -45,7 +45,7 @@ def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp
     messages = [{"role": "user", "content": [{"type": "text", "text": "Which exhibit is this?"}]}]
     batch = dict(processor(text=[processor.apply_chat_template(messages)], return_tensors="pt"))
     torch.testing.assert_close(saved_logits(tmp_path / "fsdp" / "final", batch),
-                               saved_logits(tmp_path / "single" / "final", batch), rtol=1e-4, atol=1e-4)
+                               saved_logits(single_out / "final", batch), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -67,8 +67,8 @@ def test_full_fsdp_resumes_from_per_rank_shards_on_the_same_world_size(tmp_path)
 
 
 @pytest.mark.slow
-def test_lora_with_fsdp_equals_one_process_lora(tmp_path):
-    single = run_engine(tmp_path / "single", "lora", batch_size=4, gpus=None)
+def test_lora_with_fsdp_equals_one_process_lora(tmp_path, one_process):
+    single, single_out = one_process("lora", 4)
     sharded = run_engine(tmp_path / "fsdp", "lora", batch_size=2, gpus=2, parallel="fsdp", skip_eval=False,
                          max_new_tokens=8)
     assert sharded["trainable_params"] == single["trainable_params"]
@@ -82,18 +82,18 @@ def test_lora_with_fsdp_equals_one_process_lora(tmp_path):
     assert [row["data_id"] for row in rows] == [str(row["data_id"]) for row in test]
     assert sharded["eval"]["rows"] == len(test) and sharded["eval"]["baseline_score"] is not None
     ours = load_file(tmp_path / "fsdp" / "final" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    reference = load_file(single_out / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-4, msg=name)  # lr=5e-3
 
 
 @pytest.mark.slow
-def test_qlora_with_fsdp_equals_one_process_qlora_with_half_the_nf4_codes_per_rank(tmp_path):
+def test_qlora_with_fsdp_equals_one_process_qlora_with_half_the_nf4_codes_per_rank(tmp_path, one_process):
     """Each rank quantizes the layers its shards cover as one process does, keeps its half of the packed codes
     and absmaxes (whole NF4 blocks' bytes, sharded as flat uint8 and fp32 buffers) and gathers a block's codes
     only while the block runs: the same losses, gradient norms and adapter as one-process QLoRA."""
-    single = run_engine(tmp_path / "single", "qlora", batch_size=4, gpus=None)
+    single, single_out = one_process("qlora", 4)
     sharded = run_engine(tmp_path / "fsdp", "qlora", batch_size=2, gpus=2, parallel="fsdp")
     assert sharded["total_params"] == single["total_params"]
     assert sharded["quantized_weight_bytes"] == single["quantized_weight_bytes"] > 0
@@ -105,7 +105,7 @@ def test_qlora_with_fsdp_equals_one_process_qlora_with_half_the_nf4_codes_per_ra
         assert whole["buffer_bytes"] / 2 <= rank["buffer_bytes"] <= whole["buffer_bytes"] / 2 + 1024
         assert rank["grad_bytes"] <= whole["grad_bytes"] / 2 + 1024
     ours = load_file(tmp_path / "fsdp" / "final" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    reference = load_file(single_out / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-4, msg=name)  # lr=5e-3

@@ -1,6 +1,8 @@
 """What a CPU run cannot show by itself about CUDA and NCCL, made to show (issue 25): NCCL's failure texts read
 as sentences, collectives on the rank's own device, one GPU per task, flash-attention refused when absent."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,6 +45,7 @@ def test_a_collective_timeout_is_its_own_sentence_not_a_lost_peer():
 class _Failed:
     def __init__(self, message: str, timestamp: int):
         self.message, self.timestamp = {"message": message, "extraInfo": {"py_callstack": ""}}, timestamp
+        self.error_file = None
 
 
 class _ChildFailed:
@@ -131,7 +134,7 @@ def test_a_rank_leaves_its_process_group_when_its_work_is_done(monkeypatch, path
         monkeypatch.setenv("WORLD_SIZE", "2")
     try:
         assert (launch.launch(config, _joins_a_group) if path == "torchrun rank"
-                else launch._rank(_joins_a_group, config)) == "done"
+                else launch._rank(_joins_a_group, config, (dict(os.environ), os.getcwd()))) == "done"
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

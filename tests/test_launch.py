@@ -38,6 +38,25 @@ def test_a_crash_on_one_rank_ends_all_ranks_and_names_it():
     assert time.monotonic() - started < 120
 
 
+@record
+def _where_and_what(config):
+    runtime = setup_runtime(config)
+    return {"folder": os.getcwd(), "probe": os.environ.get("MUSEFT_PROBE"), "world": runtime.world_size}
+
+
+def test_forked_ranks_take_the_launching_processs_environment_and_folder_as_they_are_now(tmp_path, monkeypatch):
+    """Ranks fork from a server started at the first launch: each launch's ranks still see the environment and the
+    folder of their launching process as they are at that launch, and the rendezvous address torch's launcher set
+    for them, not a MASTER_PORT the launching process happens to have."""
+    for value in ("first", "second"):
+        monkeypatch.setenv("MUSEFT_PROBE", value)
+        monkeypatch.setenv("MASTER_PORT", "1")
+        (tmp_path / value).mkdir()
+        monkeypatch.chdir(tmp_path / value)
+        result = launch(from_approach("lora_ddp", gpus=2, device="cpu"), _where_and_what)
+        assert result == {"folder": str(tmp_path / value), "probe": value, "world": 2}
+
+
 def test_torchrun_world_and_gpus_must_agree(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="torchrun started 4 ranks but --gpus asks for 2"):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +20,11 @@ from models.tiny import build_tiny
 ROTARY_BYTES = 2 * 8 * 4  # the tiny model's rotary tables (inv_freq, original_inv_freq: 8 fp32 each), in every stage
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[dict, dict]:
+@pytest.fixture
+def single(one_process) -> tuple[dict, Path]:
     """One process, full fine-tuning, the same batch of 4: the reference of every test here."""
-    out = tmp_path_factory.mktemp("single")
-    return run_engine(out, "full", batch_size=4, gpus=None, **FULL), out / "final"
+    summary, out = one_process("full", 4, **FULL)
+    return summary, out / "final"
 
 
 def _assert_same_weights(folder, reference_folder, atol: float = 5e-5) -> None:
