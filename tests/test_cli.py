@@ -51,12 +51,12 @@ def test_unbuilt_approaches_are_refused_not_substituted():
         from_approach("full_fsdp", gpus=2, quant="nf4")
 
 
-def test_every_combination_of_the_three_flags_is_in_the_readme_and_built_or_refused():
-    """The README's table names every --adapter x --quant x --parallel combination (`any` standing for all
-    parallelisms); each is accepted with exactly its three choices, or refused in one sentence where the
+def test_every_combination_of_the_three_flags_is_in_the_docs_and_built_or_refused():
+    """The table of docs/approaches.md names every --adapter x --quant x --parallel combination (`any` standing
+    for all parallelisms); each is accepted with exactly its three choices, or refused in one sentence where the
     table says refused. That each accepted one equals one process is in the test file the row names."""
-    rows = [[cell.strip(" `") for cell in line.strip("|").split("|")]
-            for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(("| none |", "| lora |"))]
+    rows = [[cell.strip(" `") for cell in line.strip("|").split("|")] for line in
+            (ROOT / "docs" / "approaches.md").read_text().splitlines() if line.startswith(("| none |", "| lora |"))]
     parallels = TrainConfig.__dataclass_fields__["parallel"].metadata["choices"]
     listed = {(adapter, quant, parallel): what for adapter, quant, where, what, _ in rows
               for parallel in (parallels if where == "any" else [where])}

@@ -1,6 +1,6 @@
-"""The README's two-node torchrun line, run as two torchrun agents on this one machine: one CPU rank each, a c10d
-rendezvous on 127.0.0.1, one output folder as a shared filesystem would give. DDP, FSDP and the pipeline then
-equal one process, and a node that dies ends the other within a minute with one sentence.
+"""The two-node torchrun line of docs/multinode.md, run as two torchrun agents on this one machine: one CPU rank
+each, a c10d rendezvous on 127.0.0.1, one output folder as a shared filesystem would give. DDP, FSDP and the
+pipeline then equal one process, and a node that dies ends the other within a minute with one sentence.
 
 The reference is the one-process run of the same flags (run.main in this process; the whole batch on one rank):
 the cheapest run that shares nothing with torchrun, its rendezvous or torch.distributed, so a rank numbering,
@@ -11,6 +11,7 @@ test_ddp_runs, test_fsdp_runs and test_pipeline_runs (which explain them) for th
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -45,6 +46,15 @@ APPROACHES = {
 LOST_PEER = "error: another rank of this run went away"
 STOPPED = "error: stopped by SIGTERM"  # by its own agent
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+")
+
+
+def docs_line() -> tuple[list[str], list[str]]:
+    """The torchrun line of docs/multinode.md, as a shell splits it: torchrun's options, and run.py's flags."""
+    block = (ROOT / "docs" / "multinode.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    [line] = [line for line in block.splitlines() if line.startswith("torchrun ")]
+    words = shlex.split(line, comments=True)
+    script = words.index("run.py")
+    return words[1:script], words[script + 1:]
 
 
 def free_port() -> int:
@@ -86,14 +96,20 @@ def kill_node(agent: subprocess.Popen) -> None:
 
 
 class TwoNodes:
-    """The README's line on each of two 'machines', node 0's agent started first so that it holds the rendezvous.
-    Each agent's stdout and stderr go to files in `logs`; `result(node)` waits for one agent."""
+    """The line of docs/multinode.md on each of two 'machines', node 0's agent started first so that it holds the
+    rendezvous: as written, but one CPU rank a node, this machine's free port and a run id of its own; `flags` follow
+    the line's own (a repeated flag's last value counts). Each agent's stdout and stderr go to files in `logs`;
+    `result(node)` waits for one agent."""
 
     def __init__(self, flags: list[str], out: Path, logs: Path):
         self.logs, port = logs, free_port()
-        line = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
-                str(ROOT / "run.py"), *flags, "--output-dir", str(out)]
+        torchrun, script = docs_line()
+        assert torchrun[torchrun.index("--nnodes") + 1] == "2", torchrun
+        for option, value in {"--nproc_per_node": "1", "--rdzv-endpoint": f"127.0.0.1:{port}",
+                              "--rdzv-id": uuid.uuid4().hex}.items():
+            torchrun[torchrun.index(option) + 1] = value  # the docs' line must still name each
+        line = [sys.executable, "-m", "torch.distributed.run", *torchrun, str(ROOT / "run.py"), *script, *flags,
+                "--output-dir", str(out)]
         self.agents = [self._start(0, line)]
         deadline = time.monotonic() + 60
         while not listening(port):
