@@ -238,6 +238,9 @@ def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+OTHERS = "## Measured by other commands"  # RESULTS.md's part that this script does not write
+
+
 def write(results: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -246,7 +249,10 @@ def write(results: dict, folder: Path) -> None:
     for device, section in results.items():
         parts += ["", f"## {device.upper()}: {section['machine']}", "",
                   f"`{section['command']}`, {section['date']}: {section['setting']}", "", table(section)]
-    (folder / "RESULTS.md").write_text("\n".join(parts) + "\n")
+    # The other benchmarks' numbers follow this script's, under their own heading: kept as they are.
+    page = folder / "RESULTS.md"
+    kept = page.read_text().partition(OTHERS)[2] if page.exists() and OTHERS in page.read_text() else ""
+    page.write_text("\n".join(parts) + "\n" + (f"\n{OTHERS}{kept}" if kept else ""))
 
 
 def main() -> None:

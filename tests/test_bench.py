@@ -170,3 +170,13 @@ def test_bench_command_finds_ours_and_peft_holding_the_same_adapter_bytes(tmp_pa
     assert grads["ours"] == grads["peer"] == adapter_bytes / 2**20
     assert state["ours"] == state["peer"] == (2 * adapter_bytes + 2 * len(targets) * 4) / 2**20  # moments, steps
     assert results["lora (1 rank): params per rank"]["ratio"] == 1.0
+
+
+def test_the_results_page_keeps_what_other_commands_measured(tmp_path):
+    """bench/run.py rewrites its own sections of RESULTS.md from results.json and keeps the part other
+    commands measured (the hybrids, the FSDP and pipeline comparisons) as it is."""
+    others = f"{bench_run.OTHERS}\n\n| a table | measured elsewhere |\n"
+    (tmp_path / "RESULTS.md").write_text("# Benchmark results\n\nan old section\n\n" + others)
+    bench_run.write({}, tmp_path)
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "an old section" not in page and page.endswith(others)
