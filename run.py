@@ -142,7 +142,8 @@ def evaluate(args: argparse.Namespace) -> str:
     check_model_flags(args, "eval")
     check_scorer(args.scorer)
     device = pick_device(args.device, 1)
-    base = args.base or args.model or json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = args.base or args.model or \
+        json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     evaluate_test_split(args.model, args.adapter, args.dataset, args.limit_exhibits, args.scorer, base,
                         args.output_dir, device, args.batch_size, args.max_new_tokens)  # shows every row and the score
     return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"

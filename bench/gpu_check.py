@@ -128,7 +128,8 @@ def check_one_rank_group(device: str) -> dict:
     try:
         expected = weights(trained(stack()).state_dict())
         got = {"ddp": weights(trained(DataParallel(stack())).module.state_dict()),
-               "fsdp": weights({name: tensor for unit in unit_state_dicts(trained(sharded())) for name, tensor in unit.items()})}
+               "fsdp": weights({name: tensor for unit in unit_state_dicts(trained(sharded()))
+                                for name, tensor in unit.items()})}
     finally:
         dist.destroy_process_group()
     differences = {f"{name} max diff": max((weights_[key] - expected[key]).abs().max().item() for key in expected)

@@ -28,8 +28,10 @@ RUNS = [
     ("LoRA, 1x A6000 48 GB, batch 14", "--approach lora --batch-size 14 --gpu-memory 47.53", None),
     ("QLoRA, 1x A5000 24 GB, batch 3", "--approach qlora --batch-size 3 --gpu-memory 23.68", None),
     ("QLoRA, 1x A4000 16 GB, batch 2", "--approach qlora --batch-size 2 --gpu-memory 15.73", None),
-    ("LoRA + DDP, 2x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 2 --batch-size 14 --gpu-memory 47.53", (16.28, 37.72)),
-    ("LoRA + DDP, 4x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 4 --batch-size 14 --gpu-memory 47.53", (16.28, 37.72)),
+    ("LoRA + DDP, 2x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 2 --batch-size 14 --gpu-memory 47.53",
+     (16.28, 37.72)),
+    ("LoRA + DDP, 4x A6000 48 GB, batch 14", "--approach lora_ddp --gpus 4 --batch-size 14 --gpu-memory 47.53",
+     (16.28, 37.72)),
     ("full, 1x A100 80 GB, batch 10", "--approach full --batch-size 10 --precision bf16 --gpu-memory 79.25", None),
     ("full + MP, 2x A6000 48 GB, batch 8, split 13", "--approach full_mp --gpus 2 --batch-size 8 --split 13 "
      "--micro-batches 1 --precision bf16 --gpu-memory 47.53", None),

@@ -40,7 +40,8 @@ RUNS = [
     ("lora, 1x A6000 48 GB", "lora", 1, 48, ()),
 ]
 # (column, --precision, --optimizer, or "offload" for --optimizer-offload cpu)
-OPTIONS = [("bf16-mixed, adamw (16 B)", "bf16-mixed", "adamw"), ("bf16-mixed, adamw8bit (10 B)", "bf16-mixed", "adamw8bit"),
+OPTIONS = [("bf16-mixed, adamw (16 B)", "bf16-mixed", "adamw"),
+           ("bf16-mixed, adamw8bit (10 B)", "bf16-mixed", "adamw8bit"),
            ("bf16, adamw (8 B)", "bf16", "adamw"), ("bf16, adamw8bit (6 B)", "bf16", "adamw8bit"),
            ("bf16, offload cpu (4 B)", "bf16", "offload")]
 
@@ -74,7 +75,8 @@ def main() -> None:
     for words, approach, gpus, gib, split in RUNS:
         cells = [largest_gpu_bytes(approach, gpus, split, precision, optimizer) / GIB
                  for _, precision, optimizer in OPTIONS]
-        lines.append(f"| {words} | " + " | ".join(f"{cell:.1f}" + ("" if cell < gib else " (over)") for cell in cells) + " |")
+        marked = (f"{cell:.1f}" + ("" if cell < gib else " (over)") for cell in cells)
+        lines.append(f"| {words} | " + " | ".join(marked) + " |")
     print("GiB per GPU (the fullest one) before activations\n")
     print("\n".join(lines))
 

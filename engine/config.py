@@ -110,7 +110,8 @@ class TrainConfig:
                             choices=("adamw", "adamw8bit"))
     optimizer_offload: str = option("none", "cpu: AdamW's fp32 master weights and moments in host memory, "
                                             "stepped on the CPU; the GPU keeps the weights and gradients only "
-                                            "(4 bytes a trained weight under --precision bf16)", choices=("none", "cpu"))
+                                            "(4 bytes a trained weight under --precision bf16)",
+                                    choices=("none", "cpu"))
     activation_checkpointing: bool | None = option(None, "recompute the activations of the decoder layers, the "
                                                          "connector (and vision layers that train) in backward "
                                                          "instead of keeping them",
@@ -274,13 +275,16 @@ def validate(config: TrainConfig) -> None:
     if config.quant == "nf4" and config.adapter == "none":
         raise UsageError("an NF4 base cannot be fully fine-tuned (4-bit weights take no gradient); use an adapter.")
     if (config.gpus or 1) > 1 and config.parallel == "none":
-        raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel approach.")
+        raise UsageError(f"approach {config.approach!r} runs on one device; --gpus {config.gpus} needs a parallel "
+                         "approach.")
     if (config.stages is None) == (config.parallel == "pipeline+fsdp"):
-        raise UsageError("--parallel pipeline+fsdp needs --stages S (S stages of N/S ranks each)." if config.stages is None
-                         else "--stages is for --parallel pipeline+fsdp; --parallel pipeline has one stage per rank.")
+        raise UsageError("--parallel pipeline+fsdp needs --stages S (S stages of N/S ranks each)."
+                         if config.stages is None else
+                         "--stages is for --parallel pipeline+fsdp; --parallel pipeline has one stage per rank.")
     if config.stages and config.gpus and config.gpus % config.stages:
         raise UsageError(f"--gpus {config.gpus} cannot form --stages {config.stages} of equal size; give a multiple.")
-    if config.parallel.startswith("pipeline") and (config.micro_batches < 1 or config.batch_size % config.micro_batches):
+    uneven = config.micro_batches < 1 or config.batch_size % config.micro_batches
+    if config.parallel.startswith("pipeline") and uneven:
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         # transformers would fail only once the model loads, after the data set was read and checked.

@@ -96,7 +96,8 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         device = local_gpu(int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        gpu = device.type == "cuda"
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=device if gpu else None)
     setup = dist.new_group(backend="gloo", timeout=timedelta(minutes=config.setup_timeout))
     return Runtime(device, dist.get_rank(), dist.get_world_size(), precision_for(config.precision, device),
                    setup_group=setup)

@@ -60,7 +60,8 @@ def train(config: TrainConfig) -> dict:
     out, runtime = config.out, run.runtime
     scalars = Scalars(out / "tensorboard", enabled=runtime.is_main, resume_step=run.start)
     trainable, total = run.strategy.parameter_counts()
-    scalars.text(run.start, "model/trainable_parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    scalars.text(run.start, "model/trainable_parameters",
+                 f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     server = serve(out / "tensorboard", config.tensorboard_port) if config.tensorboard and runtime.is_main \
         else contextlib.nullcontext()
     started = time.perf_counter()
@@ -116,7 +117,8 @@ def setup(config: TrainConfig) -> Run:
     if runtime.is_main:
         claim(config.out, config.to_json())  # the first file in OUT, before OUT/base
     processor = strategy.build(config.base_copy)
-    order = BatchOrder(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size, config.seed)
+    order = BatchOrder(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size,
+                       config.seed)
     total_steps = config.max_steps or order.steps_per_epoch * config.epochs
     peak_lr = scaled_lr(config.lr, config.lr_scaling, order.global_batch, config.lr_reference_batch)
     optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
@@ -138,12 +140,14 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     config, strategy, order = run.config, run.strategy, run.order
     history = {"train_loss": [], "grad_norm": [], "val_loss": []}
     stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}}
-    eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))  # HF Trainer's rounding: the original's cadence
+    # HF Trainer's rounding: the original's cadence.
+    eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))
     collator = Collator(run.processor, config.max_length)
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
-        batches = [collator([run.splits["train"][i] for i in rows]) for rows in order.micro_batches(step, strategy.data_ranks.rank)]
+        batches = [collator([run.splits["train"][i] for i in rows])
+                   for rows in order.micro_batches(step, strategy.data_ranks.rank)]
         stats["data_wait"] += time.perf_counter() - tick  # the step waits for its batches: collated here, in line
         rows = len(order.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
@@ -161,7 +165,8 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
         lr = run.scheduler.get_last_lr()[0]
         scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                            "throughput/samples_per_s": rows / seconds,
-                           "throughput/tokens_per_s": tokens / seconds, "memory/peak_bytes": run.runtime.peak_memory_bytes()})
+                           "throughput/tokens_per_s": tokens / seconds,
+                           "memory/peak_bytes": run.runtime.peak_memory_bytes()})
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rows / seconds:.1f}")
         bar.update()
         stopping = config.stop_after_steps is not None and step - run.start >= config.stop_after_steps
@@ -172,7 +177,8 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
         if val_loss is not None or stopping:
-            rng_by_rank = run.runtime.gather(checkpoint.rng_state(run.runtime.device))  # every rank's, for an exact resume
+            # Every rank's generators, for an exact resume.
+            rng_by_rank = run.runtime.gather(checkpoint.rng_state(run.runtime.device))
             state = checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank)
             strategy.save_checkpoint(config.out / "checkpoints", step, state, dict(run.fingerprint, val_loss=val_loss),
                                      config.keep_last)
@@ -189,4 +195,5 @@ def refuse_divergence(step: int, config: TrainConfig, **values: float) -> None:
             empty = "" if name == "validation_loss" else \
                 ", or a batch holds no answer tokens (an empty answer, or too short a --max-length)"
             raise UsageError(f"step {step}: the {name.replace('_', ' ')} is {value:g}, so the run stopped before "
-                             f"saving anything of it; the learning rate (--lr {config.lr:g}) is likely too high{empty}.")
+                             f"saving anything of it; the learning rate (--lr {config.lr:g}) is likely too "
+                             f"high{empty}.")

@@ -47,8 +47,8 @@ def score_chart(scores: list[Score]) -> Figure:
         shown = [(row, score) for row, score in enumerate(scores) if getattr(score, when) is not None]
         values = [getattr(score, when) for _, score in shown]
         bars = axes.barh([row + offset for row, _ in shown], values, height, color=color, label=f"{when} training")
-        axes.bar_label(bars, [f" {value:.3f} ({score.scorer})" for value, (_, score) in zip(values, shown, strict=True)],
-                       fontsize=8)
+        labels = [f" {value:.3f} ({score.scorer})" for value, (_, score) in zip(values, shown, strict=True)]
+        axes.bar_label(bars, labels, fontsize=8)
     axes.set_yticks(range(len(scores)), [score.label for score in scores])
     axes.invert_yaxis()
     largest = max(max(score.after, score.before or 0) for score in scores)

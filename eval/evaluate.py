@@ -6,9 +6,9 @@ with the mean score and which scorer gave it, which `run.py report` reads.
 Evaluation holds one model at a time, in phases: the evaluated model answers (and, as `--scorer self`,
 is its own judge, so it scores before it goes), and is freed; then the judge (`--scorer base` or a
 folder, in the evaluated model's dtype) loads, scores those answers, and is freed. After training,
-the base model then does the same unless its score is cached (QLoRA's: the NF4 base it trained on). Ranks share the rows: rank r answers
-and scores rows r, r+N, ... of the test split, holding one whole model at a time like a one-process
-evaluation, and the main rank gathers every row in order.
+the base model then does the same unless its score is cached (QLoRA's: the NF4 base it trained on).
+Ranks share the rows: rank r answers and scores rows r, r+N, ... of the test split, holding one whole
+model at a time like a one-process evaluation, and the main rank gathers every row in order.
 """
 
 import hashlib

@@ -4,5 +4,5 @@ from lora.inject import adapter_state_dict, base_layers, inject, lora_modules, m
 from lora.lora_linear import LoRALinear
 from lora.peft_format import load, save
 
-__all__ = ["LoRALinear", "adapter_state_dict", "base_layers", "inject", "load", "lora_modules", "merge", "merge_and_unload",
-           "save", "unmerge"]
+__all__ = ["LoRALinear", "adapter_state_dict", "base_layers", "inject", "load", "lora_modules", "merge",
+           "merge_and_unload", "save", "unmerge"]

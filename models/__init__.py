@@ -5,4 +5,5 @@ from models.parts import blocks, checkpointed_blocks, decoder_layers
 from models.targets import PRESETS, matching_modules
 from models.tiny import build_tiny, tiny_idefics3, tiny_processor
 
-__all__ = ["PRESETS", "blocks", "build_tiny", "checkpointed_blocks", "decoder_layers", "load", "matching_modules", "tiny_idefics3", "tiny_processor", "use_real_pad_token"]
+__all__ = ["PRESETS", "blocks", "build_tiny", "checkpointed_blocks", "decoder_layers", "load", "matching_modules",
+           "tiny_idefics3", "tiny_processor", "use_real_pad_token"]

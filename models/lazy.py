@@ -75,7 +75,8 @@ def load_on_meta(folder: Path, dtype: torch.dtype, attn_implementation: str = "s
     """The model of a local Hugging Face folder with parameters on meta, its processor, and its weights' reader."""
     config = AutoConfig.from_pretrained(folder)
     if config.model_type not in SUPPORTED_TYPES:
-        raise UsageError(f"{folder} is a {config.model_type!r} model; this engine fine-tunes {' and '.join(SUPPORTED_TYPES)} only.")
+        raise UsageError(f"{folder} is a {config.model_type!r} model; this engine fine-tunes "
+                         f"{' and '.join(SUPPORTED_TYPES)} only.")
     config._attn_implementation = attn_implementation
     with parameters_on_meta():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)

@@ -63,7 +63,8 @@ def _pretrained_config(spec: str) -> PretrainedConfig:
         where = "local folder" if Path(spec).exists() else "Hugging Face id (is the hub reachable?)"
         raise UsageError(f"cannot load a model config from {spec!r} as a {where}: {error}") from error
     if config.model_type not in SUPPORTED_TYPES:
-        raise UsageError(f"{spec!r} is a {config.model_type!r} model; this engine fine-tunes {' and '.join(SUPPORTED_TYPES)} only.")
+        raise UsageError(f"{spec!r} is a {config.model_type!r} model; this engine fine-tunes "
+                         f"{' and '.join(SUPPORTED_TYPES)} only.")
     return config
 
 

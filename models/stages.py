@@ -75,7 +75,8 @@ def split_points(model: PreTrainedModel, stages: int, split: tuple[int, ...] = (
     """
     layers = decoder_layers(model)
     if stages > len(layers):
-        raise UsageError(f"{stages} pipeline stages need at least {stages} decoder layers; the model has {len(layers)}.")
+        raise UsageError(f"{stages} pipeline stages need at least {stages} decoder layers; the model has "
+                         f"{len(layers)}.")
     if split:
         if len(split) != stages - 1 or list(split) != sorted(set(split)) or split[0] < 1 or split[-1] >= len(layers):
             raise UsageError(f"--split needs {stages - 1} increasing layer indices between 1 and {len(layers) - 1} "

@@ -55,7 +55,8 @@ def tiny_idefics2_config() -> Idefics2Config:
 def build_tiny(seed: int, config: Idefics2Config | Idefics3Config | None = None) -> PreTrainedModel:
     """Random weights that depend on `seed` alone, never on the caller's RNG state."""
     config = config or tiny_idefics2_config()
-    model_class = Idefics3ForConditionalGeneration if config.model_type == "idefics3" else Idefics2ForConditionalGeneration
+    idefics3 = config.model_type == "idefics3"
+    model_class = Idefics3ForConditionalGeneration if idefics3 else Idefics2ForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
@@ -72,7 +73,8 @@ def shipped_processor(config: Idefics2Config) -> ProcessorMixin:
     perceiver has latents, and images no larger than the vision encoder's (unchanged for the 8B)."""
     processor = AutoProcessor.from_pretrained(PROCESSOR_DIR)
     size = config.vision_config.image_size
-    processor.image_processor.size = {edge: min(pixels, size) for edge, pixels in dict(processor.image_processor.size).items()}
+    sizes = dict(processor.image_processor.size)
+    processor.image_processor.size = {edge: min(pixels, size) for edge, pixels in sizes.items()}
     processor.image_seq_len = config.perceiver_config.resampler_n_latents
     return processor
 

@@ -65,7 +65,8 @@ def _buckets(params: list[nn.Parameter], cap_bytes: float) -> list[_Bucket]:
     groups: list[list[nn.Parameter]] = []
     size = 0
     for param in params:
-        if not groups or size >= cap_bytes or (param.dtype, param.device) != (groups[-1][0].dtype, groups[-1][0].device):
+        last = groups[-1][0] if groups else None
+        if last is None or size >= cap_bytes or (param.dtype, param.device) != (last.dtype, last.device):
             groups.append([])
             size = 0
         groups[-1].append(param)

@@ -372,7 +372,8 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
                 continue
             full = _AllGather(flat.shard, flat.shard.dtype, unit.group).wait()
             # Clones, so the unit's full buffer dies with this loop.
-            tensors.update((name, view.clone()) for name, (_, _, view) in zip(flat.names, flat.views(full), strict=True))
+            views = zip(flat.names, flat.views(full), strict=True)
+            tensors.update((name, view.clone()) for name, (_, _, view) in views)
         yield tensors
 
 

@@ -160,7 +160,8 @@ class Pipeline:
             self._reap()
 
     def _input(self, step: tuple[bool, int] | None, micro_batches: list[dict]) -> tuple[int, dict] | None:
-        """The rank that step (forward?, index) receives its input from and its micro-batch; None if it receives none."""
+        """The rank that step (forward?, index) receives its input from and its micro-batch; None if it receives
+        none."""
         if step is None:
             return None
         forward, index = step

@@ -1,6 +1,8 @@
 """Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
 
 import copy
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import sys
 import tempfile
@@ -16,6 +18,15 @@ from models.tiny import build_tiny, tiny_processor
 os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
 # Point-to-point traffic obeys NCCL's rules on gloo (parallel/p2p.py), in every rank a test starts.
 os.environ.setdefault("MUSEFT_NCCL_RULES", "1")
+
+
+def pytest_configure(config):
+    """Ranks fork from one server process that has torch, transformers and the engine imported, started here:
+    a rank starts in a fraction of a second instead of ~10 s of imports, whether tests/harness.py spawns it or
+    the engine's launcher does (engine/launch.py, whose own server on a GPU machine preloads only torch and
+    transformers)."""
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness"])
+    multiprocessing.forkserver.ensure_running()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ works in the test files and in the ranks they spawn, whose sys.path is their par
 """
 
 import hashlib
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -88,12 +87,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Ranks fork from one server process that has torch, transformers and the engine imported (the first spawn
-# starts it): a rank starts in a fraction of a second instead of ~10 s of imports. A forked rank has the
-# server's environment, so each rank takes its parent's environment as it is at the spawn.
-multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness"])
-
-
 def _rank_main(rank: int, world: int, port: int, out: Path, scenario, kwargs: dict, environ: dict) -> None:
     os.environ.clear()
     os.environ.update(environ)
@@ -109,6 +102,8 @@ def _rank_main(rank: int, world: int, port: int, out: Path, scenario, kwargs: di
 
 def spawn(world: int, scenario, out: Path, **kwargs) -> list[dict]:
     """Every rank's result of `scenario(rank, world, **kwargs)`; a rank's exception fails the test."""
+    # Forked from the server tests/conftest.py starts: a rank starts in a fraction of a second. A forked rank has
+    # the server's environment, so each rank takes its parent's as it is now.
     ranks = mp.start_processes(_rank_main, args=(world, free_port(), out, scenario, kwargs, dict(os.environ)),
                                nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + DEADLINE_S
@@ -185,4 +180,5 @@ def assert_same_curves(got: dict, expected: dict, validation: float = 1e-5) -> N
     """The two summaries' losses and grad norms, step by step (test_fsdp_runs explains the tolerances;
     `validation`, the relative one of the validation loss after the last step, can be looser)."""
     for key, rel in (("train_loss", 1e-5), ("val_loss", validation), ("grad_norm", 1e-3)):
-        assert [v for _, v in got["history"][key]] == pytest.approx([v for _, v in expected["history"][key]], rel=rel), key
+        values = [v for _, v in expected["history"][key]]
+        assert [v for _, v in got["history"][key]] == pytest.approx(values, rel=rel), key

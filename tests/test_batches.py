@@ -75,7 +75,8 @@ def test_every_row_of_an_epoch_appears_once_besides_the_padding(rows, batch_size
         order = batches.epoch_order(epoch)
         padding = -rows % world_size
         assert seen == order and len(seen) == rows + padding and sorted(set(seen)) == list(range(rows))
-        # The repeats are the epoch's first rows (cyclically, if there are fewer rows than ranks), as DistributedSampler pads.
+        # The repeats are the epoch's first rows (cyclically, if there are fewer rows than ranks), as
+        # DistributedSampler pads.
         assert order[rows:] == (order[:rows] * world_size)[:padding]
         assert Counter(seen) - Counter(range(rows)) == Counter(order[rows:])
         if world_size == 1:

@@ -46,7 +46,8 @@ def assistant(text: str) -> dict:
 
 def row(*messages: dict, images: int = 1, data_id: int = 7) -> dict:
     picture = Image.new("RGB", (64, 64), (200, 30, 30))
-    return {"data_id": data_id, "image": picture if images else None, "dialog": json.dumps({"messages": list(messages)})}
+    return {"data_id": data_id, "image": picture if images else None,
+            "dialog": json.dumps({"messages": list(messages)})}
 
 
 PLANE = row(user("Describe?"), assistant("A plane."))
@@ -119,7 +120,8 @@ def test_standin_images_are_byte_identical_everywhere():
     assert image.size == (64, 64) and image.mode == "RGB"
     assert image.tobytes() == standin_image("1903-wright-flyer-1-aug9.jpg", 64).tobytes()
     # A golden digest: a change of numpy, Pillow or platform must not change the pictures.
-    assert hashlib.sha256(image.tobytes()).hexdigest() == "358124647e338b52f0b1106c90c84076a275c8fa14eae70bec7466ae6afd1304"
+    digest = hashlib.sha256(image.tobytes()).hexdigest()
+    assert digest == "358124647e338b52f0b1106c90c84076a275c8fa14eae70bec7466ae6afd1304"
 
 
 def test_standin_images_look_like_their_exhibit():
@@ -145,7 +147,8 @@ def test_builtin_musequest_has_the_real_row_counts_and_standin_images():
     splits = load_splits("musequest", image_size=56)
     assert {name: len(split) for name, split in splits.items()} == {"train": 819, "validation": 82, "test": 74}
     first = splits["train"][0]
-    assert (first["data_id"], first["item_name"], first["image_name"]) == (0, "1903-wright-flyer", "1903-wright-flyer-1-aug9.jpg")
+    assert (first["data_id"], first["item_name"], first["image_name"]) == \
+        (0, "1903-wright-flyer", "1903-wright-flyer-1-aug9.jpg")
     assert first["image"].tobytes() == standin_image("1903-wright-flyer-1-aug9.jpg", 56).tobytes()
     assert json.loads(first["dialog"])["messages"][1]["role"] == "assistant"
 

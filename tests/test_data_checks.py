@@ -225,9 +225,9 @@ def test_rows_longer_than_the_context_name_the_longest_and_the_flag(tmp_path, pr
                                  f"'validation' split with {longest} tokens; pass --max-length 30 to cut the answers "
                                  f"that do not fit.")
     check_lengths(splits, processor, 30, 30)  # cut to fit: taken
-    with pytest.raises(UsageError, match=r"^row \d \(data_id=\d\) of the '\w+' split: its prompt and image tokens need "
-                                         r"\d+ tokens before its last answer, leaving no room for the answer within the "
-                                         r"model's context of 10 tokens; shorten that row's prompt\.$"):
+    with pytest.raises(UsageError, match=r"^row \d \(data_id=\d\) of the '\w+' split: its prompt and image tokens "
+                                         r"need \d+ tokens before its last answer, leaving no room for the answer "
+                                         r"within the model's context of 10 tokens; shorten that row's prompt\.$"):
         check_lengths(splits, processor, None, 10)  # no cut could help
 
 

@@ -57,7 +57,8 @@ def _train(rank: int, world: int, parallel: str = "none", steps: int = 1, micro:
             with contextlib.nullcontext() if last else trained.no_sync():
                 loss = F.cross_entropy(trained(xb), yb, ignore_index=IGNORE, reduction="sum") / count
                 (loss * loss_scale).backward()
-        first_grads = first_grads or {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+        first_grads = first_grads or {n: None if p.grad is None else p.grad.clone()
+                                      for n, p in model.named_parameters()}
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, math.inf)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -73,9 +73,11 @@ def test_fair_score_ignores_padding_order_and_batch_company(tiny_model, processo
     generated, truth = TEXTS, TEXTS[::-1]
     faithful = similarity_scores(tiny_model, tokenizer, generated, truth, batched=False, device=CPU)
     for batch_size in (1, 3, 8):
-        fair = similarity_scores(tiny_model, tokenizer, generated, truth, batched=True, batch_size=batch_size, device=CPU)
+        fair = similarity_scores(tiny_model, tokenizer, generated, truth, batched=True, batch_size=batch_size,
+                                 device=CPU)
         assert fair == pytest.approx(faithful, abs=1e-5)
-    reordered = similarity_scores(tiny_model, tokenizer, generated[::-1], truth[::-1], batched=True, batch_size=3, device=CPU)
+    reordered = similarity_scores(tiny_model, tokenizer, generated[::-1], truth[::-1], batched=True, batch_size=3,
+                                  device=CPU)
     assert reordered[::-1] == pytest.approx(faithful, abs=1e-5)
 
 
@@ -95,7 +97,8 @@ def test_the_judge_reads_the_text_decoder_alone_and_scores_as_the_whole_model(pr
     whole.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     read, reader = [], SliceReader.__call__
-    monkeypatch.setattr(SliceReader, "__call__", lambda self, name, *span: read.append(name) or reader(self, name, *span))
+    monkeypatch.setattr(SliceReader, "__call__",
+                        lambda self, name, *span: read.append(name) or reader(self, name, *span))
     judge, tokenizer = load_judge(str(tmp_path), "tiny", CPU, torch.float32)
     decoder = dict(whole.get_decoder().named_parameters())
     assert len(read) == len(decoder) and not [name for name in read if "text_model" not in name]
@@ -210,7 +213,8 @@ def test_batched_generation_matches_one_row_at_a_time(processor):
     model = build_tiny(0)
     batched = generate_answers(model, processor, ROWS, batch_size=2, max_new_tokens=8, device=CPU)
     alone = generate_answers(model, processor, ROWS, batch_size=1, max_new_tokens=8, device=CPU)
-    assert all(isinstance(record["model_generated_answer"], str) and record["model_generated_answer"] for record in batched)
+    assert all(isinstance(record["model_generated_answer"], str) and record["model_generated_answer"]
+               for record in batched)
     assert batched == alone
 
 
@@ -218,7 +222,8 @@ def test_a_photo_and_a_question_make_the_prompt_of_a_test_row(processor):
     """`run.py ask` prompts as the evaluation prompts the row that holds the same picture and question."""
     for row in ROWS:
         question = json.loads(row["dialog"])["messages"][0]["content"][1]["text"]
-        asked, evaluated = prompt_batch(processor, [question_row(row["image"], question)]), prompt_batch(processor, [row])
+        asked = prompt_batch(processor, [question_row(row["image"], question)])
+        evaluated = prompt_batch(processor, [row])
         assert asked.keys() == evaluated.keys()
         assert all(torch.equal(asked[key], evaluated[key]) for key in asked)
 

@@ -123,8 +123,8 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
 
 
 def test_score_rescores_an_original_results_file(runs, tmp_path):
-    assert main(["score", "--csv", str(SEED), "--model", str(runs / "full" / "base"), "--output", str(tmp_path / "s.csv"),
-                 "--device", "cpu"]) == 0
+    assert main(["score", "--csv", str(SEED), "--model", str(runs / "full" / "base"),
+                 "--output", str(tmp_path / "s.csv"), "--device", "cpu"]) == 0
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     original = list(csv.DictReader(open(SEED)))
     assert [r["data_id"] for r in rows] == [r["data_id"] for r in original]
@@ -147,7 +147,8 @@ def test_bad_input_is_one_sentence_and_exit_2(argv, message, capsys, tmp_path, m
     (["--image", "missing.png", "--model", "tiny"], "--image missing.png is not a file"),
     (["--image", "notes.png", "--model", "tiny"], "--image notes.png is not a picture Pillow can read"),
     (["--image", "photo.png"], "run.py ask needs --model, --adapter or both"),
-    (["--image", "photo.png", "--model", "runs/lora/final"], "--model runs/lora/final is neither a folder nor a Hugging"),
+    (["--image", "photo.png", "--model", "runs/lora/final"],
+     "--model runs/lora/final is neither a folder nor a Hugging"),
     (["--image", "photo.png", "--adapter", "runs/lora/final"], "--adapter runs/lora/final is not a folder"),
 ])
 def test_ask_refuses_bad_input_in_one_sentence_before_loading(argv, message, capsys, tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ def training_tensors_alive_at_evaluation(rank: int, world: int, folder, parallel
         result = loop(run, *args)
         state = [t for per_param in run.optimizer.state.values() for t in per_param.values()
                  if isinstance(t, torch.Tensor)]
-        tensors = [t for part in [run.strategy.model, *run.strategy.parts] for t in (*part.parameters(), *part.buffers())]
+        tensors = [t for part in [run.strategy.model, *run.strategy.parts]
+                   for t in (*part.parameters(), *part.buffers())]
         watched.extend(weakref.ref(t) for t in [run.strategy.model, *tensors, *state])
         return result
 

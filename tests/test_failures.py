@@ -64,7 +64,8 @@ def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
     (["--eval-every", "1.5"], "--eval-every must be above 0 and at most 1, not 1.5."),
     (["--tensorboard-port", "70000"], "--tensorboard-port must be at least 1 and at most 65535, not 70000."),
     (["--tensorboard-port", "0"], "--tensorboard-port must be at least 1 and at most 65535, not 0."),
-    (["--attn-implementation", "flash"], "--attn-implementation must be sdpa, eager or flash_attention_2, not 'flash'."),
+    (["--attn-implementation", "flash"],
+     "--attn-implementation must be sdpa, eager or flash_attention_2, not 'flash'."),
 ])
 def test_an_out_of_range_flag_is_refused_before_any_work(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -33,7 +33,8 @@ def test_schedule_matches_hf_cosine_with_warmup():
     ours_schedule = cosine_with_warmup(ours, total, 0.03)
     theirs_schedule = get_cosine_schedule_with_warmup(theirs, warmup_steps(total, 0.03), total)
     for _ in range(total):
-        assert math.isclose(ours_schedule.get_last_lr()[0], theirs_schedule.get_last_lr()[0], rel_tol=1e-12, abs_tol=1e-18)
+        assert math.isclose(ours_schedule.get_last_lr()[0], theirs_schedule.get_last_lr()[0], rel_tol=1e-12,
+                            abs_tol=1e-18)
         ours.step(), theirs.step()
         ours_schedule.step(), theirs_schedule.step()
     assert warmup_steps(100, 0.03) == 3

@@ -55,7 +55,8 @@ def test_attention_implementation_is_selectable():
 def test_non_idefics_models_and_unreachable_ids_are_refused(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(tmp_path)
+    LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8,
+                num_attention_heads=1).save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="is a 'llama' model"):
         models.load(str(tmp_path), torch.float32, CPU)
     with pytest.raises(UsageError, match="cannot load a model config"):
@@ -163,7 +164,8 @@ def test_balanced_split_minimises_the_largest_stage_and_a_given_split_is_checked
     from models.stages import split_points, stage
 
     def largest(points: list[int]) -> int:
-        return max(sum(p.numel() for p in stage(tiny_model, points, r, answer_loss).parameters()) for r in range(len(points) + 1))
+        return max(sum(p.numel() for p in stage(tiny_model, points, r, answer_loss).parameters())
+                   for r in range(len(points) + 1))
 
     for stages in (2, 3):
         best = min(largest(list(p)) for p in itertools.combinations(range(1, 4), stages - 1))

@@ -241,7 +241,8 @@ def _create_causal_mask_of_transformers_5_17(config, inputs_embeds, attention_ma
     return create_causal_mask(config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids)
 
 
-@pytest.mark.parametrize("mask", [create_causal_mask, _create_causal_mask_of_transformers_5_17], ids=["installed", "5.17"])
+@pytest.mark.parametrize("mask", [create_causal_mask, _create_causal_mask_of_transformers_5_17],
+                         ids=["installed", "5.17"])
 def test_stages_build_their_mask_on_every_transformers_the_pin_allows(mask, monkeypatch, tiny_model):
     monkeypatch.setattr("models.stages.create_causal_mask", mask)
     # Token ids by hand (no processor: 5.17 builds none without torchvision); two rows, the first

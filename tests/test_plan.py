@@ -150,7 +150,8 @@ def test_run_whose_checkpoints_cannot_fit_on_disk_is_refused(tmp_path, monkeypat
     from errors import UsageError
 
     monkeypatch.setattr(fit.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
-    config = from_approach("full", model="tiny", device="cpu", limit_exhibits=4, output_dir=str(tmp_path / "run"), keep_last=3)
+    config = from_approach("full", model="tiny", device="cpu", limit_exhibits=4, output_dir=str(tmp_path / "run"),
+                           keep_last=3)
     with pytest.raises(UsageError, match="--keep-last 3") as refusal:
         fit.refuse_if_unfit_before_loading(config, 1, gpu=False)
     assert "5 checkpoints" in str(refusal.value)
@@ -274,10 +275,12 @@ def test_cuda_autocast_keeps_cudas_fp32_ops_in_fp32(monkeypatch):
     elements = 4 * 16 * 32
     rows = -(-4 * 16 * 4 // CUDA_BLOCK) * CUDA_BLOCK  # mean and rstd: fp32, one a row, each in its own block
     assert layer_norm_bytes(False) == 2 * elements + 2 * rows  # the output in bf16
-    assert layer_norm_bytes(True) == 4 * elements + 4 * elements + 2 * rows  # the input cast to fp32 (saved), the output fp32
+    # The input cast to fp32 (saved), the output fp32.
+    assert layer_norm_bytes(True) == 4 * elements + 4 * elements + 2 * rows
 
     config = from_approach("lora", model="tiny", limit_exhibits=4, batch_size=4, activation_checkpointing=True)
     batch = WidestBatch(config, None)(4)
     corrected = plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0]
     monkeypatch.setattr(engine.plan.ranks, "cuda_autocast", lambda gpu: contextlib.nullcontext(), raising=False)
-    assert plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0].activation_bytes < corrected.activation_bytes
+    planned = plan_ranks(config, PRECISIONS["bf16-mixed"], batch, gpu=True)[0]
+    assert planned.activation_bytes < corrected.activation_bytes

@@ -104,7 +104,8 @@ PARALLEL = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("approach,flags,reference", PARALLEL, ids=[f"{a}-{f.get('parallel', '')}" for a, f, _ in PARALLEL])
+@pytest.mark.parametrize("approach,flags,reference", PARALLEL,
+                         ids=[f"{a}-{f.get('parallel', '')}" for a, f, _ in PARALLEL])
 def test_parallel_bf16_mixed_equals_one_process(approach, flags, reference, single, tmp_path):
     # Data-parallel ranks take 2 rows each; every pipeline stage sees the whole batch of 4.
     batch_size = 4 if approach == "full_mp" else 2

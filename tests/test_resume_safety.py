@@ -60,12 +60,14 @@ def test_a_setting_that_changes_the_result_is_refused_by_name(runs):
     (dict(lora_rslora=False), "written without --no-rslora, this run with --no-rslora"),
     (dict(dataset="other"), "written with --dataset musequest, this run with --dataset other"),
     (dict(max_length=64), "written without --max-length, this run with --max-length 64"),
-    (dict(lora_target=("text", "lm_head")), "written with --lora-target projections, this run with --lora-target text lm_head"),
+    (dict(lora_target=("text", "lm_head")),
+     "written with --lora-target projections, this run with --lora-target text lm_head"),
     (dict(optimizer="adamw8bit"), "written with --optimizer adamw, this run with --optimizer adamw8bit")])
 def test_every_setting_that_changes_the_result_is_compared(change, named, tmp_path):
     """The same comparison the CLI test above runs, for more flags: what the checkpoint recorded against this
     run, named as the command line gives it."""
-    saved = checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, {}, {"settings": result_settings(from_approach("lora"))}, 2)
+    saved = checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, {},
+                            {"settings": result_settings(from_approach("lora"))}, 2)
     with pytest.raises(UsageError, match=f"it was {named};"):
         checkpoint.load(saved, {"settings": result_settings(from_approach("lora", **change))})
     for harmless in (dict(keep_last=5), dict(tensorboard=True), dict(stop_after_steps=1), dict(skip_eval=True)):

@@ -83,14 +83,16 @@ def test_resume_continues_with_exactly_the_same_losses(straight_run, tmp_path):
 def test_base_and_final_reload_with_transformers(straight_run, processor):
     out, summary = straight_run
     base = AutoModelForImageTextToText.from_pretrained(out / "base")
-    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), models.build_tiny(0).state_dict().values(), strict=True))
+    fresh = models.build_tiny(0).state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), fresh, strict=True))
     final = AutoModelForImageTextToText.from_pretrained(out / "final")
     # --final best: the final weights are the base plus the best checkpoint's trainable tensors.
     best = checkpoint.best(out / "checkpoints")
     assert json.loads((best / "meta.json").read_text())["val_loss"] == min(v for _, v in summary["history"]["val_loss"])
     tensors, _, _ = checkpoint.load(best, {})
     base.load_state_dict(tensors, strict=False)
-    batch = Collator(AutoProcessor.from_pretrained(out / "final"))([load_splits("musequest", limit_exhibits=1)["test"][0]])
+    row = load_splits("musequest", limit_exhibits=1)["test"][0]
+    batch = Collator(AutoProcessor.from_pretrained(out / "final"))([row])
     batch.pop("labels")
     with torch.no_grad():
         assert torch.equal(final(**batch).logits, base(**batch).logits)

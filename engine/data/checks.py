@@ -119,7 +119,8 @@ def check_lengths(splits: datasets.DatasetDict, processor: ProcessorMixin, max_l
     cut = []  # (tokens before the last answer, split, row) of every row the cut shortens
     for name, split in splits.items():
         indices = [index for row_split, index, _ in over if row_split == name]
-        cut += [(start, name, index) for index, start in zip(indices, answer_starts(split, indices, processor), strict=True)]
+        starts = answer_starts(split, indices, processor)
+        cut += [(start, name, index) for index, start in zip(indices, starts, strict=True)]
     start, name, index = max(cut, key=lambda row: row[0])
     if start >= limit:  # the collator would refuse this row mid-run: no answer token is left after the cut
         within = (f"--max-length {max_length}; use --max-length {start + 1} or more" if limit == max_length else

@@ -154,7 +154,8 @@ def _images_per_row(split: datasets.Dataset) -> list[int]:
     return [0 if null else 1 for null in pc.is_null(split.with_format("arrow")["image"]).to_pylist()]
 
 
-def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]], columns: dict[str, list[str]]) -> None:
+def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]],
+              columns: dict[str, list[str]]) -> None:
     for name in SPLITS:
         if name not in splits:
             raise UsageError(f"the data set has no {name!r} split (it has {sorted(splits)}).")
@@ -163,7 +164,8 @@ def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]]
         missing = [column for column in COLUMNS if column not in columns[name]]
         if missing:
             raise UsageError(f"the {name!r} split lacks the column(s) {missing}; every split needs {list(COLUMNS)}.")
-        for data_id, dialog, images in zip(splits[name]["data_id"], splits[name]["dialog"], images_per_row[name], strict=True):
+        rows = zip(splits[name]["data_id"], splits[name]["dialog"], images_per_row[name], strict=True)
+        for data_id, dialog, images in rows:
             problem = dialog_problem(dialog, images)
             if problem:
                 raise UsageError(f"row data_id={data_id} of the {name!r} split: {problem}.")

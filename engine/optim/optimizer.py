@@ -43,7 +43,8 @@ def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[
 
 
 def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
-          moments: str = "fp32", seed: int = 0, offload: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+          moments: str = "fp32", seed: int = 0, offload: bool = False,
+          fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over the trainable ones of `parameters`; biases and norm scales (1-D) are not decayed, as in HF Trainer.
 
     fp32 moments of fp32 weights: torch's AdamW. Moments in bf16 or 8 bits, or bf16 weights (which need

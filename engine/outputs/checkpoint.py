@@ -40,7 +40,9 @@ class Shard:
     count: int = 1
 
     def file(self, stem: str, extension: str) -> str:
-        return f"{stem}.{extension}" if self.count == 1 else f"{stem}-rank{self.rank:05d}-of-{self.count:05d}.{extension}"
+        if self.count == 1:
+            return f"{stem}.{extension}"
+        return f"{stem}-rank{self.rank:05d}-of-{self.count:05d}.{extension}"
 
     def barrier(self) -> None:
         if self.count > 1:

@@ -34,9 +34,9 @@ SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8
 def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length: int | None = None,
              search: bool = True) -> dict:
     """The whole plan of a run as `run.py plan --json` prints it: each rank's training step, and each phase's
-    peak per rank and on any rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by default, as a
-    GPU run has them) or for this CPU; `budget`: the bytes a rank may use (None: fit is not judged); `search`:
-    find the largest batch whose every phase fits even if this one does."""
+    peak per rank and on any rank (PHASES). `gpu`: plan for GPUs (bf16 weights and activation checkpointing by
+    default, as a GPU run has them) or for this CPU; `budget`: the bytes a rank may use (None: fit is not
+    judged); `search`: find the largest batch whose every phase fits even if this one does."""
     config = config.resolved(gpu)
     if config.model == REAL_MODEL:  # the same shapes as the hub's Idefics2-8B, without fetching it
         config = dataclasses.replace(config, model=SHIPPED_8B)
@@ -51,7 +51,8 @@ def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length
             "device": "cuda" if gpu else "cpu", "precision": precision.name,
             "activation_checkpointing": bool(config.activation_checkpointing),
             "evaluation": None if run.evaluation is None else run.evaluation.describe(config.batch_size),
-            "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases} for rank, rank_phases in zip(ranks, phases, strict=True)],
+            "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases}
+                      for rank, rank_phases in zip(ranks, phases, strict=True)],
             "disk": disk_plan(config, ranks)}
     if budget is not None and (search or not plan["fits"]):
         plan["max_batch_size"] = max_batch_size(config, run, budget, peak)
@@ -159,8 +160,9 @@ def refuse_if_unfit(config: TrainConfig, plan: dict) -> None:
     disk = plan["disk"]
     if not disk["fits"]:
         raise UsageError(
-            f"this run would write up to {disk['total_bytes'] / GIB:.1f} GiB to {config.out} ({disk['checkpoints_kept']} "
-            f"checkpoints of {disk['checkpoint_bytes'] / GIB:.1f} GiB at once: --keep-last {config.keep_last}, the best "
+            f"this run would write up to {disk['total_bytes'] / GIB:.1f} GiB to {config.out} "
+            f"({disk['checkpoints_kept']} checkpoints of {disk['checkpoint_bytes'] / GIB:.1f} GiB at once: "
+            f"--keep-last {config.keep_last}, the best "
             f"and the one being written; the final export of {disk['export_bytes'] / GIB:.1f} GiB), but only "
             f"{disk['free_bytes'] / GIB:.1f} GiB is free there; lower --keep-last or free space.")
     if plan["fits"] is False:
@@ -255,5 +257,6 @@ def describe(config: TrainConfig, plan: dict) -> str:
     lines.append(f"disk: up to {disk_gib(disk['total_bytes'])} GiB ({disk['checkpoints_kept']} checkpoints of "
                  f"{disk_gib(disk['checkpoint_bytes'])} GiB, export {disk_gib(disk['export_bytes'])} GiB"
                  f"{', OUT/base ' + disk_gib(disk['base_bytes']) + ' GiB' if disk['base_bytes'] else ''}) of "
-                 f"{disk_gib(disk['free_bytes'])} GiB free at {config.out}: {'fits' if disk['fits'] else 'does not fit'}")
+                 f"{disk_gib(disk['free_bytes'])} GiB free at {config.out}: "
+                 f"{'fits' if disk['fits'] else 'does not fit'}")
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
     on_host = gpu and config.optimizer_offload == "cpu"
     trace = MemoryTrace(CUDA_BLOCK if gpu else 1)  # from the first weight on: the state a step replaces is seen freed
     with fake_world(rank, world), FakeTensorMode(allow_non_fake_inputs=True), RealShapes(), cuda_dropout(gpu), \
-            cuda_autocast(gpu), contextlib.redirect_stdout(io.StringIO()), trace:  # (stdout: apply_approach's count line)
+            cuda_autocast(gpu), contextlib.redirect_stdout(io.StringIO()), trace:  # (stdout: apply_approach's line)
         runtime = Runtime(CPU, rank, world, precision)
         strategy = strategy_for(config, runtime)
         strategy.adopt(model, read=lambda name, start, stop: torch.empty(stop - start))
@@ -102,7 +102,8 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
     memory = steps[-1].memory  # while the gradients exist, as a run measures it
     optimizer_bytes = 0 if on_host else memory["optimizer_bytes"]
     return RankPlan(rank=rank, param_bytes=memory["param_bytes"], param_bytes_by_dtype=dict(by_dtype),
-                    buffer_bytes=memory["buffer_bytes"], grad_bytes=memory["grad_bytes"], optimizer_bytes=optimizer_bytes,
+                    buffer_bytes=memory["buffer_bytes"], grad_bytes=memory["grad_bytes"],
+                    optimizer_bytes=optimizer_bytes,
                     host_optimizer_bytes=memory["optimizer_bytes"] - optimizer_bytes, held_bytes=held,
                     activation_bytes=activations, peak_bytes=peak,
                     checkpoint_bytes=memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0,

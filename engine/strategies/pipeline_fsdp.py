@@ -27,7 +27,8 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
         super().__init__(config, runtime)
         world, stages = runtime.world_size, config.stages
         if world % stages:
-            raise UsageError(f"--stages {stages} needs a world size that is a multiple of it; this run has {world} ranks.")
+            raise UsageError(f"--stages {stages} needs a world size that is a multiple of it; this run has {world} "
+                             "ranks.")
         shards = world // stages
         self.stage_index, position = divmod(runtime.rank, shards)
         self.stages, self.is_writer = stages, position == 0
@@ -64,7 +65,8 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
         return {**super().fingerprint(), "trainable": self.trainable}  # the same on every stage
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """This rank's trainable shards by their names in its stage (the stage's root unit is no module of the model)."""
+        """This rank's trainable shards by their names in its stage (the stage's root unit is no module of the
+        model)."""
         return {name: p for name, p in self.parts[0].named_parameters() if p.requires_grad}
 
     def stage_weights(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
