@@ -10,7 +10,7 @@ torch.cuda.max_memory_allocated, reset as each starts, in summary.json) against 
 and the time a step waits for its batches against the step's. Prints a table, writes OUT/gpu_check.json, and
 exits 1 if any check failed.
 
-`--tiny` is the same on the CPU with the built-in tiny model (tests/test_gpu_check.py runs it), where the
+`--tiny` is the same on the CPU with the built-in tiny model (tests/e2e/test_gpu_check.py runs it), where the
 CUDA-only checks report `skip`: the script cannot rot where no GPU is.
 """
 

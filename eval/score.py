@@ -20,7 +20,7 @@ The judge is the model's text decoder alone (models/lazy.py: no vision encoder, 
 8B in bf16, where the whole model in fp32 took 31.3. On the tiny model over
 the original's 1,554 result rows, a bf16 judge moves a row's score by at most 0.006 (0.0007-0.0015
 on average) and a file's mean score by at most 0.0023 against an fp32 judge: under one step of the
-original's own bf16 scores (2^-7 for scores in [1, 2)); tests/test_eval.py holds it to that.
+original's own bf16 scores (2^-7 for scores in [1, 2)); tests/unit/eval/test_eval.py holds it to that.
 """
 
 from collections.abc import Callable

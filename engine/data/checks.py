@@ -2,7 +2,7 @@
 fits the model. They run before the model loads, so bad data stops a run in seconds, not mid-run.
 
 Rows are measured in tokens with the processor the run uses, rendered exactly as the collator
-renders them (tests/test_data_checks.py holds the two to the same numbers). An Idefics2 processor
+renders them (tests/unit/engine/test_data_checks.py holds the two to the same numbers). An Idefics2 processor
 expands each image to a fixed run of tokens whatever its pixels, so its rows are measured from the
 text alone, without reading a picture; any other processor (Idefics3's grid depends on the image
 size) is given the rows' images.

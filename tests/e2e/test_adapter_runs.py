@@ -25,7 +25,7 @@ from models.targets import QUANT_SKIP
 from quant import quantize
 from run import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, approach: str) -> dict:
@@ -66,6 +66,7 @@ def _merge(adapter: Path, output: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_lora_checkpoints_hold_only_the_adapter(lora_run):
     out, summary = lora_run
     checkpoint = sorted((out / "checkpoints").iterdir())[-1]
@@ -77,6 +78,7 @@ def test_lora_checkpoints_hold_only_the_adapter(lora_run):
     assert summary["trainable_params"] < 0.1 * summary["total_params"]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_training_ends_by_scoring_the_test_split_against_the_cached_base(lora_run, tmp_path):
     out, summary = lora_run
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -91,6 +93,7 @@ def test_training_ends_by_scoring_the_test_split_against_the_cached_base(lora_ru
     assert json.loads((tmp_path / "results.json").read_text())["score"] == results["baseline_score"]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_final_adapter_loads_in_peft_with_our_logits(lora_run, batch):
     out, _ = lora_run
     config = json.loads((out / "final" / "adapter_config.json").read_text())
@@ -104,6 +107,7 @@ def test_final_adapter_loads_in_peft_with_our_logits(lora_run, batch):
     assert torch.allclose(_logits(ours, batch), _logits(theirs, batch), atol=1e-5)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_merge_command_gives_the_adapter_models_logits(lora_run, batch, tmp_path):
     out, _ = lora_run
     _merge(out / "final", tmp_path / "merged")
@@ -114,6 +118,7 @@ def test_merge_command_gives_the_adapter_models_logits(lora_run, batch, tmp_path
     assert torch.allclose(_logits(merged, batch), _logits(adapted, batch), atol=1e-4)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_qlora_reports_nf4_bytes_and_merges_into_the_dequantized_base(qlora_run, batch, tmp_path):
     out, summary = qlora_run
     assert summary["quantized_ratio"] <= 0.30

@@ -109,13 +109,14 @@ def test_checkpointing_reaches_the_connector_and_vision_layers_only_when_they_tr
 @pytest.mark.parametrize("device,flag,expected", [("cuda", None, True), ("cuda", False, False), ("cpu", None, False),
                                                    ("cpu", True, True)])
 def test_checkpointing_is_on_by_default_on_cuda_only(device, flag, expected):
-    """The decision alone: the strategy's runtime says CUDA (nothing is put on it), the flag may override."""
+    """The decision alone: the config resolved for the device (TrainConfig.resolved; nothing is put on it) and the
+    strategy that applies it; the flag may override."""
     from engine.config import from_approach
     from engine.runtime import Runtime
     from engine.strategies import Strategy
 
     model = models.build_tiny(0)
-    config = from_approach("lora", activation_checkpointing=flag)
+    config = from_approach("lora", activation_checkpointing=flag).resolved(gpu=device == "cuda")
     Strategy(config, Runtime(torch.device(device))).checkpoint_activations(model)
     wrapped = [layer for layer in models.blocks(model) if "forward" in vars(layer)]  # an instance attribute
     assert wrapped == (models.checkpointed_blocks(model) if expected else [])

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from engine.tensorboard import Scalars
 from eval.results_csv import read_results, write_results
 from finetune import charts_to_tensorboard
 from harness import run_engine
@@ -141,14 +142,17 @@ def test_a_finished_run_puts_its_charts_in_tensorboard_or_says_in_one_line_why_n
     run = hand_made_run(tmp_path / "run", 1e-3, "x")
     summary = dict(json.loads((run / "summary.json").read_text()), steps=2,
                    eval=json.loads((run / "eval" / "results.json").read_text()))
-    charts_to_tensorboard(SimpleNamespace(out=run), summary)
+    scalars = Scalars(run / "tensorboard")
+    charts_to_tensorboard(SimpleNamespace(out=run), summary, scalars)
+    scalars.close()
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["charts/loss", "charts/score"]
     assert [image.step for image in events.Images("charts/score")] == [2]
 
     hide_matplotlib(monkeypatch)
-    charts_to_tensorboard(SimpleNamespace(out=tmp_path / "elsewhere"), summary)
+    charts_to_tensorboard(SimpleNamespace(out=tmp_path / "elsewhere"), summary, Scalars(tmp_path / "elsewhere",
+                                                                                        enabled=False))
     assert capsys.readouterr().out == "no charts in TensorBoard: charts need matplotlib, the report extra: pip " \
                                       "install -e '.[report]' (or pip install 'matplotlib>=3.8').\n"
     assert not (tmp_path / "elsewhere").exists()

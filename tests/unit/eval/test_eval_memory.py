@@ -237,6 +237,7 @@ def test_qlora_evaluation_answers_as_the_training_model(qlora_run):
     assert answers[0] == answers[1] and any(row["model_generated_answer"] for row in answers[0])
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_qlora_scores_before_training_on_its_nf4_base(qlora_run, monkeypatch, tmp_path):
     """The score before training answers with the NF4 base QLoRA trained on, not the bf16 base (which a 16 GB
     card cannot hold for the 8B): rebuilt here as training builds it, with its adapters at their start (B = 0,

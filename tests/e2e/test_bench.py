@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from measure import Contender, SavedTensors, held_bytes, measure

@@ -275,6 +275,7 @@ def refused(tmp_path: Path, folder: Path, *extra: str) -> tuple:
     return result, seconds
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_cli_a_truncated_image_stops_the_run_before_the_model_loads(tmp_path):
     folder = imagefolder(tmp_path / "set")
     damage("truncated", folder / "validation" / "thing-0.jpg")
@@ -284,6 +285,7 @@ def test_cli_a_truncated_image_stops_the_run_before_the_model_loads(tmp_path):
     assert seconds < 120, seconds
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_cli_an_answer_longer_than_the_tiny_models_context_is_refused(tmp_path):
     folder = imagefolder(tmp_path / "set", answers={("test", 0): "Blue, " * 1100})  # about 2200 tokens
     result, seconds = refused(tmp_path, folder)
@@ -294,6 +296,7 @@ def test_cli_an_answer_longer_than_the_tiny_models_context_is_refused(tmp_path):
     assert seconds < 120, seconds
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_a_run_reads_its_data_once_and_counts_each_row_once(tmp_path, monkeypatch):
     """A one-process run planned before it loads (--memory-budget) then trained and evaluated: the planner, the
     data checks, training and evaluation share one read of the data set, and each row's tokens are counted once

@@ -19,7 +19,7 @@ from engine.step import train_step
 from engine.strategies import Strategy
 from engine.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = Runtime(torch.device("cpu"))
 
 
@@ -113,7 +113,7 @@ def test_summary_reports_what_the_issue_lists(straight_run):
 
 def _docs_demos() -> list[str]:
     """Every CPU training demo docs/approaches.md shows (on the built-in data subset). The README's one,
-    its first command, tests/test_demo.py runs as written, evaluation included."""
+    its first command, tests/e2e/test_demo.py runs as written, evaluation included."""
     lines = (ROOT / "docs" / "approaches.md").read_text().splitlines()
     commands = [line.split("python run.py", 1)[1].split("#")[0].strip() for line in lines
                 if "python run.py" in line and "--limit-exhibits" in line]

@@ -28,7 +28,7 @@ from eval.generate import generate_ids
 from eval.score import load_judge, similarity_scores
 from tests.harness import assert_one_sentence, run_cli, spawn
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_trace_counts_storages_by_hand():
@@ -107,6 +107,7 @@ def test_plan_equals_a_real_step(tmp_path, approach, world, extra):
             assert export == real["export_added"], plan.rank
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_plan_command_json(tmp_path):
     """--json: one object with the fields the issue names, each phase's peak per rank and at most; a longer
     --sequence-length needs more activations; --skip-eval plans no evaluation."""
@@ -134,6 +135,7 @@ def test_plan_command_json(tmp_path):
         assert plan_run(config, False, budget, 300, search=False)["fits"] is fits
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_run_over_its_memory_budget_is_refused_before_loading(tmp_path):
     out = tmp_path / "run"
     result = run_cli("--approach", "full", "--limit-exhibits", "4", "--memory-budget", "0.01",
@@ -173,6 +175,7 @@ def test_every_run_of_the_originals_table_fits():
             assert abs(held - logged[0]) <= 0.05 * logged[0], (words, held)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_refusal_names_the_phase_that_does_not_fit(tmp_path):
     """Short rows train in less than the judge holds embedding 8 answers of 1,024 tokens: a budget between the
     two refuses the run in one sentence naming the judge's phase and --scorer self, which fits (the evaluated

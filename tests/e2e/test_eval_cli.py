@@ -119,7 +119,7 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
     [text] = events.Tensors("report/text_summary")
     assert text.tensor_proto.string_val[0].decode() == (tmp_path / "report.md").read_text()
     assert sorted(events.Tags()["images"]) == ["report/loss", "report/score", "report/throughput"]
-    assert (tmp_path / "index.html").is_file()  # the page itself: tests/test_html_report.py
+    assert (tmp_path / "index.html").is_file()  # the page itself: tests/e2e/test_html_report.py
 
 
 def test_score_rescores_an_original_results_file(runs, tmp_path):
