@@ -25,8 +25,10 @@ def publish_folder(tmp: Path, folder: Path) -> Path:
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(a temporary path)`, then rename it to `path`, so that a reader never sees half a file."""
-    tmp = temporary(path)
+    """`write(a temporary path)`, then rename it to `path`, so that a reader never sees half a file. The temporary
+    name is this process's own: two processes writing one file (a shared cache of baseline scores) each publish
+    a whole one."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
 

@@ -47,18 +47,14 @@ def test_bf16_mixed_keeps_masters_in_fp32_and_computes_in_bf16(processor):
     assert precision_for("auto", torch.device("cuda")).name == BF16 and precision_for("auto", CPU).name == "fp32"
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """One-process runs by (approach, precision), each run once for the whole module."""
-    runs = {}
+@pytest.fixture
+def single(one_process):
+    """One-process runs by (approach, precision, optimizer, offload): conftest's `one_process`, once a session."""
 
     def run(approach: str, precision: str, optimizer: str = "adamw", offload: str = "none"):
-        key = approach, precision, optimizer, offload
-        if key not in runs:
-            out = tmp_path_factory.mktemp("-".join(key))
-            runs[key] = out, run_engine(out, approach, 4, None, precision=precision, optimizer=optimizer,
-                                        optimizer_offload=offload, eval_every=1 / 3, **SETTINGS[approach])
-        return runs[key]
+        summary, out = one_process(approach, 4, precision=precision, optimizer=optimizer, optimizer_offload=offload,
+                                   eval_every=1 / 3, **SETTINGS[approach])
+        return out, summary
 
     return run
 
