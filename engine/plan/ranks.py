@@ -22,6 +22,7 @@ gradients (saved activations, gathered weights, communication buffers, temporari
 import collections
 import contextlib
 import dataclasses
+import gc
 import io
 from collections.abc import Iterator
 from functools import partial
@@ -142,7 +143,9 @@ def export_added(trace: MemoryTrace, strategy: Strategy, precision: Precision, a
     each strategy's (the best checkpoint it reads first goes to the CPU, then into the weights in place).
     A whole model is cast to the frozen dtype wherever it is in another, the casts of a piece kept until it
     is written: the main rank's whole model at once, a pipeline stage's own weights, or under FSDP one unit
-    at a time, each first gathered whole (pipeline+fsdp gathers its stage's units all). An adapter goes
+    at a time, each first gathered whole (pipeline+fsdp gathers its stage's units all), the writer keeping
+    its last unit while it gathers the next: as the writer, rank 0 stands for FSDP's other ranks, which
+    drop each unit as they get it. An adapter goes
     to the CPU tensor by tensor, once FSDP has gathered it whole; a pipeline's stages send theirs to the main
     rank by all_gather_object, whose pickled bytes NCCL carries in device buffers, one sent and one received
     from every rank, each as large as the largest stage's: counted as the whole adapter's bytes each (the
@@ -151,6 +154,7 @@ def export_added(trace: MemoryTrace, strategy: Strategy, precision: Precision, a
         return {name: tensor.detach().to(precision.frozen_dtype) if tensor.is_floating_point() else tensor
                 for name, tensor in tensors.items()}
 
+    gc.collect()  # the step's reference cycles go now, not at a moment inside the export that the count would miss
     before = trace.live
     trace.at_peak_of(lambda: 0)
     held = []  # what the export keeps while it writes
@@ -164,7 +168,7 @@ def export_added(trace: MemoryTrace, strategy: Strategy, precision: Precision, a
     elif isinstance(strategy, FSDP) and adapter:
         held.extend(fsdp.unit_state_dicts(strategy.model, trainable_only=True))  # every unit's adapter at once
     elif isinstance(strategy, FSDP):
-        for unit in fsdp.unit_state_dicts(strategy.model):  # gathered and written a unit at a time
+        for unit in fsdp.unit_state_dicts(strategy.model):  # the writer keeps a unit while it gathers the next
             cast(unit)
     elif strategy.runtime.is_main and not adapter:
         cast(strategy.model.state_dict())

@@ -3,6 +3,7 @@ evaluation hold on real ones, the 8B plan must reproduce what the original logge
 refused before it loads, naming the phase that does not fit."""
 
 import contextlib
+import gc
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace
 from engine.plan.ranks import at_fullest, plan_ranks, traced_step
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
-from engine.strategies import strategy_for
+from engine.strategies import STRATEGIES, strategy_for
 from errors import UsageError
 from eval.generate import generate_ids
 from eval.score import load_judge, similarity_scores
@@ -62,6 +63,7 @@ def measured_step(rank: int, world: int, base: Path, settings: dict) -> dict:
         processor = strategy.build(base)
         optimizer = optimizer_for(config, precision, strategy.parameters(), config.lr)
         steps = [traced_step(trace, strategy, optimizer, batch, config) for _ in range(2)]
+        gc.collect()  # what training left in reference cycles is freed now, not at a moment the export cannot plan
         held = trace.live
         trace.at_peak_of(lambda: 0)
         strategy.export(base.parent / "final", processor, str(base) if config.adapter == "lora" else None)
@@ -103,8 +105,10 @@ def test_plan_equals_a_real_step(tmp_path, approach, world, extra):
         if config.parallel.startswith("pipeline"):  # its stages' all_gather_object: pickled bytes, which the plan
             # bounds by the whole adapter's (on a CPU, the tensors unpickled from them count too: a GPU's are host's)
             assert real["export_added"] <= export + 2**14 and export <= 2 * real["export_added"] + 2**14, plan.rank
-        else:
+        elif plan.rank == 0 or not STRATEGIES[config.parallel].alike_ranks:
             assert export == real["export_added"], plan.rank
+        else:  # rank 0, the writer, stands for its alike ranks, which drop each FSDP unit as they gather it
+            assert real["export_added"] <= export, plan.rank
 
 
 @pytest.mark.slow  # an end-to-end run
