@@ -213,22 +213,30 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def report(args: argparse.Namespace) -> str:
+    from engine.outputs.publish import publish_folder
     from engine.tensorboard import Scalars
+    from eval.report import read_runs, start_report_folder
     from eval.report import report as table
 
-    markdown = table(args.runs)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "report.md").write_text(markdown)
+    runs = read_runs(args.runs)  # each file checked whole before anything is written
+    markdown = table(runs)
+    tmp = start_report_folder(args.output, args.runs)  # written whole, then swapped in for an earlier report
+    (tmp / "report.md").write_text(markdown)
     print(markdown)  # before the page, which needs the report extra: without it, the table is still shown
-    scalars = Scalars(args.output / "tensorboard")  # the same view in TensorBoard
+    scalars = Scalars(tmp / "tensorboard")  # the same view in TensorBoard
     scalars.text(0, "report", markdown)
+    missing_extra = None
     try:
         from eval.html_report import write_page
 
-        page = write_page(args.runs, args.output, scalars)
-    finally:
-        scalars.close()
-    return f"written to {args.output / 'report.md'} and {page} (open it in a browser)"
+        write_page(runs, tmp, scalars)
+    except UsageError as error:  # the page needs the report extra: the table is whole, and kept
+        missing_extra = error
+    scalars.close()
+    publish_folder(tmp, args.output)
+    if missing_extra is not None:
+        raise missing_extra
+    return f"written to {args.output / 'report.md'} and {args.output / 'index.html'} (open it in a browser)"
 
 
 def plan_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Every run of the original project's table as a command of ours, and what `run.py plan` says of it: each
 phase's peak per GPU (training, writing OUT/final, generating the evaluation's answers, the judge scoring them).
 
-    python bench/original_runs.py          # prints the README's table (20 minutes on 2 CPU cores, most of it the
+    python bench/original_runs.py          # prints docs/planning.md's table (20 minutes on 2 CPU cores, most of it the
                                            # largest-batch searches)
 
 Each row keeps the original's GPUs, per-GPU batch and memory, and its deliberate settings that differ from

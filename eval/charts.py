@@ -23,6 +23,11 @@ BEFORE, AFTER = "#b9c6d8", "#2f6db5"
 WIDTH = 9  # inches: about 860 pixels on the page, 900 in TensorBoard
 
 
+def plain(text: str) -> str:
+    """`text` as matplotlib shows it literally: a name with two `$` is no formula to typeset."""
+    return text.replace("$", r"\$")
+
+
 @dataclass
 class Score:
     """One pair of bars: a score before and after training (1 - cosine, 0 is best), and who scored it."""
@@ -49,7 +54,7 @@ def score_chart(scores: list[Score]) -> Figure:
         bars = axes.barh([row + offset for row, _ in shown], values, height, color=color, label=f"{when} training")
         labels = [f" {value:.3f} ({score.scorer})" for value, (_, score) in zip(values, shown, strict=True)]
         axes.bar_label(bars, labels, fontsize=8)
-    axes.set_yticks(range(len(scores)), [score.label for score in scores])
+    axes.set_yticks(range(len(scores)), [plain(score.label) for score in scores])
     axes.invert_yaxis()
     largest = max(max(score.after, score.before or 0) for score in scores)
     axes.set_xlim(0, 1.35 * (largest or 1.0))  # room for the labels right of the longest bar
@@ -66,7 +71,8 @@ def loss_chart(histories: dict[str, dict]) -> Figure:
         for key, style, what in (("train_loss", "-", "train"), ("val_loss", "--", "validation")):
             if history.get(key):
                 steps, losses = zip(*history[key], strict=True)
-                axes.plot(steps, losses, style, marker="o", markersize=3, color=f"C{number}", label=f"{name} {what}")
+                axes.plot(steps, losses, style, marker="o", markersize=3, color=f"C{number}",
+                          label=plain(f"{name} {what}"))
     axes.set(xlabel="optimizer step", ylabel="loss (mean over answer tokens)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
@@ -77,7 +83,7 @@ def throughput_chart(summaries: dict[str, dict]) -> Figure:
     """Each run's samples/s and tokens/s, and the peak memory of each of its ranks."""
     figure = Figure(figsize=(WIDTH, 3.4), layout="constrained")
     samples, tokens, memory = figure.subplots(1, 3)
-    names, colors = list(summaries), [f"C{number}" for number in range(len(summaries))]
+    names, colors = list(map(plain, summaries)), [f"C{number}" for number in range(len(summaries))]
     for axes, key, title in ((samples, "samples_per_s", "samples/s"), (tokens, "tokens_per_s", "tokens/s")):
         values = [summary[key] for summary in summaries.values()]
         axes.bar_label(axes.bar(names, values, color=colors), [f"{value:.3g}" for value in values], fontsize=8)

@@ -1,13 +1,12 @@
 """`run.py report`'s HTML page: index.html and images/ in one folder, which opens offline, with no server.
 
-The page holds the charts of eval/charts.py as inline SVG; every evaluated row, matched across runs by
-data_id (results.csv), with a thumbnail of its exhibit's picture, its question and reference, and each
+The page holds the charts of eval/charts.py as inline SVG; every evaluated row, matched across runs
+(eval/report.py `matched_rows`), with a thumbnail of its exhibit's picture, its question and reference, and each
 run's answer and score; and the runs' config.json side by side. The layout is eval/report_page.html,
 whose script sorts the rows worst first on load. Every text that comes from a run is escaped.
 """
 
 import json
-from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from string import Template
@@ -16,52 +15,39 @@ from engine.data.sources import load_splits
 from engine.tensorboard import Scalars
 from errors import UsageError
 from eval.charts import Score, loss_chart, score_chart, score_of, svg, throughput_chart
-from eval.report import ORIGINAL, read_run_file, read_scores
-from eval.results_csv import SCORE, read_results
+from eval.report import ORIGINAL, Run, matched_rows
+from eval.results_csv import SCORE
 
 PAGE = Template(Path(__file__).with_name("report_page.html").read_text(encoding="utf-8"))
 THUMBNAIL = 160  # pixels, the longer side
 PICTURES = "images"  # the thumbnails' folder, beside index.html
 
 
-@dataclass
-class Run:
-    folder: Path
-    summary: dict
-    config: dict
-    scores: dict | None  # eval/results.json; None when evaluation did not run
-    rows: dict[str, dict]  # eval/results.csv's records by data_id
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-
-def read_run(folder: Path) -> Run:
-    scores = read_scores(folder)
-    rows = {row["data_id"]: row for row in read_results(folder / "eval" / "results.csv")} if scores else {}
-    return Run(folder, read_run_file(folder, "summary.json"), read_run_file(folder, "config.json"), scores, rows)
-
-
-def write_page(folders: list[Path], output: Path, scalars: Scalars) -> Path:
+def write_page(runs: list[Run], output: Path, scalars: Scalars) -> Path:
     """Write `output`/index.html and its thumbnails; the same charts go to `scalars` (TensorBoard)."""
-    runs = [read_run(folder) for folder in folders]
-    originals = [Score(f"original: {approach}, {hardware}", before, after, "self")
-                 for approach, hardware, before, after in ORIGINAL]
-    charts = {"score": score_chart([score_of(run.name, run.scores) for run in runs if run.scores] + originals),
+    scores = [score_of(run.name, run.scores) for run in runs if run.scores]
+    notes = []
+    if all(run.config["dataset"] == "musequest" for run in runs):  # the original's numbers are on MuseQuest's test set
+        scores += [Score(f"original: {approach}, {hardware}", before, after, "self")
+                   for approach, hardware, before, after in ORIGINAL]
+    scorers = sorted({score.scorer for score in scores})
+    if len(scorers) > 1:
+        notes.append(f"The score chart holds bars of {len(scorers)} scorers ({', '.join(scorers)}), each bar labelled "
+                     f"with its own: compare bars of one scorer only.")
+    notes += [f"{run.name} {run.stopped}: it did not finish." for run in runs if run.stopped]
+    charts = {"score": score_chart(scores),
               "loss": loss_chart({run.name: run.summary["history"] for run in runs}),
               "throughput": throughput_chart({run.name: run.summary for run in runs})}
     drawn = {name: svg(figure) for name, figure in charts.items()}
     for name, figure in charts.items():
         scalars.figure(0, f"report/{name}", figure)
-    ids = list(dict.fromkeys(data_id for run in runs for data_id in run.rows))
-    rows = [[run.rows.get(data_id) for run in runs] for data_id in ids]
-    pictures, notes = thumbnails(rows, [run.config["dataset"] for run in runs], output / PICTURES)
+    rows = matched_rows(runs)
+    pictures, missing = thumbnails(rows, [run.config["dataset"] for run in runs], output / PICTURES)
     page = output / "index.html"
     page.write_text(PAGE.substitute(
         title=escape("museft report: " + ", ".join(run.name for run in runs)),
         runs="Runs: " + ", ".join(f"<b>{escape(run.name)}</b> ({escape(str(run.folder))})" for run in runs),
-        notes="".join(f'<p class="note">{escape(note)}</p>' for note in notes),
+        notes="".join(f'<p class="note">{escape(note)}</p>' for note in notes + missing),
         score_chart=drawn["score"], loss_chart=drawn["loss"], throughput_chart=drawn["throughput"],
         rows=row_table(runs, rows, pictures), configs=config_table(runs)), encoding="utf-8")
     return page

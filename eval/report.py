@@ -1,17 +1,25 @@
-"""`python run.py report RUN_DIR...`: one markdown table comparing runs, with the original's published
-scores beside them.
+"""`python run.py report RUN_DIR...`: what it reads of each run, the folder it writes, and the markdown table
+comparing the runs, with the original's published scores beside them where the runs were tested on MuseQuest.
 
-A run folder gives `summary.json` (written by training) and `eval/results.json` (written by
-evaluation, if it ran). The reference rows are the averages in the last row of each of the
-original project's result files (eval/seed_results/, CC0, shipped with the package): Idefics2-8B on
-MuseQuest's test split, scored by each fine-tuned model itself (`--scorer self`), so they compare
-with our `self` scores only.
+A run folder gives `summary.json` (written by training), `config.json`, and `eval/results.json` and
+`results.csv` (written by evaluation, if it ran); each is checked whole as it is read, so a damaged one is
+one sentence. The reference rows are the averages in the last row of each of the original project's
+result files (eval/seed_results/, CC0, shipped with the package): Idefics2-8B on MuseQuest's test split,
+scored by each fine-tuned model itself (`--scorer self`), so they compare with our `self` scores only.
 """
 
+import collections
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from engine.outputs.folder import CONFIG
+from engine.outputs.publish import temporary
 from errors import UsageError
+from eval.results_csv import read_results
+
+MARK = "museft-report.json"  # written first into every report folder: what makes a folder a report of ours
 
 # (approach, hardware, score before training, score after) of the original's seed_results files.
 ORIGINAL = [
@@ -27,46 +35,152 @@ ORIGINAL = [
     ("full_fsdp", "4x A6000 48G", 0.596, 0.030),
     ("GPT-4o (no fine-tuning)", "API", None, 0.323),
 ]
+ROW_KEY = ("data_id", "image_name", "user_question", "ground_truth_answer")  # what makes two runs' rows one row
 COLUMNS = ("run", "approach", "ranks", "score before → after (scorer)", "train time", "peak memory per rank",
            "trainable parameters")
 
 
-def read_run_file(folder: Path, name: str) -> dict:
-    """One of the JSON files every finished run has (summary.json, config.json)."""
+SUMMARY = {"approach": str, "world_size": int, "wall_time_s": (int, float), "trainable_params": int,
+           "total_params": int, "ranks": list, "history": dict}  # what the report reads of summary.json
+CONFIG_FIELDS = {"dataset": str}
+RESULTS = {"score": (int, float), "scorer": str}  # of eval/results.json
+RANK = {"rank": int, "peak_memory_bytes": (int, float)}  # of each of summary.json's ranks
+
+
+@dataclass
+class Run:
+    """A run folder as the report reads it: every file checked whole when it is read."""
+
+    folder: Path
+    name: str  # the shortest end of its path that no other run of the report shares
+    summary: dict
+    config: dict
+    scores: dict | None  # eval/results.json; None when evaluation did not run
+    rows: list[dict]  # eval/results.csv's records, in its order
+
+    @property
+    def stopped(self) -> str:
+        """"" for a finished run, else where it stopped ("stopped at step 1 of 3")."""
+        if self.summary.get("completed", True):
+            return ""
+        return f"stopped at step {self.summary.get('steps', '?')} of {self.summary.get('total_steps', '?')}"
+
+
+def read_runs(folders: list[Path]) -> list[Run]:
+    names = distinct_names(folders)
+    runs = []
+    for folder, name in zip(folders, names, strict=True):
+        summary = read_json(folder, "summary.json", SUMMARY)
+        for rank in summary["ranks"]:
+            check_fields(folder / "summary.json", rank, RANK)
+        evaluated = (folder / "eval" / "results.json").exists()
+        scores = read_json(folder, "eval/results.json", RESULTS) if evaluated else None
+        rows = read_results(folder / "eval" / "results.csv") if scores is not None else []
+        runs.append(Run(folder, name, summary, read_json(folder, "config.json", CONFIG_FIELDS), scores, rows))
+    return runs
+
+
+def read_json(folder: Path, name: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
+    """A JSON object a run wrote, with `fields` of their types; a missing or damaged file is one sentence."""
+    path = folder / name
+    if not path.is_file():
+        raise UsageError(f"{folder} is not a finished run: it has no {name}.")
     try:
-        return json.loads((folder / name).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"{folder} is not a finished run: cannot read its {name} ({error}).") from error
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON and bytes that are no UTF-8
+        raise UsageError(f"cannot read {path}: {error}; the file is damaged (cut short?).") from error
+    return check_fields(path, value, fields)
 
 
-def read_scores(folder: Path) -> dict | None:
-    """The run's eval/results.json (score, baseline_score, scorer), or None when evaluation did not run."""
-    results = folder / "eval" / "results.json"
-    return json.loads(results.read_text()) if results.exists() else None
+def check_fields(path: Path, value: object, fields: dict[str, type | tuple[type, ...]]) -> dict:
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is damaged: it holds a {type(value).__name__}, not the object a run writes.")
+    for key, kind in fields.items():
+        if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+            raise UsageError(f"{path} is damaged: its {key!r} is missing or not what a run writes.")
+    return value
 
 
-def run_row(folder: Path) -> list[str]:
+def distinct_names(folders: list[Path]) -> list[str]:
+    """Each folder's name, or as many of its path's last parts as it takes for no two runs to share one."""
+    parts = [folder.resolve().parts for folder in folders]
+    for count in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(part[-count:]) for part in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise UsageError(f"{folders[0]} is given twice; give each run once.")
+
+
+def matched_rows(runs: list[Run]) -> list[list[dict | None]]:
+    """The test rows of all runs, each with every run's record of it (None where a run has none): a row is the
+    same row in two runs when its id, picture, question and reference are (runs on different test sets share
+    none), and a row that repeats within a run is kept as often as it repeats."""
+    table: dict[tuple, list[dict | None]] = {}
+    for number, run in enumerate(runs):
+        seen = collections.Counter()
+        for record in run.rows:
+            key = tuple(record.get(column) for column in ROW_KEY)
+            seen[key] += 1
+            table.setdefault((key, seen[key]), [None] * len(runs))[number] = record
+    return list(table.values())
+
+
+def run_row(run: Run) -> list[str]:
     """One table row from a run folder; the score cell is empty when evaluation did not run."""
-    summary = read_run_file(folder, "summary.json")
-    scores = read_scores(folder)
+    summary, scores = run.summary, run.scores
     score = ""
     if scores is not None:
         score = f"{_number(scores.get('baseline_score'))} → {_number(scores['score'])} ({scores['scorer']})"
-    peak = max(rank["peak_memory_bytes"] for rank in summary["ranks"])
-    return [folder.name, summary["approach"], str(summary["world_size"]), score, f"{summary['wall_time_s']:.0f} s",
+    peak = max((rank["peak_memory_bytes"] for rank in summary["ranks"]), default=0)
+    name = f"{run.name} ({run.stopped})" if run.stopped else run.name
+    return [name, summary["approach"], str(summary["world_size"]), score, f"{summary['wall_time_s']:.0f} s",
             f"{peak / 2**30:.2f} GiB", f"{summary['trainable_params']:,} of {summary['total_params']:,}"]
 
 
-def report(folders: list[Path]) -> str:
-    """The markdown table: these runs first, then the original's published rows."""
-    rows = [run_row(folder) for folder in folders]
-    rows += [[f"original ({hardware})", approach, hardware.split("x")[0] if "x" in hardware else "—",
-              f"{_number(before)} → {_number(after)} (self)", "—", "—", "—"]
-             for approach, hardware, before, after in ORIGINAL]
+def report(runs: list[Run]) -> str:
+    """The markdown table: these runs first, then the original's published rows where every run was
+    tested on MuseQuest."""
+    rows = [run_row(run) for run in runs]
+    if all(run.config["dataset"] == "musequest" for run in runs):
+        rows += [[f"original ({hardware})", approach, hardware.split("x")[0] if "x" in hardware else "—",
+                  f"{_number(before)} → {_number(after)} (self)", "—", "—", "—"]
+                 for approach, hardware, before, after in ORIGINAL]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run's config.json (a JSON object naming its approach)."""
+    try:
+        return "approach" in json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def start_report_folder(output: Path, runs: list[Path]) -> Path:
+    """The temporary folder a report is written in before it replaces `output`, with its MARK written first.
+    A report goes to a new or empty folder, or replaces an earlier report; it never writes into a run folder
+    (whose --overwrite would then refuse the files it did not write) nor over a user's files."""
+    for folder in (output.resolve(), *output.resolve().parents):
+        if is_run_folder(folder):
+            raise UsageError(f"--output {output} is inside the run folder {folder}, and a report never writes into a "
+                             f"run; choose another folder (the default is runs/report).")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file, not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not (output / MARK).is_file():
+        raise UsageError(f"--output {output} is not empty and holds no report (it has no {MARK}), so a report "
+                         f"would replace files it did not write; choose another folder.")
+    tmp = temporary(output)
+    if tmp.is_symlink() or tmp.exists() and not (tmp / MARK).is_file():
+        raise UsageError(f"--output {output}: {tmp} is in the way and is no report's; remove it or choose another "
+                         f"folder.")
+    if tmp.exists():  # an interrupted report's own
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / MARK).write_text(json.dumps({"runs": [str(run) for run in runs]}, indent=2))
+    return tmp

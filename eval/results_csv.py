@@ -20,13 +20,21 @@ REQUIRED = ("item_name", "model_generated_answer", "ground_truth_answer")
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
-    """The per-row records of a results CSV, every column kept, the average row left out."""
-    with Path(path).open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        missing = [column for column in REQUIRED if column not in (reader.fieldnames or [])]
-        if missing:
-            raise UsageError(f"{path} lacks the column(s) {missing} that a results file needs.")
-        return [row for row in reader if row["item_name"] != AVERAGE]
+    """The per-row records of a results CSV, every column kept, the average row left out; a missing or
+    damaged file (no such file, not UTF-8 text, a row cut short or too long) is one sentence."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            missing = [column for column in REQUIRED if column not in (reader.fieldnames or [])]
+            if missing:
+                raise UsageError(f"{path} lacks the column(s) {missing} that a results file needs.")
+            rows = list(reader)
+    except (OSError, ValueError, csv.Error) as error:  # ValueError: bytes that are no UTF-8
+        raise UsageError(f"cannot read {path}: {error}.") from error
+    for line, row in enumerate(rows, start=2):
+        if None in row or None in row.values():  # csv's marks of more cells than columns, and of fewer
+            raise UsageError(f"{path} is damaged: its line {line} does not have one cell per column (cut short?).")
+    return [row for row in rows if row["item_name"] != AVERAGE]
 
 
 def average_score(scores: list[float]) -> float:

@@ -1,5 +1,6 @@
-"""run.py report's HTML page, rendered by a real headless Chromium from two small evaluated runs; its escaping
-and the `report` extra it needs, on hand-written run folders; a finished run's charts in TensorBoard."""
+"""run.py report's HTML page, rendered by a real headless Chromium from two small evaluated runs; its escaping,
+the `report` extra it needs and the folder it writes, on hand-written run folders; a finished run's charts in
+TensorBoard."""
 
 import json
 import re
@@ -15,9 +16,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.tensorboard import Scalars
+from eval.report import MARK
 from eval.results_csv import read_results, write_results
 from finetune import charts_to_tensorboard
-from harness import run_engine
+from harness import run_engine, snapshot
 from run import main
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -91,7 +93,7 @@ def hand_made_run(folder: Path, lr: float, answer: str) -> Path:
         "samples_per_s": 1.5, "tokens_per_s": 300.0, "history": {"train_loss": [[1, 10.4], [2, 9.8]],
                                                                  "val_loss": [[2, 9.9]]},
         "ranks": [{"rank": 0, "peak_memory_bytes": 2**30}, {"rank": 1, "peak_memory_bytes": 2**29}]}))
-    (folder / "config.json").write_text(json.dumps({"dataset": "musequest", "lr": lr, "seed": 0}))
+    (folder / "config.json").write_text(json.dumps({"dataset": "musequest", "lr": lr, "seed": 0, "approach": "lora"}))
     rows = [{"data_id": "3", "item_name": "1-decadrachm-syracuse-about-400-bce", "image_name": "1-decadrachm-syracuse-"
              "about-400-bce-1.jpg", "user_question": "Can you describe this exhibit?", "model_generated_answer": answer,
              "ground_truth_answer": "A coin."}]
@@ -107,7 +109,7 @@ def test_every_text_of_a_run_is_escaped_and_differing_settings_come_first(tmp_pa
     page = (tmp_path / "report" / "index.html").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in page
     configs = page[page.index('<table id="configs">'):]
-    differing_first = r"<tbody>\s*<tr class=differs><td>lr</td><td>0.001</td><td>0.002</td></tr>\s*<tr><td>dataset"
+    differing_first = r"<tbody>\s*<tr class=differs><td>lr</td><td>0.001</td><td>0.002</td></tr>\s*<tr><td>approach"
     assert re.search(differing_first, configs)
     assert Image.open(tmp_path / "report" / "images" / "row-0.jpg").size == (160, 160)  # the exhibit's picture
 
@@ -156,3 +158,98 @@ def test_a_finished_run_puts_its_charts_in_tensorboard_or_says_in_one_line_why_n
     assert capsys.readouterr().out == "no charts in TensorBoard: charts need matplotlib, the report extra: pip " \
                                       "install -e '.[report]' (or pip install 'matplotlib>=3.8').\n"
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_report_never_writes_over_a_users_files_nor_into_a_run(tmp_path, capsys):
+    """A folder of the user's own index.html and report.md, a run folder, a folder inside one, and a stray
+    temporary sibling are each refused in one sentence and left as they were; an earlier report, and an
+    interrupted one's leftover, are replaced whole (one TensorBoard event file, not two)."""
+    run = hand_made_run(tmp_path / "run", 1e-3, "x")
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "index.html").write_text("my page")
+    (users / "report.md").write_text("my notes")
+    stray = tmp_path / "stray"
+    (tmp_path / ".tmp-stray").mkdir()
+    (tmp_path / ".tmp-stray" / "notes.txt").write_text("mine too")
+    refusals = {users: "is not empty and holds no report", run: "is inside the run folder",
+                run / "report": "is inside the run folder", stray: ".tmp-stray is in the way"}
+    before = snapshot(tmp_path)
+    for output, words in refusals.items():
+        assert main(["report", str(run), "--output", str(output)]) == 2
+        error = capsys.readouterr().err
+        assert words in error and error.count("\n") == 1, error
+    assert snapshot(tmp_path) == before and not (run / "report").exists()
+
+    report = tmp_path / "report"
+    for _ in range(2):
+        assert main(["report", str(run), "--output", str(report)]) == 0
+    assert len(list((report / "tensorboard").iterdir())) == 1 and (report / MARK).is_file()
+    leftover = tmp_path / ".tmp-report"
+    shutil.copytree(report, leftover)  # as a report killed midway leaves it
+    (report / "report.md").unlink()
+    assert main(["report", str(run), "--output", str(report)]) == 0
+    assert (report / "report.md").is_file() and not leftover.exists()
+
+
+def evaluated_run(folder: Path, rows: list[tuple[str, str, str]], dataset: str = "musequest", **summary) -> Path:
+    """A hand-written run whose test rows are (data_id, question, reference), each answered "an answer"."""
+    hand_made_run(folder, 1e-3, "an answer")
+    records = [{"data_id": data_id, "item_name": "vase", "image_name": "vase.jpg", "user_question": question,
+                "model_generated_answer": "an answer", "ground_truth_answer": reference}
+               for data_id, question, reference in rows]
+    write_results(folder / "eval" / "results.csv", records, [0.5] * len(records))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, dataset=dataset)))
+    (folder / "summary.json").write_text(json.dumps(dict(json.loads((folder / "summary.json").read_text()),
+                                                         **summary)))
+    return folder
+
+
+def test_rows_are_matched_by_question_and_reference_and_every_row_and_run_is_kept(tmp_path, capsys):
+    """Two runs on different test sets share no row; a test split whose data_ids repeat shows every row; two
+    runs in folders of one name keep their own columns and curves; a run that stopped is marked; the original's
+    rows are shown only for MuseQuest; a `$...$` name is shown as written."""
+    ours = evaluated_run(tmp_path / "a" / "$x$", [("1", "What is it?", "A vase."), ("1", "Who made it?", "Potters."),
+                                                  ("1", "Who made it?", "Potters.")], dataset="my/data")
+    theirs = evaluated_run(tmp_path / "b" / "$x$", [("1", "What is it?", "A helmet.")], dataset="other/data",
+                           completed=False, steps=1, total_steps=3)
+    assert main(["report", str(ours), str(theirs), "--output", str(tmp_path / "report")]) == 0
+    table = capsys.readouterr().out
+    assert "| a/$x$ |" in table and "| b/$x$ (stopped at step 1 of 3) |" in table and "original" not in table
+    page = (tmp_path / "report" / "index.html").read_text()
+    rows = re.findall(r'<tr class="row">.*?</tr>', page, re.S)
+    assert len(rows) == 4  # 3 of one test set (2 alike, both kept), 1 of the other: none side by side
+    assert sum("A helmet." in row for row in rows) == 1 and sum("Potters." in row for row in rows) == 2
+    for row in rows:  # each row has one run's answer and the other's empty cell
+        assert row.count("an answer") == 1 and row.count('data-value="-1"') == 1
+    charts = [text(chart) for chart in re.findall(r"<svg.*?</svg>", page, re.S)]
+    assert all("a/$x$" in chart and "b/$x$" in chart for chart in charts[1:])  # the names as written, each
+    assert "original" not in charts[0] and "b/$x$ stopped at step 1 of 3: it did not finish." in text(page)
+
+
+@pytest.mark.parametrize("name", ["summary.json", "config.json", "eval/results.json", "eval/results.csv"])
+@pytest.mark.parametrize("damage", ["cut", "garbage", "shape"])
+def test_every_file_the_report_reads_damaged_is_one_sentence_naming_it(tmp_path, capsys, name, damage):
+    run = hand_made_run(tmp_path / "run", 1e-3, "x")
+    path = run / name
+    whole = path.read_bytes()
+    path.write_bytes({"cut": whole[: len(whole) // 2], "garbage": b"\xff\xfe\x00 not a run's file",
+                      "shape": b"[1, 2]" if path.suffix == ".json" else whole.replace(b"\n3,", b"\n3,x,y,", 1)}[damage])
+    assert main(["report", str(run), "--output", str(tmp_path / "report")]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and error.count("\n") == 1 and error.startswith("error: "), error
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium executable (apt-get install chromium; .ci/run does)")
+def test_an_answer_without_spaces_wraps_inside_the_window(tmp_path):
+    runs = [hand_made_run(tmp_path / "a", 1e-3, ",s" * 2000), hand_made_run(tmp_path / "b", 2e-3, "x")]
+    assert main(["report", *map(str, runs), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    measured = tmp_path / "report" / "measured.html"  # the page, and a line that writes its width into the DOM
+    measured.write_text(page.replace("</body>", "<script>document.body.dataset.width = "
+                                                "document.documentElement.scrollWidth;</script></body>"))
+    width = int(re.search(r'data-width="(\d+)"', chromium(measured, "--dump-dom", "--window-size=1400,900"))[1])
+    assert width <= 1400

@@ -165,8 +165,8 @@ def test_run_whose_checkpoints_cannot_fit_on_disk_is_refused(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_every_run_of_the_originals_table_fits():
-    """The README's table: each of the original's runs, as our command on its GPUs, fits in the plan, every phase
-    of it (training, export, generating, judging); where the original logged
+    """The table in docs/planning.md: each of the original's runs, as our command on its GPUs, fits in the plan,
+    every phase of it (training, export, generating, judging); where the original logged
     torch.cuda.memory_allocated after its first optimizer step and zero_grad (its FSDP runs, fp32 masters as
     accelerate kept them; its LoRA + DDP runs), the plan holds within 5% of it."""
     from bench.original_runs import RUNS, over, plan_of
