@@ -22,7 +22,7 @@ import traceback
 import typing
 from pathlib import Path
 
-from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach
+from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach, out_of_range
 from errors import Terminated, UsageError, debug, explain
 
 
@@ -75,6 +75,22 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
             add_option(parser, field, kinds[field.name])
 
 
+def add_number(parser: argparse.ArgumentParser, name: str, kind: type, help: str, default: float | None = None,
+               **bounds: float | bool) -> None:
+    """A numeric flag of a subcommand with its range, in engine/config.py `option`'s keywords (minimum, above,
+    maximum, below, finite), which `check_numbers` enforces as validate() does a training flag's."""
+    action = parser.add_argument(name, type=kind, default=default, help=help)
+    action.bounds = dict(minimum=None, above=None, maximum=None, below=None, finite=False) | bounds
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for action in parser._actions:  # argparse keeps no public list of a parser's flags
+        value = getattr(args, action.dest, None)
+        limits = out_of_range(value, action.bounds) if hasattr(action, "bounds") and value is not None else ""
+        if limits:
+            raise UsageError(f"{action.option_strings[0]} must be {limits}, not {value:g}.")
+
+
 def add_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on a failure, show the traceback before the "
                                                              "one-sentence error (as MUSEFT_DEBUG=1 does)")
@@ -105,7 +121,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a Hugging Face folder or id; with --adapter, the base (default: the "
                                         "adapter's own base)")
     parser.add_argument("--adapter", type=Path, help="a LoRA/QLoRA adapter folder, folded into its base")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="default: 512, as the original")
+    add_number(parser, "--max-new-tokens", int, "answer length cap (default: 512, as the original)", 512, minimum=1)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
 
 
@@ -125,12 +141,12 @@ def eval_parser() -> argparse.ArgumentParser:
                                      "score the answers against the references (1 - cosine; 0 is best).")
     add_model_flags(parser)
     parser.add_argument("--dataset", default="musequest", help="as for training (default: musequest)")
-    parser.add_argument("--limit-exhibits", type=int, help="keep only the first K exhibits")
+    add_number(parser, "--limit-exhibits", int, "keep only the first K exhibits", minimum=1)
     parser.add_argument("--scorer", default="base", help="self (the evaluated model, the original's way), base "
                                                          "(--base: one judge for every approach; default) "
                                                          "or a model folder")
     parser.add_argument("--base", help="the judge of --scorer base (default: the adapter's base, else --model)")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows generated at once (default: 4)")
+    add_number(parser, "--batch-size", int, "rows generated at once (default: 4)", 4, minimum=1)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where results.csv/.json go")
     return parser
 
@@ -246,9 +262,10 @@ def plan_parser() -> argparse.ArgumentParser:
         "judging them), whether every phase fits, the largest batch that does, and the disk it writes; for GPUs "
         "unless --device cpu. It takes the training flags; no weights are loaded: seconds on a CPU.")
     add_training_flags(parser)
-    parser.add_argument("--gpu-memory", type=float, help="GiB of each GPU, as torch reports it (default: the "
-                                                         "visible GPU's); 8%% is kept free")
-    parser.add_argument("--sequence-length", type=int, help="tokens a row (default: the widest batch of the data set)")
+    add_number(parser, "--gpu-memory", float, "GiB of each GPU, as torch reports it (default: the visible GPU's); "
+                                               "8%% is kept free", above=0, finite=True)
+    add_number(parser, "--sequence-length", int, "tokens a row, at most the model's context (default: the widest "
+                                                 "batch of the data set)", minimum=1)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return parser
 
@@ -267,9 +284,9 @@ def planned(args: argparse.Namespace, search: bool = True) -> tuple[TrainConfig,
     settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
                 if name not in ("gpu_memory", "sequence_length", "json", "debug", "approach")}
     config = from_approach(args.approach or TrainConfig.approach, **settings)
-    if args.sequence_length is not None and args.sequence_length < 1:
-        raise UsageError(f"--sequence-length must be 1 or more, not {args.sequence_length}.")
     gpu = config.device != "cpu"
+    if args.gpu_memory is not None and not gpu:
+        raise UsageError("--gpu-memory is a GPU's; a plan for --device cpu is judged against --memory-budget GiB.")
     budget = budget_for(gpu, config.memory_budget, args.gpu_memory)
     return config, plan_run(config, gpu, budget, args.sequence_length, search)
 
@@ -279,11 +296,13 @@ SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eva
 
 
 def subcommand(name: str, argv: list[str]) -> int:
-    parser, run = SUBCOMMANDS[name]
-    args = add_debug(parser()).parse_args(argv)
+    make_parser, run = SUBCOMMANDS[name]
+    parser = add_debug(make_parser())
+    args = parser.parse_args(argv)
     if args.debug:
         os.environ["MUSEFT_DEBUG"] = "1"
     try:
+        check_numbers(parser, args)
         message = run(args)
     except BaseException as error:
         return stop(error, getattr(args, "output", None) or getattr(args, "output_dir", None))

@@ -64,6 +64,7 @@ def flag(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or f"--{negated}{field.name.replace('_', '-')}"
 
 
+MAX_EDGE = 8192  # pixels: an image of 8192 x 8192 stays under Pillow's decompression-bomb limit (89.5 megapixels)
 HYBRID = "from --approach"  # adapter, quant and parallel default to the approach's choices
 
 
@@ -99,7 +100,7 @@ class TrainConfig:
                                          "one-GPU full fine-tuning batch, from which its FSDP runs scaled",
                                      minimum=1)
     weight_decay: float = option(0.01, "AdamW weight decay", minimum=0, finite=True)
-    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", cli=False)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas", minimum=0, below=1, cli=False)
     warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up", minimum=0, maximum=1)
     max_grad_norm: float = option(0.3, "gradient clipping norm (inf: no clipping)", above=0)
     train_modules: tuple[str, ...] = option(("projections",), "what full fine-tuning trains: 'all', presets "
@@ -125,7 +126,7 @@ class TrainConfig:
                                    "1 is the original's naive split", minimum=1)
     schedule: str = option("gpipe", "full_mp: all forwards then all backwards (gpipe), or one forward one "
                                     "backward, fewer activations alive (1f1b)", choices=("gpipe", "1f1b"))
-    split: tuple[int, ...] = option((), "full_mp: first decoder layer of every stage after the first",
+    split: tuple[int, ...] = option((), "full_mp: first decoder layer of every stage after the first", minimum=1,
                                     default_help="balanced by parameters; the original's 4-GPU split is 5 14 23")
     stages: int | None = option(None, "pipeline+fsdp: pipeline stages; the N ranks form S stages of N/S ranks, each "
                                       "stage sharded FSDP-style over its ranks", minimum=2,
@@ -145,10 +146,12 @@ class TrainConfig:
     max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens",
                                     minimum=1)
     image_splitting: bool = option(False, "split images into crops (more memory)")
-    image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels")
-    image_longest_edge: int | None = option(None, "processor resize: longest image edge in pixels")
+    image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels",
+                                             minimum=1, maximum=MAX_EDGE, default_help="the processor's")
+    image_longest_edge: int | None = option(None, "processor resize: longest image edge in pixels",
+                                            minimum=1, maximum=MAX_EDGE, default_help="the processor's")
     # runtime
-    seed: int = option(0, "seed for the tiny model, data order and dropout")
+    seed: int = option(0, "seed for the tiny model, data order and dropout", minimum=0, maximum=2**32 - 1)
     device: str = option("auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda"))
     precision: str = option("auto", "fp32 (everything fp32; the CPU default), bf16-mixed (frozen weights bf16, "
                                     "trained weights fp32, compute under bf16 autocast; the CUDA default) or bf16 "
@@ -168,7 +171,7 @@ class TrainConfig:
     max_new_tokens: int = option(512, "answer length cap in evaluation", minimum=1)
     keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
     memory_budget: float | None = option(None, "GiB each rank may use: before loading, refuse a run whose planned "
-                                               "peak (run.py plan) is more", above=0,
+                                               "peak (run.py plan) is more", above=0, finite=True,
                                          default_help="the GPU's memory less 8%%; none on CPU")
     final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
                         choices=("best", "last"))
@@ -266,9 +269,13 @@ def validate(config: TrainConfig) -> None:
         value, choices = getattr(config, field.name), field.metadata["choices"]
         if choices and value not in choices:
             raise UsageError(f"{flag(field)} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}.")
-        limits = out_of_range(value, field.metadata) if isinstance(value, (int, float)) else ""
-        if limits:
-            raise UsageError(f"{flag(field)} must be {limits}, not {value:g}.")
+        for number in value if isinstance(value, tuple) else (value,):  # each of a tuple's (--split 5 14 23)
+            limits = out_of_range(number, field.metadata) if isinstance(number, (int, float)) else ""
+            if limits:
+                raise UsageError(f"{flag(field)} must be {limits}, not {number:g}.")
+    if (config.image_shortest_edge or 0) > (config.image_longest_edge or MAX_EDGE):
+        raise UsageError(f"--image-shortest-edge {config.image_shortest_edge} is longer than --image-longest-edge "
+                         f"{config.image_longest_edge}.")
     if config.optimizer == "adamw8bit" and config.optimizer_offload != "none":
         raise UsageError("--optimizer adamw8bit keeps its moments on the GPU; --optimizer-offload cpu keeps fp32 "
                          "moments in host memory instead: choose one.")

@@ -18,6 +18,8 @@ from models.tiny import build_tiny, tiny_processor
 os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
 # Point-to-point traffic obeys NCCL's rules on gloo (parallel/p2p.py), in every rank a test starts.
 os.environ.setdefault("MUSEFT_NCCL_RULES", "1")
+# Offline: the hub is unreachable here, and huggingface_hub reads this once, as the fork server imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_configure(config):

@@ -9,17 +9,24 @@
 - End-to-end runs of the engine: `run_engine` (3 steps of a tiny run, rank 0's summary), `FULL` (its
   settings for full fine-tuning), `assert_same_curves` between two runs' summaries, and the exported
   `saved_weights` and `saved_logits` of a run's folder.
+- The command line as a user runs it: `run_cli` (`python run.py ARGS`, forked from the tests' server),
+  `assert_one_sentence`, and `snapshot` of a folder a failed command must leave as it was.
+- `hand_made_run`: a finished, evaluated run's folder, written by hand, for the report's tests.
 
 Under pytest's default import mode, tests/ is on sys.path (no __init__.py there), so `from harness import`
 works in the test files and in the ranks they spawn, whose sys.path is their parent's.
 """
 
 import hashlib
+import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -127,10 +134,41 @@ def assert_close(got: dict, expected: dict) -> None:
 # ---- the command line, as a user runs it -------------------------------------------------------
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in `cwd`; offline, so an unreachable hub fails at once instead of after its retries."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+    """`python run.py ARGS` in `cwd`, as a process of its own whose stdout, stderr and exit status are the
+    command's, but forked from the tests' server (tests/conftest.py), which has torch, transformers and the
+    engine imported: the command starts without ~6 s of imports. Offline (conftest.py), so an unreachable hub
+    fails at once instead of after its retries."""
+    argv = [str(ROOT / "run.py"), *args]
+    with tempfile.TemporaryDirectory() as streams:
+        out, err = Path(streams) / "stdout", Path(streams) / "stderr"
+        command = mp.get_context("forkserver").Process(target=_run_py, args=(argv, str(cwd), dict(os.environ),
+                                                                             out, err))
+        command.start()
+        command.join(timeout)
+        if command.exitcode is None:
+            command.kill()
+            command.join()
+            raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+        return subprocess.CompletedProcess([sys.executable, *argv], command.exitcode, out.read_text(),
+                                           err.read_text())
+
+
+def _run_py(argv: list[str], cwd: str, env: dict[str, str], out: Path, err: Path) -> None:
+    """run.py as `python run.py` runs it, in this forked process: its directory, environment and argv; its
+    stdout and stderr (the file descriptors, so the ranks it starts write there too) into `out` and `err`."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for descriptor, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, descriptor)
+        os.close(opened)
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")  # its sys.exit(status) is this process's exit status
+    except Exception:  # as Python shows an uncaught exception, and its status
+        traceback.print_exc()
+        sys.exit(1)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -182,3 +220,24 @@ def assert_same_curves(got: dict, expected: dict, validation: float = 1e-5) -> N
     for key, rel in (("train_loss", 1e-5), ("val_loss", validation), ("grad_norm", 1e-3)):
         values = [v for _, v in expected["history"][key]]
         assert [v for _, v in got["history"][key]] == pytest.approx(values, rel=rel), key
+
+
+# ---- run folders written by hand --------------------------------------------------------------
+
+def hand_made_run(folder: Path, lr: float, answer: str) -> Path:
+    """A run folder as training and evaluation leave it (summary.json, config.json, eval/), written by hand."""
+    (folder / "eval").mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "approach": "lora", "world_size": 2, "wall_time_s": 9.0, "trainable_params": 10, "total_params": 100,
+        "samples_per_s": 1.5, "tokens_per_s": 300.0, "history": {"train_loss": [[1, 10.4], [2, 9.8]],
+                                                                 "val_loss": [[2, 9.9]]},
+        "ranks": [{"rank": 0, "peak_memory_bytes": 2**30}, {"rank": 1, "peak_memory_bytes": 2**29}]}))
+    (folder / "config.json").write_text(json.dumps({"dataset": "musequest", "lr": lr, "seed": 0, "approach": "lora"}))
+    rows = [{"data_id": "3", "item_name": "1-decadrachm-syracuse-about-400-bce", "image_name": "1-decadrachm-syracuse-"
+             "about-400-bce-1.jpg", "user_question": "Can you describe this exhibit?", "model_generated_answer": answer,
+             "ground_truth_answer": "A coin."}]
+    from eval.results_csv import write_results
+
+    write_results(folder / "eval" / "results.csv", rows, [0.25])
+    (folder / "eval" / "results.json").write_text(json.dumps({"score": 0.25, "baseline_score": 0.5, "scorer": "base"}))
+    return folder

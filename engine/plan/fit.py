@@ -78,7 +78,10 @@ class WidestBatch:
     widest batch a run will see (or rows cut or padded to `sequence_length` tokens)."""
 
     def __init__(self, config: TrainConfig, sequence_length: int | None):
-        _, processor = config_and_processor(config.model)
+        model_config, processor = config_and_processor(config.model)
+        context = model_config.text_config.max_position_embeddings
+        if sequence_length is not None and sequence_length > context:
+            raise UsageError(f"--sequence-length {sequence_length} is past the model's context of {context} tokens.")
         configure_processor(processor, config)
         train = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["train"]
         lengths = row_lengths(train, processor)
@@ -154,21 +157,29 @@ def refuse_if_unfit_before_loading(config: TrainConfig, ranks: int, gpu: bool) -
     refuse_if_unfit(config, plan_run(config, gpu, budget_for(gpu, config.memory_budget, None), search=False))
 
 
+def readable(size: int) -> str:
+    """Bytes in the largest unit that is at least 1 of them ("1.5 GiB", "40.0 MiB", "512 bytes")."""
+    for unit, exponent in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 2**exponent:
+            return f"{size / 2**exponent:.1f} {unit}"
+    return f"{size} bytes"
+
+
 def refuse_if_unfit(config: TrainConfig, plan: dict) -> None:
     """One sentence before anything loads: the predicted peak against the budget and what would fit, or
     the bytes the run writes against the free disk."""
     disk = plan["disk"]
     if not disk["fits"]:
         raise UsageError(
-            f"this run would write up to {disk['total_bytes'] / GIB:.1f} GiB to {config.out} "
-            f"({disk['checkpoints_kept']} checkpoints of {disk['checkpoint_bytes'] / GIB:.1f} GiB at once: "
+            f"this run would write up to {readable(disk['total_bytes'])} to {config.out} "
+            f"({disk['checkpoints_kept']} checkpoints of {readable(disk['checkpoint_bytes'])} at once: "
             f"--keep-last {config.keep_last}, the best "
-            f"and the one being written; the final export of {disk['export_bytes'] / GIB:.1f} GiB), but only "
-            f"{disk['free_bytes'] / GIB:.1f} GiB is free there; lower --keep-last or free space.")
+            f"and the one being written; the final export of {readable(disk['export_bytes'])}), but the disk there "
+            f"has only {readable(disk['free_bytes'])} free; lower --keep-last or free space.")
     if plan["fits"] is False:
         over = {name: peak for name, peak in plan["phases"].items() if peak > plan["budget_bytes"]}
-        where = " and ".join(f"{PHASES[name]} ({peak / GIB:.1f} GiB)" for name, peak in over.items())
-        raise UsageError(f"the plan's peak per GPU is over the budget of {plan['budget_bytes'] / GIB:.1f} GiB while "
+        where = " and ".join(f"{PHASES[name]} ({readable(peak)})" for name, peak in over.items())
+        raise UsageError(f"the plan's peak per GPU is over the budget of {readable(plan['budget_bytes'])} while "
                          f"{where}; {remedies(config, plan, over)} (run.py plan shows the numbers).")
 
 
@@ -247,7 +258,8 @@ def describe(config: TrainConfig, plan: dict) -> str:
     phases = ", ".join(f"{name} {gib(peak)}" for name, peak in plan["phases"].items())
     lines.append(f"peak per {device}, by phase: {phases} {unit}; the largest: {plan['largest_phase']}")
     if plan["fits"] is None:
-        lines.append("give --gpu-memory GiB (the card's memory) or --memory-budget GiB to judge the fit")
+        lines.append("give --gpu-memory GiB (the card's memory) or --memory-budget GiB to judge the fit"
+                     if plan["device"] == "cuda" else "give --memory-budget GiB to judge the fit")
     else:
         over = [name for name, peak in plan["phases"].items() if peak > plan["budget_bytes"]]
         verdict = "fits: every phase" if plan["fits"] else f"does not fit: {', '.join(over)} over"

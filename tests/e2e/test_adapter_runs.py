@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +19,10 @@ from engine.runtime import Runtime
 from engine.step import train_step
 from engine.strategies import Strategy
 from finetune import finetune
+from harness import ROOT, run_cli
 from models.targets import QUANT_SKIP
 from quant import quantize
 from run import main
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, approach: str) -> dict:
@@ -61,8 +58,7 @@ def _logits(model, batch) -> torch.Tensor:
 
 
 def _merge(adapter: Path, output: Path) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "merge", "--adapter", str(adapter),
-                             "--output", str(output)], capture_output=True, text=True, timeout=300)
+    result = run_cli("merge", "--adapter", str(adapter), "--output", str(output), cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

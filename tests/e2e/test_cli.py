@@ -1,5 +1,6 @@
 """Bad input: one clear sentence on stderr and exit status 2, before any work is done."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -84,3 +85,74 @@ def test_cuda_without_a_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="no CUDA GPU is visible"):
         pick_device("cuda", 1)
+
+
+# The arguments a subcommand needs besides the flag under test, none of which loads anything.
+NEEDED = {"plan": [], "eval": ["--model", "tiny"], "ask": ["--model", "tiny", "--image", "x.jpg", "What is it?"],
+          "score": ["--csv", "x.csv", "--model", "tiny", "--output", "y.csv"], "merge": ["--adapter", "a", "--output",
+          "b"], "report": ["run"]}
+UNBOUNDED_ABOVE = {"max_grad_norm"}  # inf is a declared value: no clipping
+
+
+def numeric_flags() -> list[tuple[str, str, type, dict]]:
+    """(command, flag, type, range) of every numeric flag of every command: a training flag's range is its
+    TrainConfig option's, a subcommand's the one run.py's add_number declared."""
+    from run import SUBCOMMANDS, train_parser
+
+    fields = {field.name: field.metadata for field in dataclasses.fields(TrainConfig)}
+    flags = []
+    for command, parser in [("train", train_parser()), *((name, make()) for name, (make, _) in SUBCOMMANDS.items())]:
+        for action in parser._actions:
+            if action.type in (int, float):
+                bounds = getattr(action, "bounds", None) or fields[action.dest]
+                flags.append((command, action.option_strings[0], action.type, bounds))
+    return flags
+
+
+def outside(kind: type, bounds: dict) -> list[str]:
+    """Values each range refuses: just past each bound, and nan and inf where a float must be finite."""
+    values = []
+    if bounds["minimum"] is not None:
+        values.append(str(kind(bounds["minimum"]) - 1))
+    if bounds["above"] is not None:
+        values.append(str(kind(bounds["above"])))
+    if bounds["maximum"] is not None:
+        values.append(str(kind(bounds["maximum"]) + 1))
+    if bounds["below"] is not None:
+        values.append(str(kind(bounds["below"])))
+    return values + (["nan", "inf", "-inf"] if kind is float and bounds["finite"] else ["nan"] if kind is float else [])
+
+
+def test_every_numeric_flag_of_every_command_has_a_range_that_refuses_in_one_sentence(tmp_path, monkeypatch, capsys):
+    from run import main
+
+    monkeypatch.chdir(tmp_path)
+    flags = numeric_flags()
+    assert {command for command, *_ in flags} == {"train", "plan", "eval", "ask"}
+    for command, flag, kind, bounds in flags:
+        assert any(bounds[key] is not None for key in ("minimum", "above", "maximum", "below")), flag
+        if kind is float and flag.removeprefix("--").replace("-", "_") not in UNBOUNDED_ABOVE:
+            assert bounds["finite"] or bounds["maximum"] is not None or bounds["below"] is not None, flag
+        for value in outside(kind, bounds):
+            given = f"{flag}={value}"  # one word: argparse would take a separate -1 or -inf for a flag
+            argv = [given, "--output-dir", "out"] if command == "train" else [command, *NEEDED[command], given]
+            assert main(argv) == 2, (flag, value)
+            error = capsys.readouterr().err
+            assert error.startswith(f"error: {flag} must be ") and error.count("\n") == 1, error
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_plan_refuses_a_sequence_past_the_context_and_a_gpus_memory_on_a_cpu(tmp_path, monkeypatch, capsys):
+    from run import main
+
+    monkeypatch.chdir(tmp_path)
+    for flags, words in ((["--sequence-length", "2049"], "--sequence-length 2049 is past the model's context of 2048"),
+                         (["--device", "cpu", "--gpu-memory", "24"], "--gpu-memory is a GPU's")):
+        assert main(["plan", "--model", "tiny", *flags]) == 2
+        error = capsys.readouterr().err
+        assert words in error and error.count("\n") == 1, error
+
+
+def test_image_edges_must_be_in_order():
+    with pytest.raises(UsageError, match="--image-shortest-edge 500 is longer than --image-longest-edge 400"):
+        from_approach("lora", image_shortest_edge=500, image_longest_edge=400)

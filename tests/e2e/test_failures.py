@@ -28,7 +28,7 @@ from engine.launch import launch
 from engine.outputs import checkpoint
 from engine.runtime import setup_runtime
 from errors import DiskError, UsageError, explain
-from harness import ROOT, assert_one_sentence, run_cli, snapshot
+from harness import ROOT, assert_one_sentence, hand_made_run, run_cli, snapshot
 
 CHEAP = ["--limit-exhibits", "2", "--max-steps", "2", "--batch-size", "2", "--skip-eval", "--eval-every", "1",
          "--model", "tiny", "--device", "cpu"]
@@ -156,10 +156,7 @@ def test_an_output_dir_under_a_file_is_one_sentence_naming_it(tmp_path):
 def test_a_folder_nobody_may_write_is_one_sentence_naming_it(tmp_path):
     # chmod does not stop root, who runs these tests; sysfs refuses a new folder to everyone (EPERM, or EACCES).
     # `report` is the cheapest command that writes: a subcommand fails the same way as training.
-    run_folder = tmp_path / "run"
-    run_folder.mkdir()
-    (run_folder / "summary.json").write_text('{"approach": "lora", "world_size": 1, "wall_time_s": 1, "ranks": '
-                                             '[{"peak_memory_bytes": 1}], "trainable_params": 1, "total_params": 2}')
+    hand_made_run(tmp_path / "run", 1e-3, "x")
     before = snapshot(tmp_path)
     result = run_cli("report", "run", "--output", f"/sys/museft-test-{os.getpid()}/report", cwd=tmp_path)
     assert_one_sentence(result, f"error: cannot use /sys/museft-test-{os.getpid()}: ", 1)

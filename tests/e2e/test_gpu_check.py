@@ -1,22 +1,22 @@
 """bench/gpu_check.py's CPU dry run, so the GPU check cannot rot where no GPU is (issue 25)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from harness import ROOT
+from harness import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check
 
 
 @pytest.mark.slow
-def test_the_dry_run_stops_resumes_exports_and_scores_every_one_gpu_approach(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+def test_the_dry_run_stops_resumes_exports_and_scores_every_one_gpu_approach(tmp_path, monkeypatch, capsys):
+    # The script's own main, whose `python run.py` commands fork from the tests' server (no imports of their own).
+    monkeypatch.setattr(gpu_check, "run_py", lambda *args: run_cli(*args, cwd=ROOT, timeout=600))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--tiny", "--out", str(tmp_path)])
+    assert gpu_check.main() == 0, capsys.readouterr().out
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     for name in ("lora", "qlora", "full bf16 adamw8bit"):
         assert checks[name]["result"] == "pass" and checks[name]["steps"] == 2 and checks[name]["rows"] == 4, name

@@ -19,7 +19,7 @@ from engine.tensorboard import Scalars
 from eval.report import MARK
 from eval.results_csv import read_results, write_results
 from finetune import charts_to_tensorboard
-from harness import run_engine, snapshot
+from harness import hand_made_run, run_engine, snapshot
 from run import main
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -83,23 +83,6 @@ def test_the_rendered_page_shows_the_charts_every_row_and_its_picture_worst_firs
     assert first_scores == sorted((float(r["semantic_similarity_score"]) for r in records["lr-low"].values()),
                                   reverse=True)  # sorted worst first by the page's own script
     assert 'data-order="worst"' in dom
-
-
-def hand_made_run(folder: Path, lr: float, answer: str) -> Path:
-    """A run folder as training and evaluation leave it (summary.json, config.json, eval/), written by hand."""
-    (folder / "eval").mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({
-        "approach": "lora", "world_size": 2, "wall_time_s": 9.0, "trainable_params": 10, "total_params": 100,
-        "samples_per_s": 1.5, "tokens_per_s": 300.0, "history": {"train_loss": [[1, 10.4], [2, 9.8]],
-                                                                 "val_loss": [[2, 9.9]]},
-        "ranks": [{"rank": 0, "peak_memory_bytes": 2**30}, {"rank": 1, "peak_memory_bytes": 2**29}]}))
-    (folder / "config.json").write_text(json.dumps({"dataset": "musequest", "lr": lr, "seed": 0, "approach": "lora"}))
-    rows = [{"data_id": "3", "item_name": "1-decadrachm-syracuse-about-400-bce", "image_name": "1-decadrachm-syracuse-"
-             "about-400-bce-1.jpg", "user_question": "Can you describe this exhibit?", "model_generated_answer": answer,
-             "ground_truth_answer": "A coin."}]
-    write_results(folder / "eval" / "results.csv", rows, [0.25])
-    (folder / "eval" / "results.json").write_text(json.dumps({"score": 0.25, "baseline_score": 0.5, "scorer": "base"}))
-    return folder
 
 
 def test_every_text_of_a_run_is_escaped_and_differing_settings_come_first(tmp_path):

@@ -1,8 +1,6 @@
 """The training loop against independent references: HF's own loss, one big batch, an unbroken run."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,8 @@ from engine.runtime import Runtime
 from engine.step import train_step
 from engine.strategies import Strategy
 from engine.trainer import train
+from harness import ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 CPU = Runtime(torch.device("cpu"))
 
 
@@ -128,9 +126,8 @@ def test_docs_demos_lower_the_validation_loss(args, tmp_path):
     """The demo commands of docs/approaches.md (whose approaches other tests run end to end) for one epoch instead
     of their three, with 5 validations and no evaluation, to keep the suite short: they must lower the loss
     by half a nat (full: 10.39 -> 9.44 in that epoch)."""
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args.split(), "--epochs", "1", "--eval-every",
-                             "0.2", "--skip-eval", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = run_cli(*args.split(), "--epochs", "1", "--eval-every", "0.2", "--skip-eval", "--output-dir",
+                     str(tmp_path), cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     # The first step's training loss is the untrained model's (the first validation may come later).
