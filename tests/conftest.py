@@ -12,14 +12,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.tiny import build_tiny, tiny_processor
-
 # Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own.
 os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
 # Point-to-point traffic obeys NCCL's rules on gloo (parallel/p2p.py), in every rank a test starts.
 os.environ.setdefault("MUSEFT_NCCL_RULES", "1")
-# Offline: the hub is unreachable here, and huggingface_hub reads this once, as the fork server imports it.
+# Offline: the hub is unreachable here, and huggingface_hub reads this once, as it is first imported (below, and by the
+# fork server).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from models.tiny import build_tiny, tiny_processor
 
 
 def pytest_configure(config):
