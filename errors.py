@@ -7,8 +7,9 @@ diverged); let real bugs raise what they raise. run.py shows every failure in `e
     0    done
     1    a file or folder could not be written or read: a full disk, a read-only or forbidden folder,
          a file where a folder belongs (the sentence names the path and the system's error); or another
-         rank of the run went away (its process or machine died), so this one cannot go on; or a collective
-         between the ranks timed out
+         rank of the run went away (its process or machine died), so this one cannot go on; or a rank this
+         process started failed with no sentence of its own (killed, or a bug); or a collective between the
+         ranks timed out
     2    a UsageError: bad input, refused before any work, or a diverged run, stopped before saving
     130  interrupted by Ctrl-C (SIGINT)
     143  stopped by SIGTERM
@@ -31,6 +32,11 @@ class UsageError(Exception):
 class DiskError(Exception):
     """A file that could not be written or read, as the sentence `explain` gives its OSError (exit 1): what a
     rank raises instead of its OSError, so that the parent that started the ranks can show the sentence."""
+
+
+class RankFailed(Exception):
+    """A rank this process started failed without a sentence of its own (killed by a signal, or a bug, whose
+    traceback is shown): every rank was stopped (exit 1, as when another rank went away)."""
 
 
 class Terminated(BaseException):
@@ -80,7 +86,7 @@ def explain(error: BaseException, where: Path | str | None = None, resumable: bo
     after = "; the checkpoints already written are whole, and --resume continues from the newest" if resumable else ""
     if isinstance(error, UsageError):
         return 2, str(error)
-    if isinstance(error, DiskError):
+    if isinstance(error, (DiskError, RankFailed)):
         return 1, str(error)
     if isinstance(error, KeyboardInterrupt) or sigval == signal.SIGINT:
         return 130, f"interrupted by Ctrl-C{after}."
@@ -108,10 +114,11 @@ def lost_peer(error: BaseException) -> bool:
 
 def os_error(error: BaseException) -> OSError | None:
     """The OSError a failure comes down to: itself; the one torch.save was writing when its clean-up raised a
-    RuntimeError (so it goes on a full disk); or the one a SafetensorError words as "(os error 28)"."""
+    RuntimeError (so it goes on a full disk); or the one a library written in Rust words as "(os error 28)"
+    (safetensors' SafetensorError, the plain Exception of tokenizers' save)."""
     if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
         return error.__context__
-    code = re.search(r"\(os error (\d+)\)", str(error)) if type(error).__name__ == "SafetensorError" else None
+    code = None if isinstance(error, OSError) else re.search(r"\(os error (\d+)\)", str(error))
     if code:
         return OSError(int(code[1]), os.strerror(int(code[1])))
     return error if isinstance(error, OSError) else None

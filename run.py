@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 import typing
+import warnings
 from pathlib import Path
 
 from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach, out_of_range
@@ -120,7 +121,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that name the model `eval` and `ask` answer with, and how long its answers may be."""
     parser.add_argument("--model", help="a Hugging Face folder or id; with --adapter, the base (default: the "
                                         "adapter's own base)")
-    parser.add_argument("--adapter", type=Path, help="a LoRA/QLoRA adapter folder, folded into its base")
+    parser.add_argument("--adapter", type=Path, help="a LoRA/QLoRA adapter folder, folded into its base "
+                                                     "(default: none)")
     add_number(parser, "--max-new-tokens", int, "answer length cap (default: 512, as the original)", 512, minimum=1)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
 
@@ -140,28 +142,36 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py eval", description="Answer the test split with a model and "
                                      "score the answers against the references (1 - cosine; 0 is best).")
     add_model_flags(parser)
-    parser.add_argument("--dataset", default="musequest", help="as for training (default: musequest)")
-    add_number(parser, "--limit-exhibits", int, "keep only the first K exhibits", minimum=1)
+    parser.add_argument("--dataset", help="as for training (default: the run's own, when --adapter or --model is "
+                                          "a run's OUT/final; else musequest)")
+    add_number(parser, "--limit-exhibits", int, "keep only the first K exhibits (default: the run's own, as for "
+                                                "--dataset; else all)", minimum=1)
     parser.add_argument("--scorer", default="base", help="self (the evaluated model, the original's way), base "
-                                                         "(--base: one judge for every approach; default) "
-                                                         "or a model folder")
+                                                         "(--base: one judge for every approach; default, so that "
+                                                         "runs compare) or a model folder")
     parser.add_argument("--base", help="the judge of --scorer base (default: the adapter's base, else --model)")
     add_number(parser, "--batch-size", int, "rows generated at once (default: 4)", 4, minimum=1)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where results.csv/.json go")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/eval"), help="where results.csv/.json go "
+                                                                                "(default: runs/eval)")
     return parser
 
 
 def evaluate(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
-    from eval.evaluate import RESULTS_CSV, RESULTS_JSON, evaluate_test_split
+    from eval.evaluate import RESULTS_CSV, RESULTS_JSON, evaluate_test_split, evaluated_base, trained_on
 
     check_model_flags(args, "eval")
     check_scorer(args.scorer)
     device = pick_device(args.device, 1)
-    base = args.base or args.model or \
-        json.loads((args.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    evaluate_test_split(args.model, args.adapter, args.dataset, args.limit_exhibits, args.scorer, base,
-                        args.output_dir, device, args.batch_size, args.max_new_tokens)  # shows every row and the score
+    base = args.base or evaluated_base(args.model, args.adapter)
+    run_data = trained_on(args.model, args.adapter)  # a run's OUT/final is evaluated on that run's test split
+    dataset = args.dataset or run_data.get("dataset", TrainConfig.dataset)
+    limit = args.limit_exhibits if args.limit_exhibits is not None else run_data.get("limit_exhibits")
+    if run_data:
+        print(f"data: the run's own, --dataset {dataset}" + (f" --limit-exhibits {limit}" if limit else "") +
+              " (either flag overrides it)")
+    evaluate_test_split(args.model, args.adapter, dataset, limit, args.scorer, base, args.output_dir, device,
+                        args.batch_size, args.max_new_tokens)  # shows every row and the score
     return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"
 
 
@@ -180,12 +190,25 @@ def ask(args: argparse.Namespace) -> str:
     if not args.image.is_file():
         raise UsageError(f"--image {args.image} is not a file.")
     try:
-        image = Image.open(args.image)
-        image.load()  # decoded now, so a damaged file is refused before the model loads
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past Pillow's limit: refused, not read
+            image = Image.open(args.image)
+            image.load()  # decoded now, so a damaged file is refused before the model loads
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UsageError(f"--image {args.image} has more pixels than the {Image.MAX_IMAGE_PIXELS / 1e6:.1f} "
+                         f"megapixels Pillow reads safely; scale it down first.") from error
     except (UnidentifiedImageError, OSError) as error:
         raise UsageError(f"--image {args.image} is not a picture Pillow can read ({error}).") from error
     check_model_flags(args, "ask")
+    from engine.data.checks import special_token_in
     from engine.runtime import pick_device
+    from eval.evaluate import evaluated_base
+    from models.load import config_and_processor
+
+    token = special_token_in(args.question, config_and_processor(evaluated_base(args.model, args.adapter))[1])
+    if token:
+        raise UsageError(f"the question holds {token!r}, which the tokenizer reads as one of the model's special "
+                         f"tokens; remove or reword it.")
     from eval.evaluate import load_evaluated
     from eval.generate import answer_rows, question_row
 
@@ -200,8 +223,10 @@ def score_parser() -> argparse.ArgumentParser:
                                      "original's columns model_generated_answer and ground_truth_answer.")
     parser.add_argument("--csv", required=True, type=Path, help="the results file to score")
     parser.add_argument("--model", required=True, help="the model whose embeddings score (folder or id)")
-    parser.add_argument("--scorer", default="self", help="self (--model itself, the original's way; default), "
-                                                         "base (the same, batched and padding-masked) or a folder")
+    parser.add_argument("--scorer", default="self", help="self (--model itself, the original's way; default, "
+                                                         "unlike eval's base: the original scored its published files "
+                                                         "so, and re-scoring one reproduces them), base (the same, "
+                                                         "batched and padding-masked) or a folder")
     parser.add_argument("--output", required=True, type=Path, help="the scored CSV, in the original's layout")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     return parser
@@ -331,9 +356,16 @@ def train_command(argv: list[str]) -> int:
     except BaseException as error:
         return stop(error, out, resumable=out is not None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here
-        print(f"done: {summary['steps']} steps, train loss {summary['final_train_loss']:.4f}, "
-              f"validation loss {summary['final_val_loss']}, outputs in {config.out}")
+        print(done_line(summary, config.out))
     return 0
+
+
+def done_line(summary: dict, out: Path) -> str:
+    """The last line of a run; a resumed run whose checkpoint was its last step trained no step of its own."""
+    train, val = summary["final_train_loss"], summary["final_val_loss"]
+    losses = "no step was left to train after the checkpoint it resumed from" if train is None else \
+        f"train loss {train:.4f}" + (f", validation loss {val:.4f}" if val is not None else "")
+    return f"done: {summary['steps']} steps, {losses}, outputs in {out}"
 
 
 def stop(error: BaseException, where: Path | None = None, resumable: bool = False) -> int:

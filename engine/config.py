@@ -83,13 +83,14 @@ class TrainConfig:
                                        "imagefolder")
     output_dir: str = option("", "where checkpoints, logs and the final model go", default_help="runs/<approach>")
     limit_exhibits: int | None = option(None, "keep only the first K exhibits (small demos and tests)",
-                                        minimum=1)
+                                        minimum=1, default_help="all")
     # optimisation: the original project's settings
     epochs: int = option(3, "passes over the train split", minimum=1)
     max_steps: int | None = option(None, "total optimizer steps; overrides --epochs and sets the lr schedule",
-                                   minimum=1)
+                                   minimum=1, default_help="--epochs passes")
     stop_after_steps: int | None = option(None, "stop (with a checkpoint) after this many steps of this "
-                                                "invocation; continue later with --resume", minimum=1)
+                                                "invocation; continue later with --resume", minimum=1,
+                                          default_help="none: run to the end")
     batch_size: int = option(4, "rows per micro-batch per device", minimum=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
     lr: float = option(1e-5, "peak learning rate", above=0, finite=True)
@@ -133,7 +134,8 @@ class TrainConfig:
                                 default_help="needed with pipeline+fsdp; the pipeline alone has a stage per rank")
     # LoRA: the original project's settings
     lora_target: tuple[str, ...] = option(("projections",), "modules that get LoRA: presets (projections, text, "
-                                          "connector, vision, all-linear) or regexes over module paths")
+                                          "connector, vision, all-linear, lm_head: the output layer, which the "
+                                          "CPU demos add) or regexes over module paths")
     lora_r: int = option(8, "LoRA rank", minimum=1)
     lora_alpha: float = option(64, "LoRA alpha", above=0, finite=True)
     lora_dropout: float = option(0.1, "dropout on the LoRA input", minimum=0, below=1)
@@ -144,7 +146,7 @@ class TrainConfig:
                                      default_help="NF4, as the original")
     # data and processor
     max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens",
-                                    minimum=1)
+                                    minimum=1, default_help="none: every row must fit the model's context")
     image_splitting: bool = option(False, "split images into crops (more memory)")
     image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels",
                                              minimum=1, maximum=MAX_EDGE, default_help="the processor's")
@@ -185,9 +187,12 @@ class TrainConfig:
         applied once when the device is known (engine/trainer.py, finetune.py, the planner); nothing downstream
         asks again. --model: the built-in tiny model on a CPU, Idefics2-8B on a GPU; --precision: bf16-mixed
         on a GPU, fp32 on a CPU; activation checkpointing: on a GPU (as every one of the original's runs had it),
-        off on a CPU, where memory is rarely what limits a run."""
+        off on a CPU, where memory is rarely what limits a run. --device and --output-dir are written out too, so
+        that OUT/config.json holds no `auto` and no empty setting."""
         return dataclasses.replace(
-            self, model=(REAL_MODEL if gpu else "tiny") if self.model == "auto" else self.model,
+            self, device=("cuda" if gpu else "cpu") if self.device == "auto" else self.device,
+            output_dir=str(self.out),
+            model=(REAL_MODEL if gpu else "tiny") if self.model == "auto" else self.model,
             precision=("bf16-mixed" if gpu else "fp32") if self.precision == "auto" else self.precision,
             activation_checkpointing=gpu if self.activation_checkpointing is None else self.activation_checkpointing)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from engine.config import TrainConfig
 from engine.runtime import pick_device, torchrun_world_size
 from engine.strategies import STRATEGIES
-from errors import PEER_GONE, DiskError, UsageError, debug, explain, lost_peer
+from errors import PEER_GONE, DiskError, RankFailed, UsageError, debug, explain, lost_peer
 
 
 def ranks_wanted(config: TrainConfig) -> int:
@@ -88,7 +88,7 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
             raise SENTENCES[kind](sentence) from failure
         if stack and not debug():  # a bug: its traceback (with --debug, torch's launcher logged it already)
             print(stack, file=sys.stderr, end="")
-        raise UsageError(f"rank {rank} failed, so every rank was stopped: {message}".strip()) from failure
+        raise RankFailed(f"rank {rank} failed, so every rank was stopped: {message}".strip()) from failure
     return results[0]
 
 

@@ -18,8 +18,12 @@ def refuse_finished(out: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
         summary = json.loads((out / "summary.json").read_text())
         if summary.get("completed"):
+            final = out / "final"
+            weights = f"--model {final}" if not (final / "adapter_config.json").is_file() else \
+                f"the merged model (run.py merge --adapter {final} --output MERGED, then --model MERGED)"
             raise UsageError(f"the run in {out} already finished ({summary['steps']} of {summary['total_steps']} "
-                             "steps): there is nothing to resume; start a new run in another --output-dir.")
+                             f"steps): there is nothing to resume; to train further, start a new run from its weights "
+                             f"in another --output-dir, with {weights}.")
 
 
 def resume(folder: Path, strategy: Strategy, optimizer, scheduler, fingerprint: dict) -> int:

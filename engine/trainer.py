@@ -28,7 +28,7 @@ from engine.data.sources import load_splits
 from engine.device_memory import phase_peak
 from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
 from engine.outputs import checkpoint
-from engine.outputs.folder import claim, prepare_for_run
+from engine.outputs.folder import claimed, prepare_for_run
 from engine.outputs.publish import write_json
 from engine.resume import refuse_finished, resume
 from engine.runtime import Runtime, setup_runtime
@@ -114,20 +114,21 @@ def setup(config: TrainConfig) -> Run:
     splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
     check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
     strategy = strategy_for(config, runtime)
-    if runtime.is_main:
-        claim(config.out, config.to_json())  # the first file in OUT, before OUT/base
-    processor = strategy.build(config.base_copy)
-    order = BatchOrder(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size,
-                       config.seed)
-    total_steps = config.max_steps or order.steps_per_epoch * config.epochs
-    peak_lr = scaled_lr(config.lr, config.lr_scaling, order.global_batch, config.lr_reference_batch)
-    optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
-    scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
-    fingerprint = {"approach": config.approach, "model": config.model, "total_steps": total_steps,
-                   "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
-                   "global_batch": order.global_batch, "world_size": runtime.world_size,
-                   "precision": runtime.precision.name, "settings": result_settings(config), **strategy.fingerprint()}
-    start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume else 0
+    with claimed(config.out, config.to_json(), runtime, config.resume):  # config.json first, before OUT/base
+        processor = strategy.build(config.base_copy)
+        order = BatchOrder(len(splits["train"]), config.batch_size, config.grad_accum, strategy.data_ranks.world_size,
+                           config.seed)
+        total_steps = config.max_steps or order.steps_per_epoch * config.epochs
+        peak_lr = scaled_lr(config.lr, config.lr_scaling, order.global_batch, config.lr_reference_batch)
+        optimizer = optimizer_for(config, runtime.precision, strategy.parameters(), peak_lr)
+        scheduler = cosine_with_warmup(optimizer, total_steps, config.warmup_ratio)
+        fingerprint = {"approach": config.approach, "model": config.model, "total_steps": total_steps,
+                       "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
+                       "global_batch": order.global_batch, "world_size": runtime.world_size,
+                       "precision": runtime.precision.name, "settings": result_settings(config),
+                       **strategy.fingerprint()}
+        start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume \
+            else 0
     if runtime.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "config.json").write_text(config.to_json())
@@ -167,8 +168,6 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
                            "throughput/samples_per_s": rows / seconds,
                            "throughput/tokens_per_s": tokens / seconds,
                            "memory/peak_bytes": run.runtime.peak_memory_bytes()})
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", samples_s=f"{rows / seconds:.1f}")
-        bar.update()
         stopping = config.stop_after_steps is not None and step - run.start >= config.stop_after_steps
         val_loss = None
         if step % eval_interval == 0 or step == run.total_steps:
@@ -176,6 +175,9 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
             refuse_divergence(step, config, validation_loss=val_loss)
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
+        shown = {"val_loss": f"{history['val_loss'][-1][1]:.3f}"} if history["val_loss"] else {}  # the latest
+        bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.2e}", samples_s=f"{rows / seconds:.1f}")
+        bar.update()
         if val_loss is not None or stopping:
             # Every rank's generators, for an exact resume.
             rng_by_rank = run.runtime.gather(checkpoint.rng_state(run.runtime.device))

@@ -25,8 +25,10 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import models
+from engine.data.checks import check_special_tokens
 from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory, phase_peak
+from engine.outputs.export import TRAINING_CONFIG
 from engine.outputs.merge import load_adapted, load_nf4_base
 from engine.outputs.publish import write_json
 from engine.precision import precision_for
@@ -36,6 +38,7 @@ from eval.answers_table import answers_table, score_line
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
 from eval.score import load_judge, similarity_scores
+from models.load import config_and_processor
 
 Load = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]  # loads a model when its phase starts
 
@@ -60,6 +63,7 @@ def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, lim
     """`run.py eval`: generate answers for the test split, score them, write the CSV and results.json, show
     them; returns results.json's content."""
     test = load_splits(dataset, limit_exhibits=limit_exhibits)["test"]
+    check_special_tokens(test, "test", config_and_processor(evaluated_base(model_spec, adapter))[1])
     dtype = precision_for("auto", device).frozen_dtype
     rows, scores, *_ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
                                         Runtime(device), scorer=scorer, base=base, dtype=dtype,
@@ -67,6 +71,25 @@ def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, lim
     results = write_scored(output, rows, scores, scorer)
     _show(rows, scores, None, results)
     return results
+
+
+def evaluated_base(model_spec: str | None, adapter: Path | None) -> str:
+    """The model `run.py eval` and `ask` answer with: --model, or the base its --adapter was trained on."""
+    return model_spec or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def trained_on(model_spec: str | None, adapter: Path | None) -> dict:
+    """The data settings (dataset, limit_exhibits) of the run whose OUT/final is --adapter (its
+    training_config.json) or --model (the run's config.json beside it); {} for any other model."""
+    for folder in (Path(spec) for spec in (adapter, model_spec) if spec):
+        for written in (folder / TRAINING_CONFIG, folder.parent / "config.json"):
+            try:
+                settings = json.loads(written.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(settings, dict) and "approach" in settings and "dataset" in settings:
+                return {key: settings.get(key) for key in ("dataset", "limit_exhibits")}
+    return {}
 
 
 def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, device: torch.device) -> dict:

@@ -73,10 +73,35 @@ def _json_config(path: Path) -> PretrainedConfig:
         settings = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot read a model config from {str(path)!r}: {error}") from error
+    if not isinstance(settings, dict):
+        raise UsageError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not a model config (an object).")
     if settings.get("model_type") != "idefics2":
         raise UsageError(f"{str(path)!r} is not an Idefics2 config; random weights come with the shipped Idefics2 "
                          "processor, so only Idefics2 configs are accepted.")
-    return AutoConfig.for_model(**settings)
+    for part in ("text_config", "vision_config", "perceiver_config"):
+        if not isinstance(settings.get(part, {}), dict):
+            raise UsageError(f"{str(path)!r}: its {part} must be an object of settings, not a "
+                             f"{type(settings[part]).__name__}.")
+    try:
+        config = AutoConfig.for_model(**settings)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise UsageError(f"{str(path)!r} is not a config transformers can build ({error}).") from error
+    check_shapes(config, str(path))
+    return config
+
+
+def check_shapes(config: PretrainedConfig, where: str) -> None:
+    """Attention heads that divide their widths: a model whose don't fails only as it is built, or mid-step."""
+    for part in ("text_config", "vision_config"):
+        sub = getattr(config, part)
+        if sub.hidden_size % sub.num_attention_heads:
+            raise UsageError(f"{where!r}: its {part}.hidden_size {sub.hidden_size} is not a multiple of "
+                             f"{part}.num_attention_heads {sub.num_attention_heads}.")
+    text = config.text_config
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if text.num_attention_heads % kv_heads:
+        raise UsageError(f"{where!r}: its text_config.num_attention_heads {text.num_attention_heads} is not a multiple "
+                         f"of text_config.num_key_value_heads {kv_heads}.")
 
 
 def _load_pretrained(spec: str, dtype: torch.dtype, device: torch.device,

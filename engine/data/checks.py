@@ -10,6 +10,7 @@ size) is given the rows' images.
 
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def check_data(splits: datasets.DatasetDict, config: TrainConfig, spec: str) -> 
             check_images(split, name)
     model_config, processor = config_and_processor(spec)
     configure_processor(processor, config)  # image splitting multiplies the image tokens
+    for name, split in splits.items():
+        check_special_tokens(split, name, processor)
     context = getattr(getattr(model_config, "text_config", model_config), "max_position_embeddings", None)
     check_lengths(splits, processor, config.max_length, context)
 
@@ -92,6 +95,38 @@ def image_problem(entry: dict | None) -> str | None:
 
 def _reason(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def special_token_in(text: str, processor: ProcessorMixin) -> str | None:
+    """The first of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, Idefics3's `<row_1_col_1>`,
+    `</s>`, ...) that `text` holds literally, or None. The tokenizer reads such text as the token itself: an
+    `<image>` in a question asks for a picture the row does not have, an end-of-turn ends the turn."""
+    found = _special_tokens(processor.tokenizer).search(text)
+    return found[0] if found else None
+
+
+def check_special_tokens(split: datasets.Dataset, name: str, processor: ProcessorMixin) -> None:
+    for start in range(0, len(split), CHUNK):
+        indices = range(start, min(start + CHUNK, len(split)))
+        for index, messages in zip(indices, _dialogs(split, indices), strict=True):
+            for text in (part["text"] for message in messages for part in message["content"] if part["type"] == "text"):
+                token = special_token_in(text, processor)
+                if token:
+                    raise UsageError(f"{_where({name: split}, name, index)}: its text holds {token!r}, which the "
+                                     f"tokenizer reads as one of the model's special tokens; remove or reword it.")
+
+
+_PATTERNS: dict[tuple[str, ...], re.Pattern] = {}
+
+
+def _special_tokens(tokenizer) -> re.Pattern:
+    tokens = tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True))  # the longest first
+    if tokens not in _PATTERNS:
+        _PATTERNS[tokens] = re.compile("|".join(map(re.escape, tokens)) or r"(?!)")  # (?!): no tokens, no match
+    return _PATTERNS[tokens]
 
 
 # --- lengths ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ checked at load, text only, so a bad data set fails before a model is loaded, no
 
 import contextlib
 import json
+import re
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from errors import UsageError
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
 MUSEQUEST_DIR = Path(__file__).parent / "musequest"
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
 
 
 _LOADED: dict[tuple, datasets.DatasetDict] = {}  # this process's data sets, the last few, by source as it is on disk
@@ -99,10 +101,13 @@ def _load(source: str) -> datasets.DatasetDict:
     if folder.is_dir():
         raise UsageError(f"folder {source!r} is neither a save_to_disk data set (no dataset_dict.json) "
                          "nor an imagefolder (no train/metadata.csv).")
+    if not HUB_ID.fullmatch(source):  # a path (./data, /srv/photos, a/b/c), which no hub id looks like
+        raise UsageError(f"the data set folder {source!r} does not exist.")
     try:
         return datasets.load_dataset(source)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load dataset {source!r} from the Hugging Face hub: {error}") from error
+        raise UsageError(f"cannot load dataset {source!r}: it is no local folder, and the Hugging Face hub could not "
+                         f"give it ({error})") from error
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ and only that). A folder is a run folder when it holds the `config.json` a run w
 `run.py merge` writes only into a new or empty `--output`.
 """
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from engine.outputs.publish import TMP_PREFIX, temporary
@@ -46,21 +48,45 @@ def prepare(out: Path, resume: bool, overwrite: bool) -> None:
     if foreign:
         raise UsageError(f"--overwrite: {foreign[0]} was not written by a run, so {out} is left as it is; move it "
                          f"out first.")
-    leftovers = [path for path in entries if path.name.startswith(TMP_PREFIX)]
+    remove_run_writes(out)
+
+
+def remove_run_writes(out: Path) -> None:
+    """Delete what a run writes in `out`, and only that."""
+    leftovers = [path for path in out.iterdir() if path.name.startswith(TMP_PREFIX)]
     for path in leftovers + [out / name for name in RUN_WRITES]:  # config.json last: an interrupted one can retry
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
 
 
-def claim(out: Path, config_json: str) -> None:
-    """A new run's config.json, written before anything else lands in `out` (a resumed run keeps
-    its own until it has started): whatever a run that fails later leaves behind is then a run
-    folder, which `--overwrite` may clear."""
-    if not (out / CONFIG).is_file():
+@contextlib.contextmanager
+def claimed(out: Path, config_json: str, runtime: Runtime, resume: bool) -> Iterator[None]:
+    """A new run's config.json, created exclusively (by the main rank) before anything else lands in `out`,
+    which `prepare` found empty: of two runs started at once into one folder, the second is refused. A
+    resumed run keeps its own. Whatever a run that fails later leaves behind is then a run folder, which
+    `--overwrite` may clear; but a new run that fails inside this block (its setup: a --lora-target that
+    matches nothing, a --split the model cannot take) takes back what it wrote, so the corrected command
+    finds the folder as the user left it."""
+    new = runtime.is_main and not resume
+    created = new and not out.exists()
+    if new:
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG).write_text(config_json)
+        try:
+            with (out / CONFIG).open("x") as file:  # exclusive: of two runs started at once into one folder, one
+                file.write(config_json)  # claims it
+        except FileExistsError:
+            raise UsageError(f"--output-dir {out} was claimed by another run that started at the same time; choose "
+                             f"another folder.") from None
+    try:
+        yield
+    except BaseException:
+        if new:
+            remove_run_writes(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
 
 
 def check_new(folder: Path, flag: str) -> None:

@@ -18,6 +18,8 @@ def temporary(path: Path) -> Path:
 
 def publish_folder(tmp: Path, folder: Path) -> Path:
     """Swap the folder `tmp`, written whole, in as `folder`, replacing an old copy (the caller's own)."""
+    for path in (tmp, *tmp.rglob("*")):
+        respect_umask(path)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
@@ -25,12 +27,33 @@ def publish_folder(tmp: Path, folder: Path) -> Path:
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(a temporary path)`, then rename it to `path`, so that a reader never sees half a file. The temporary
-    name is this process's own: two processes writing one file (a shared cache of baseline scores) each publish
-    a whole one."""
+    """`write(a temporary path)`, then rename it to `path`, so that a reader never sees half a file, and a failed
+    write leaves none. The temporary name is this process's own: two processes writing one file (a shared cache
+    of baseline scores) each publish a whole one."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        respect_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written temporary is left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def respect_umask(path: Path) -> None:
+    """The mode the user's umask gives a new file or folder: safetensors creates its files 0600 whatever it is
+    (so another user of a shared machine could not read a model that every other file of its folder shares)."""
+    if not path.is_symlink():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: set back at once, when the module is imported
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 def write_json(path: Path, value: object) -> None:

@@ -1,7 +1,9 @@
 """Bad input: one clear sentence on stderr and exit status 2, before any work is done."""
 
+import argparse
 import dataclasses
 import itertools
+import json
 
 import pytest
 import torch
@@ -21,13 +23,19 @@ from harness import ROOT, run_cli
     (["--precision", "bf8"], "--precision must be auto, fp32, bf16-mixed or bf16, not 'bf8'"),
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
     (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
+    (["--approach", "lora", "--lora-target", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
+    (["--approach", "full_mp", "--gpus", "2", "--split", "99", "--max-steps", "1"], "--split"),
 ])
-def test_bad_flags_fail_with_one_sentence(args, message, tmp_path):
-    result = run_cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+def test_bad_flags_fail_with_one_sentence_and_leave_the_folder_as_it_was(args, message, tmp_path):
+    """Refusals that come only as the model is built (what a --lora-target matches, where a --split falls) take
+    back what the run wrote: the corrected command needs no --overwrite."""
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        result = run_cli(*args, "--output-dir", str(out), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
 
 
 def test_help_lists_all_six_approaches(tmp_path):
@@ -156,3 +164,21 @@ def test_plan_refuses_a_sequence_past_the_context_and_a_gpus_memory_on_a_cpu(tmp
 def test_image_edges_must_be_in_order():
     with pytest.raises(UsageError, match="--image-shortest-edge 500 is longer than --image-longest-edge 400"):
         from_approach("lora", image_shortest_edge=500, image_longest_edge=400)
+
+
+def test_the_resolved_configuration_that_config_json_holds_has_no_auto_and_no_empty_setting():
+    for gpu in (False, True):
+        settings = json.loads(from_approach("lora").resolved(gpu).to_json())
+        assert [name for name, value in settings.items() if value in ("auto", "")] == [], gpu
+        assert settings["device"] == ("cuda" if gpu else "cpu") and settings["output_dir"] == "runs/lora"
+
+
+def test_every_optional_flag_of_every_command_shows_its_default():
+    from run import SUBCOMMANDS, add_debug, train_parser
+
+    switches = (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction)
+    for command, parser in [("train", train_parser()), *((name, add_debug(make())) for name, (make, _)
+                                                         in SUBCOMMANDS.items())]:
+        for action in parser._actions:
+            if action.option_strings and not action.required and not isinstance(action, switches):
+                assert "default" in action.help, (command, action.option_strings[0])

@@ -38,3 +38,12 @@ def test_readme_demo_improves_the_score(tmp_path):
     for row in rows:  # the exhibit's own words (1903 Wright Flyer, Orville, dekadrachm...), not ",,,,"
         shared = words(row["model_generated_answer"]) & words(row["ground_truth_answer"])
         assert len(shared) >= 5, (row["model_generated_answer"][:200], row["ground_truth_answer"][:200])
+
+
+def test_the_readme_says_which_torch_build_its_install_line_takes():
+    """From PyPI on Linux x86-64, `pip install torch==2.13.0` is the CUDA build; the CPU build alone comes from
+    PyTorch's CPU index. The README says both, and its first command stays the PyPI one, which works anywhere."""
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install torch==2.13.0 && pip install -e ." in readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "from PyPI on\nLinux x86-64 it is the CUDA build" in readme
+    assert "`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`" in readme

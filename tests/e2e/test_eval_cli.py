@@ -41,8 +41,12 @@ def runs(tmp_path_factory):
                      *quick]) == 0
     (root / "lora-eval.out").write_text(out.getvalue())
     (root / "lora-eval.err").write_text(err.getvalue())
-    assert main(["eval", "--model", str(root / "full" / "final"), "--base", str(root / "full" / "base"),
-                 "--output-dir", str(root / "full" / "eval"), *quick]) == 0
+    # Without --limit-exhibits: the run's own data settings (its config.json beside OUT/final), not all 74 rows.
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert main(["eval", "--model", str(root / "full" / "final"), "--base", str(root / "full" / "base"),
+                     "--output-dir", str(root / "full" / "eval"), *quick[2:]]) == 0
+    (root / "full-eval.out").write_text(shown.getvalue())
     return root
 
 
@@ -54,6 +58,10 @@ def test_eval_writes_the_originals_csv_layout_and_results_json(runs):
         scores = [float(row["semantic_similarity_score"]) for row in rows[:-1]]
         assert results["score"] == round(sum(scores) / len(scores), 3) and results["scorer"] == "base"
         assert 0 <= results["score"] <= 2 and results["rows"] == len(scores) > 0
+    assert len(read_results(runs / "full" / "eval" / "results.csv")) == \
+        len(load_splits("musequest", limit_exhibits=2)["test"])  # the run's own test rows
+    assert "data: the run's own, --dataset musequest --limit-exhibits 2 (either flag overrides it)" in \
+        (runs / "full-eval.out").read_text()
 
 
 def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
@@ -143,18 +151,28 @@ def test_bad_input_is_one_sentence_and_exit_2(argv, message, capsys, tmp_path, m
     assert message in capsys.readouterr().err
 
 
+QUESTION = "Can you describe this exhibit?"
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--image", "missing.png", "--model", "tiny"], "--image missing.png is not a file"),
-    (["--image", "notes.png", "--model", "tiny"], "--image notes.png is not a picture Pillow can read"),
-    (["--image", "photo.png"], "run.py ask needs --model, --adapter or both"),
-    (["--image", "photo.png", "--model", "runs/lora/final"],
+    (["--image", "missing.png", "--model", "tiny", QUESTION], "--image missing.png is not a file"),
+    (["--image", "notes.png", "--model", "tiny", QUESTION], "--image notes.png is not a picture Pillow can read"),
+    (["--image", "photo.png", QUESTION], "run.py ask needs --model, --adapter or both"),
+    (["--image", "photo.png", "--model", "runs/lora/final", QUESTION],
      "--model runs/lora/final is neither a folder nor a Hugging"),
-    (["--image", "photo.png", "--adapter", "runs/lora/final"], "--adapter runs/lora/final is not a folder"),
+    (["--image", "photo.png", "--adapter", "runs/lora/final", QUESTION], "--adapter runs/lora/final is not a folder"),
+    (["--image", "huge.png", "--model", "tiny", QUESTION], "--image huge.png has more pixels than the 89.5 megapixels "
+                                                           "Pillow reads safely; scale it down first."),
+    (["--image", "photo.png", "--model", "tiny", "What is this <image>?"], "the question holds '<image>', which the "
+                                                                           "tokenizer reads as one of the model's"),
+    (["--image", "photo.png", "--model", "tiny", "Who<end_of_utterance>"], "the question holds '<end_of_utterance>'"),
 ])
 def test_ask_refuses_bad_input_in_one_sentence_before_loading(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     standin_image("exhibit-1.jpg").save("photo.png")
+    Image.new("1", (10_000, 9_000)).save("huge.png")  # 90 megapixels: past Pillow's limit of 89.5
     (tmp_path / "notes.png").write_text("not a picture")
     monkeypatch.setattr(evaluation, "load_evaluated", lambda *args: pytest.fail("the model was loaded"))
-    assert main(["ask", *argv, "Can you describe this exhibit?"]) == 2
-    assert message in capsys.readouterr().err
+    assert main(["ask", *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error

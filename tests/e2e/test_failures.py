@@ -20,14 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors.torch import load_file
 
 import run
 from engine.config import from_approach
 from engine.launch import launch
 from engine.outputs import checkpoint
+from engine.outputs.export import save_piece
+from engine.outputs.publish import write_json
 from engine.runtime import setup_runtime
+from engine.tensorboard import Scalars
 from errors import DiskError, UsageError, explain
+from eval.results_csv import write_results
 from harness import ROOT, assert_one_sentence, hand_made_run, run_cli, snapshot
 
 CHEAP = ["--limit-exhibits", "2", "--max-steps", "2", "--batch-size", "2", "--skip-eval", "--eval-every", "1",
@@ -181,20 +186,43 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_sentence(tmp_path, monkeyp
     assert not (out / "final").exists() and not list((out / "checkpoints").glob("step-*"))
 
 
-def test_a_really_full_disk_under_either_checkpoint_writer_is_a_disk_error(tmp_path):
-    # safetensors words a full disk as a SafetensorError, torch.save as a RuntimeError raised in its clean-up.
+def test_a_really_full_disk_under_every_kind_of_writer_is_a_disk_error(tmp_path, processor):
+    """Every library the engine writes with, on a full disk: safetensors (a SafetensorError), torch.save (a
+    RuntimeError raised in its clean-up), the tokenizer's save (a plain Exception, "(os error 28)"), Python's
+    own files (JSON, the results CSV), Pillow (the report's pictures) and TensorBoard's event files."""
     small = tmp_path / "small"
     small.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
         pytest.skip("cannot mount a 64 KiB tmpfs here (needs root): the monkeypatched full disk above stands in")
+    big = torch.ones(100_000)
+
+    def event_files() -> None:
+        scalars = Scalars(small / "tensorboard")
+        for step in range(200):
+            scalars.text(step, "text", "x" * 1000)
+        scalars.close()
+
+    writers = {
+        "checkpoint weights": lambda: checkpoint.save(small / "checkpoints", 1, {"w": big}, {}, {}, keep_last=2),
+        "checkpoint state": lambda: checkpoint.save(small / "checkpoints", 1, {"w": torch.ones(2)}, {"m": big}, {},
+                                                    keep_last=2),
+        "export piece": lambda: save_piece({"w": big}, small / "model.safetensors", torch.float32),
+        "processor": lambda: processor.save_pretrained(small / "final"),
+        "json": lambda: write_json(small / "summary.json", list(range(100_000))),
+        "results csv": lambda: write_results(small / "results.csv", [{"item_name": "x" * 1000}] * 100, [0.5] * 100),
+        "picture": lambda: Image.effect_noise((1000, 1000), 50).save(small / "row-0.jpg", quality=95),
+        "event files": event_files,
+    }
     try:
-        big = torch.ones(100_000)
-        for tensors, state in (({"w": big}, {}), ({"w": torch.ones(2)}, {"m": big})):
+        for name, write in writers.items():
             with pytest.raises(Exception) as failed:
-                checkpoint.save(small / "checkpoints", 1, tensors, state, {}, keep_last=2)
+                write()
             assert explain(failed.value, small) == (1, f"cannot write under {small}: No space left on device "
-                                                       f"(ENOSPC); free some space or choose another folder.")
-            shutil.rmtree(small / "checkpoints")
+                                                       f"(ENOSPC); free some space or choose another folder."), name
+            if name in ("json", "results csv"):  # a file written whole leaves no half-written temporary
+                assert not list(small.iterdir()), name
+            for path in small.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     finally:
         subprocess.run(["umount", str(small)], check=True)
 

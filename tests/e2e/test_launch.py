@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from engine.config import from_approach
 from engine.launch import launch
 from engine.runtime import setup_runtime
-from errors import UsageError
+from errors import RankFailed, UsageError, explain
 from harness import ROOT
 
 TINY_RUN = ["--approach", "lora_ddp", "--limit-exhibits", "2", "--batch-size", "1", "--max-steps", "2",
@@ -30,12 +31,24 @@ def _crash_on_rank_one(config):
     dist.barrier()  # rank 0 would wait here forever if a crash did not end every rank
 
 
-def test_a_crash_on_one_rank_ends_all_ranks_and_names_it():
+@record
+def _killed_on_rank_one(config):
+    runtime = setup_runtime(config)
+    if runtime.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer ends a rank
+    dist.barrier()
+
+
+@pytest.mark.parametrize("worker, words", [(_crash_on_rank_one, "rank one broke on purpose"),
+                                           (_killed_on_rank_one, "SIGKILL")])
+def test_a_crash_or_a_kill_on_one_rank_ends_all_ranks_names_it_and_exits_1(worker, words):
+    """Exit status 1, as errors.py and docs/outputs.md say of a rank that went away (not 2: no bad input)."""
     config = from_approach("lora_ddp", gpus=2, device="cpu")
     started = time.monotonic()
-    with pytest.raises(UsageError, match="rank 1 failed.*rank one broke on purpose"):
-        launch(config, _crash_on_rank_one)
+    with pytest.raises(RankFailed, match=f"rank 1 failed, so every rank was stopped: .*{words}") as failed:
+        launch(config, worker)
     assert time.monotonic() - started < 120
+    assert explain(failed.value)[0] == 1
 
 
 @record

@@ -89,8 +89,23 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_still_ends_exactly(r
     # Now finished: resuming again says so and changes nothing.
     before = snapshot(out)
     again = run_cli(*RUN, "--output-dir", str(out), "--resume", cwd=tmp_path)
-    assert_one_sentence(again, "already finished (4 of 4 steps)")
+    assert_one_sentence(again, "already finished (4 of 4 steps): there is nothing to resume; to train further, start "
+                               f"a new run from its weights in another --output-dir, with the merged model (run.py "
+                               f"merge --adapter {out / 'final'} --output MERGED, then --model MERGED).")
     assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_export_and_says_no_step_was_left(runs, tmp_path):
+    out = tmp_path / "killed"
+    shutil.copytree(runs / "whole", out)
+    (out / "summary.json").unlink()  # as a run killed between its last checkpoint and its export leaves it
+    shutil.rmtree(out / "final")
+    result = run_cli(*RUN, "--output-dir", str(out), "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"done: 4 steps, no step was left to train after the checkpoint it resumed from, outputs in {out}" in \
+        result.stdout
+    _assert_bit_identical(_adapter(out), _adapter(runs / "whole"))
 
 
 @pytest.mark.slow

@@ -217,8 +217,15 @@ def test_save_to_disk_source(tmp_path):
 
 def test_hub_ids_fail_with_a_clear_message_when_the_hub_is_unreachable(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying
-    with pytest.raises(UsageError, match="cannot load dataset 'x/y' from the Hugging Face hub"):
+    with pytest.raises(UsageError, match="cannot load dataset 'x/y': it is no local folder, and the Hugging Face "
+                                         "hub could not give it"):
         load_splits("x/y")
+
+
+@pytest.mark.parametrize("path", ["./photos", "/srv/museum/photos", "data/museum/photos", "photos/"])
+def test_a_mistyped_folder_is_named_as_a_folder_that_does_not_exist_not_as_a_hub_failure(path):
+    with pytest.raises(UsageError, match=f"^the data set folder '{path}' does not exist.$"):
+        load_splits(path)
 
 
 def test_an_unknown_folder_is_refused(tmp_path):

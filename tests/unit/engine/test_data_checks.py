@@ -18,7 +18,14 @@ from PIL import Image
 import engine.data.checks as data_checks
 from engine.build import configure_processor
 from engine.config import from_approach
-from engine.data.checks import answer_starts, check_data, check_images, check_lengths, row_lengths
+from engine.data.checks import (
+    answer_starts,
+    check_data,
+    check_images,
+    check_lengths,
+    check_special_tokens,
+    row_lengths,
+)
 from engine.data.collate import Collator
 from engine.data.sources import load_splits
 from errors import UsageError
@@ -317,3 +324,26 @@ def test_a_run_reads_its_data_once_and_counts_each_row_once(tmp_path, monkeypatc
     splits = sources.load_splits("musequest", limit_exhibits=1)
     assert len(reads) == 1
     assert sorted(counted) == sorted(len(split) for split in splits.values())  # each split's rows, once
+
+
+# --- special tokens --------------------------------------------------------------------------
+
+
+def test_every_special_token_in_a_question_or_an_answer_is_named_by_split_and_row(tmp_path, processor):
+    """Each of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, `<s>`, ...), written literally in a
+    question or an answer, is refused before the model loads; the same words without the brackets pass."""
+    tokens = list(processor.tokenizer.get_added_vocab())
+    assert {"<image>", "<end_of_utterance>", "<fake_token_around_image>"} <= set(tokens)
+    plain = load_splits(str(imagefolder(tmp_path / "plain", answers={("train", 1): "An image, an end of utterance."})))
+    for name, split in plain.items():
+        check_special_tokens(split, name, processor)
+    for number, token in enumerate(tokens):
+        where = ("test", 0) if number % 2 else ("train", 1)
+        folder = imagefolder(tmp_path / f"set-{number}", answers={where: f"It shows {token} here."})
+        splits = load_splits(str(folder))
+        with pytest.raises(UsageError) as caught:
+            for name, split in splits.items():
+                check_special_tokens(split, name, processor)
+        assert str(caught.value) == (f"row {where[1]} (data_id={where[1]}) of the {where[0]!r} split: its text holds "
+                                     f"{token!r}, which the tokenizer reads as one of the model's special tokens; "
+                                     f"remove or reword it."), token

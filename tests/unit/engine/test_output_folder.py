@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from engine.outputs.folder import check_new, claim, prepare, prepare_for_run
+from engine.outputs.folder import check_new, claimed, prepare, prepare_for_run
 from engine.runtime import Runtime
 from errors import UsageError
 from harness import ROOT, SEED_RESULTS, assert_one_sentence, run_cli, snapshot, spawn
@@ -73,16 +73,35 @@ def test_overwrite_deletes_what_a_run_writes_and_resume_keeps_it(tmp_path):
     assert not any(out.iterdir())
 
 
-def test_a_run_claims_its_folder_first_so_what_a_failed_one_leaves_can_be_overwritten(tmp_path):
+def test_a_run_claims_its_folder_first_and_takes_back_what_a_failed_setup_wrote(tmp_path):
+    main = Runtime(torch.device("cpu"))
     out = tmp_path / "run"
-    claim(out, '{"seed": 1}')
-    (out / "base").mkdir()  # and then it failed, say on a --train-modules that matches nothing
+    with pytest.raises(UsageError, match="matches nothing"), claimed(out, '{"seed": 1}', main, resume=False):
+        (out / "base").mkdir()  # OUT/base, and then the setup failed, say on a --lora-target that matches nothing
+        raise UsageError("--lora-target matches nothing")
+    assert not out.exists()  # as it was: the corrected command needs no --overwrite
+    with claimed(out, '{"seed": 1}', main, resume=False):
+        (out / "base").mkdir()
+    # A run that fails after its setup (mid-training) leaves a run folder, which --overwrite may clear.
     with pytest.raises(UsageError, match="already holds a run"):
         prepare(out, resume=False, overwrite=False)
-    claim(out, '{"seed": 2}')  # a resumed run keeps its config.json until it has started
+    with claimed(out, '{"seed": 2}', main, resume=True):  # a resumed run keeps its config.json until it has started
+        pass
     assert json.loads((out / "config.json").read_text()) == {"seed": 1}
     prepare(out, resume=False, overwrite=True)
     assert not any(out.iterdir())
+
+
+def test_of_two_runs_started_at_once_into_one_folder_the_second_is_refused_and_the_first_untouched(tmp_path):
+    out = tmp_path / "run"
+    prepare(out, resume=False, overwrite=False)  # the first finds the folder empty
+    prepare(out, resume=False, overwrite=False)  # and so does the second, started at the same time
+    with claimed(out, '{"seed": 1}', Runtime(torch.device("cpu")), resume=False):
+        with pytest.raises(UsageError, match="was claimed by another run that started at the same time"):
+            with claimed(out, '{"seed": 2}', Runtime(torch.device("cpu")), resume=False):
+                pass
+        (out / "base").mkdir()
+    assert json.loads((out / "config.json").read_text()) == {"seed": 1} and (out / "base").is_dir()
 
 
 def test_overwrite_refuses_a_link_even_under_a_runs_name(tmp_path):
@@ -200,3 +219,24 @@ def test_merge_into_an_existing_run_folder_is_refused_and_the_folder_is_untouche
                      cwd=run_copy.parent)
     assert_one_sentence(result, f"--output {run_copy} already exists and is not empty")
     assert snapshot(run_copy) == before and not (run_copy.parent / ".tmp-run").exists()
+
+
+def test_every_file_a_run_publishes_has_the_mode_the_umask_gives(tmp_path, monkeypatch):
+    """safetensors creates its files 0600 whatever the umask; a published folder's files and folders, and a
+    file written whole, get the umask's mode (0640 and 0750 under 027, 0644 and 0755 under 022)."""
+    from safetensors.torch import save_file
+
+    from engine.outputs import publish
+
+    for umask in (0o022, 0o027):
+        monkeypatch.setattr(publish, "UMASK", umask)
+        tmp = tmp_path / f".tmp-final-{umask:o}"
+        (tmp / "shards").mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, tmp / "shards" / "model.safetensors")
+        assert (tmp / "shards" / "model.safetensors").stat().st_mode & 0o777 == 0o600  # as safetensors made it
+        final = publish.publish_folder(tmp, tmp_path / f"final-{umask:o}")
+        publish.write_file(tmp_path / f"w-{umask:o}.safetensors", lambda path: save_file({"w": torch.ones(2)}, path))
+        for path in (final, final / "shards"):
+            assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
+        for path in (final / "shards" / "model.safetensors", tmp_path / f"w-{umask:o}.safetensors"):
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
