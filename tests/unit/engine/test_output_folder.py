@@ -80,6 +80,11 @@ def test_a_run_claims_its_folder_first_and_takes_back_what_a_failed_setup_wrote(
         (out / "base").mkdir()  # OUT/base, and then the setup failed, say on a --lora-target that matches nothing
         raise UsageError("--lora-target matches nothing")
     assert not out.exists()  # as it was: the corrected command needs no --overwrite
+    out.mkdir()
+    with pytest.raises(UsageError, match="matches nothing"), claimed(out, '{"seed": 1}', main, resume=False):
+        raise UsageError("--lora-target matches nothing")
+    assert out.is_dir() and not any(out.iterdir())  # a folder the user made stays, empty
+    out.rmdir()
     with claimed(out, '{"seed": 1}', main, resume=False):
         (out / "base").mkdir()
     # A run that fails after its setup (mid-training) leaves a run folder, which --overwrite may clear.
