@@ -167,9 +167,11 @@ def evaluate(args: argparse.Namespace) -> str:
     run_data = trained_on(args.model, args.adapter)  # a run's OUT/final is evaluated on that run's test split
     dataset = args.dataset or run_data.get("dataset", TrainConfig.dataset)
     limit = args.limit_exhibits if args.limit_exhibits is not None else run_data.get("limit_exhibits")
-    if run_data:
-        print(f"data: the run's own, --dataset {dataset}" + (f" --limit-exhibits {limit}" if limit else "") +
-              " (either flag overrides it)")
+    taken = [f"{flag} {value}" for flag, value, given in (("--dataset", dataset, args.dataset),
+                                                          ("--limit-exhibits", limit, args.limit_exhibits))
+             if run_data and given is None and value is not None]
+    if taken:
+        print(f"data: the run's own {' '.join(taken)} (a flag given overrides it)")
     evaluate_test_split(args.model, args.adapter, dataset, limit, args.scorer, base, args.output_dir, device,
                         args.batch_size, args.max_new_tokens)  # shows every row and the score
     return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"

@@ -60,7 +60,7 @@ def test_eval_writes_the_originals_csv_layout_and_results_json(runs):
         assert 0 <= results["score"] <= 2 and results["rows"] == len(scores) > 0
     assert len(read_results(runs / "full" / "eval" / "results.csv")) == \
         len(load_splits("musequest", limit_exhibits=2)["test"])  # the run's own test rows
-    assert "data: the run's own, --dataset musequest --limit-exhibits 2 (either flag overrides it)" in \
+    assert "data: the run's own --dataset musequest --limit-exhibits 2 (a flag given overrides it)" in \
         (runs / "full-eval.out").read_text()
 
 
@@ -70,7 +70,8 @@ def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
     bars = (runs / "lora-eval.err").read_text()
     assert "answering: 100%" in bars and f"{len(rows)}/{len(rows)}" in bars
     assert "scoring: 100%" in bars and f"{2 * len(rows)}/{2 * len(rows)}" in bars  # each answer and its reference
-    header, *table, score, written = (runs / "lora-eval.out").read_text().splitlines()
+    data, header, *table, score, written = (runs / "lora-eval.out").read_text().splitlines()
+    assert data == "data: the run's own --dataset musequest (a flag given overrides it)"  # --limit-exhibits given
     assert header.split() == ["id", "score", "question", "reference", "answer"]  # no baseline here
     assert [line.split()[:2] for line in table] == [[row["data_id"], f"{float(row[SCORE]):.3f}"] for row in rows]
     assert all(len(line) <= 120 for line in (header, *table))
