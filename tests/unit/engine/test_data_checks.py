@@ -330,20 +330,24 @@ def test_a_run_reads_its_data_once_and_counts_each_row_once(tmp_path, monkeypatc
 
 
 def test_every_special_token_in_a_question_or_an_answer_is_named_by_split_and_row(tmp_path, processor):
-    """Each of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, `<s>`, ...), written literally in a
-    question or an answer, is refused before the model loads; the same words without the brackets pass."""
-    tokens = list(processor.tokenizer.get_added_vocab())
-    assert {"<image>", "<end_of_utterance>", "<fake_token_around_image>"} <= set(tokens)
+    """Each of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, `<s>`, ...; Idefics3's `<global-img>`
+    too), written literally in a question or an answer, is refused before the model loads; the same words without
+    the brackets pass."""
+    idefics3 = tiny_idefics3(0)[1]
+    tokens = {token: processor for token in processor.tokenizer.get_added_vocab()}
+    tokens |= {token: idefics3 for token in idefics3.tokenizer.get_added_vocab() if token not in tokens}
+    assert {"<image>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>"} <= set(tokens)
     plain = load_splits(str(imagefolder(tmp_path / "plain", answers={("train", 1): "An image, an end of utterance."})))
     for name, split in plain.items():
         check_special_tokens(split, name, processor)
-    for number, token in enumerate(tokens):
+        check_special_tokens(split, name, idefics3)
+    for number, (token, family) in enumerate(tokens.items()):
         where = ("test", 0) if number % 2 else ("train", 1)
         folder = imagefolder(tmp_path / f"set-{number}", answers={where: f"It shows {token} here."})
         splits = load_splits(str(folder))
         with pytest.raises(UsageError) as caught:
             for name, split in splits.items():
-                check_special_tokens(split, name, processor)
+                check_special_tokens(split, name, family)
         assert str(caught.value) == (f"row {where[1]} (data_id={where[1]}) of the {where[0]!r} split: its text holds "
                                      f"{token!r}, which the tokenizer reads as one of the model's special tokens; "
                                      f"remove or reword it."), token
