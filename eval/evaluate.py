@@ -28,7 +28,7 @@ import models
 from engine.data.checks import check_special_tokens
 from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory, phase_peak
-from engine.outputs.export import TRAINING_CONFIG
+from engine.outputs.export import TRAINING_CONFIG, named_base
 from engine.outputs.merge import load_adapted, load_nf4_base
 from engine.outputs.publish import write_json
 from engine.precision import precision_for
@@ -75,7 +75,7 @@ def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, lim
 
 def evaluated_base(model_spec: str | None, adapter: Path | None) -> str:
     """The model `run.py eval` and `ask` answer with: --model, or the base its --adapter was trained on."""
-    return model_spec or json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return model_spec or named_base(adapter)
 
 
 def trained_on(model_spec: str | None, adapter: Path | None) -> dict:

@@ -1,6 +1,7 @@
 """Hugging Face-format model folders, written atomically so `from_pretrained` never sees half a model."""
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, ProcessorMixin
 
 import lora
+from engine.config import TrainConfig
 from engine.outputs.publish import publish_folder, temporary
 
 
@@ -113,3 +115,20 @@ def _publish(folder: Path, write: Callable[[Path], None], replace: bool = True) 
         shutil.rmtree(tmp, ignore_errors=True)  # made just now, by us
         raise
     return publish_folder(tmp, folder)
+
+def recorded_base(config: TrainConfig) -> str:
+    """The base an adapter records (adapter_config.json): OUT/base relative to OUT/final (`../base`), so that a
+    run folder copied or moved whole still finds it; another folder by its absolute path; else the hub id."""
+    base = Path(config.base_weights)
+    if not base.exists():
+        return config.base_weights
+    if base.resolve().is_relative_to(config.out.resolve()):
+        return os.path.relpath(base.resolve(), (config.out / "final").resolve())
+    return str(base.resolve())
+
+
+def named_base(adapter: Path) -> str | None:
+    """The base an adapter folder names (adapter_config.json's base_model_name_or_path), a relative path taken
+    from the adapter folder (OUT/final's `../base`); None if it names none."""
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return str((adapter / base).resolve()) if base and base.startswith(("./", "../")) else base

@@ -20,7 +20,7 @@ from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 import lora
 import models
-from engine.outputs.export import TRAINING_CONFIG, export_pretrained
+from engine.outputs.export import TRAINING_CONFIG, export_pretrained, named_base
 from engine.outputs.folder import check_new
 from engine.precision import precision_for
 from engine.runtime import pick_device
@@ -75,7 +75,7 @@ def _adapter_base(adapter: Path, model_spec: str | None) -> tuple[str, dict]:
     config_file = adapter / "adapter_config.json"
     if not config_file.is_file():
         raise UsageError(f"{adapter} is not an adapter folder: it has no adapter_config.json.")
-    base = model_spec or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    base = model_spec or named_base(adapter)
     if not base:
         raise UsageError(f"{config_file} names no base model; give one with --model.")
     training = json.loads((adapter / TRAINING_CONFIG).read_text()) if (adapter / TRAINING_CONFIG).is_file() else {}

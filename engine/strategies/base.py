@@ -22,7 +22,7 @@ from engine.data.collate import Collator
 from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts, quantized_summary
 from engine.outputs import checkpoint
-from engine.outputs.export import export_adapter, export_pretrained
+from engine.outputs.export import export_adapter, export_pretrained, recorded_base
 from engine.runtime import Runtime
 from errors import UsageError
 from models.lazy import SliceReader, materialize
@@ -191,9 +191,7 @@ class Strategy:
         best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
         if best is not None:
             self.load_checkpoint(best, fingerprint, with_train_state=False)  # the live optimizer is still held
-        base = Path(config.base_weights)  # an adapter records its base: a folder by its absolute path
-        adapter_base = str(base.resolve()) if base.exists() else config.base_weights
-        self.export(config.out / "final", processor, adapter_base if config.trains_adapter else None)
+        self.export(config.out / "final", processor, recorded_base(config) if config.trains_adapter else None)
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
         """OUT/final: a PEFT adapter folder on `adapter_base` when an adapter trained, else the
@@ -231,3 +229,4 @@ class ReadsOwnPiece(Strategy):
     def reader(self, model: PreTrainedModel) -> QuantizingReader:
         """The weights of `prepare`, read once the approach is applied: NF4 layers quantized as read."""
         return quantizing(self.read, model, self.runtime.device)
+

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def test_training_ends_by_scoring_the_test_split_against_the_cached_base(lora_ru
 def test_final_adapter_loads_in_peft_with_our_logits(lora_run, batch):
     out, _ = lora_run
     config = json.loads((out / "final" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and Path(config["base_model_name_or_path"]) == (out / "base").resolve()
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "../base"  # OUT/base, from OUT/final
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (8, 64, True)
     ours = AutoModelForImageTextToText.from_pretrained(out / "base")
     lora.load(ours, out / "final")
@@ -106,7 +107,12 @@ def test_final_adapter_loads_in_peft_with_our_logits(lora_run, batch):
 @pytest.mark.slow  # an end-to-end run
 def test_merge_command_gives_the_adapter_models_logits(lora_run, batch, tmp_path):
     out, _ = lora_run
-    _merge(out / "final", tmp_path / "merged")
+    moved = shutil.copytree(out, tmp_path / "moved")  # a run folder copied elsewhere finds its own OUT/base
+    (out / "base").rename(out / "away")
+    try:
+        _merge(moved / "final", tmp_path / "merged")
+    finally:
+        (out / "away").rename(out / "base")
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert not any(".lora_" in name for name in merged.state_dict())
     adapted = AutoModelForImageTextToText.from_pretrained(out / "base")
