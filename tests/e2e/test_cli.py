@@ -24,7 +24,6 @@ from harness import ROOT, run_cli
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
     (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
     (["--approach", "lora", "--lora-target", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
-    (["--approach", "full_mp", "--gpus", "2", "--split", "99", "--max-steps", "1"], "--split"),
 ])
 def test_bad_flags_fail_with_one_sentence_and_leave_the_folder_as_it_was(args, message, tmp_path):
     """Refusals that come only as the model is built (what a --lora-target matches, where a --split falls) take
