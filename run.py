@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from engine.config import APPROACHES, TrainConfig, check_scorer, flag, from_approach, out_of_range
+from engine.config import APPROACHES, HUB_ID, TrainConfig, check_scorer, flag, from_approach, out_of_range
 from errors import Terminated, UsageError, debug, explain
 
 
@@ -112,9 +111,6 @@ def merge(args: argparse.Namespace) -> str:
     from engine.outputs.merge import merge_adapter
 
     return f"merged model written to {merge_adapter(args.adapter, args.output, args.model, args.device)}"
-
-
-HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

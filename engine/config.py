@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import operator
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def flag(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or f"--{negated}{field.name.replace('_', '-')}"
 
 
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
 MAX_EDGE = 8192  # pixels: an image of 8192 x 8192 stays under Pillow's decompression-bomb limit (89.5 megapixels)
 HYBRID = "from --approach"  # adapter, quant and parallel default to the approach's choices
 

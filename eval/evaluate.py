@@ -29,6 +29,7 @@ from engine.data.checks import check_special_tokens
 from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory, phase_peak
 from engine.outputs.export import TRAINING_CONFIG, named_base
+from engine.outputs.folder import run_config
 from engine.outputs.merge import load_adapted, load_nf4_base
 from engine.outputs.publish import write_json
 from engine.precision import precision_for
@@ -82,12 +83,8 @@ def trained_on(model_spec: str | None, adapter: Path | None) -> dict:
     """The data settings (dataset, limit_exhibits) of the run whose OUT/final is --adapter (its
     training_config.json) or --model (the run's config.json beside it); {} for any other model."""
     for folder in (Path(spec) for spec in (adapter, model_spec) if spec):
-        for written in (folder / TRAINING_CONFIG, folder.parent / "config.json"):
-            try:
-                settings = json.loads(written.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(settings, dict) and "approach" in settings and "dataset" in settings:
+        for settings in (run_config(folder, TRAINING_CONFIG), run_config(folder.parent)):
+            if settings is not None and "dataset" in settings:
                 return {key: settings.get(key) for key in ("dataset", "limit_exhibits")}
     return {}
 

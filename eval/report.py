@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.outputs.folder import CONFIG
+from engine.outputs.folder import run_config
 from engine.outputs.publish import temporary
 from errors import UsageError
 from eval.results_csv import read_results
@@ -154,20 +154,12 @@ def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def is_run_folder(folder: Path) -> bool:
-    """Whether `folder` holds a run's config.json (a JSON object naming its approach)."""
-    try:
-        return "approach" in json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def start_report_folder(output: Path, runs: list[Path]) -> Path:
     """The temporary folder a report is written in before it replaces `output`, with its MARK written first.
     A report goes to a new or empty folder, or replaces an earlier report; it never writes into a run folder
     (whose --overwrite would then refuse the files it did not write) nor over a user's files."""
     for folder in (output.resolve(), *output.resolve().parents):
-        if is_run_folder(folder):
+        if run_config(folder) is not None:
             raise UsageError(f"--output {output} is inside the run folder {folder}, and a report never writes into a "
                              f"run; choose another folder (the default is runs/report).")
     if output.exists() and not output.is_dir():

@@ -101,7 +101,7 @@ def _reason(error: Exception) -> str:
 
 
 def special_token_in(text: str, processor: ProcessorMixin) -> str | None:
-    """The first of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, Idefics3's `<row_1_col_1>`,
+    """The first of the tokenizer's added tokens (`<image>`, `<end_of_utterance>`, Idefics3's `<global-img>`,
     `</s>`, ...) that `text` holds literally, or None. The tokenizer reads such text as the token itself: an
     `<image>` in a question asks for a picture the row does not have, an end-of-turn ends the turn."""
     found = _special_tokens(processor.tokenizer).search(text)

@@ -8,7 +8,6 @@ checked at load, text only, so a bad data set fails before a model is loaded, no
 
 import contextlib
 import json
-import re
 from functools import partial
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import datasets
 import pandas as pd
 import pyarrow.compute as pc
 
+from engine.config import HUB_ID
 from engine.data.standin_images import standin_image
 from errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
 MUSEQUEST_DIR = Path(__file__).parent / "musequest"
-HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
 
 
 _LOADED: dict[tuple, datasets.DatasetDict] = {}  # this process's data sets, the last few, by source as it is on disk

@@ -116,6 +116,7 @@ def _publish(folder: Path, write: Callable[[Path], None], replace: bool = True) 
         raise
     return publish_folder(tmp, folder)
 
+
 def recorded_base(config: TrainConfig) -> str:
     """The base an adapter records (adapter_config.json): OUT/base relative to OUT/final (`../base`), so that a
     run folder copied or moved whole still finds it; another folder by its absolute path; else the hub id."""

@@ -7,6 +7,7 @@ and only that). A folder is a run folder when it holds the `config.json` a run w
 """
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,16 @@ from errors import UsageError
 
 CONFIG = "config.json"  # written by every run before its first step: what makes a folder a run folder
 RUN_WRITES = ("checkpoints", "final", "base", "eval", "tensorboard", "summary.json", CONFIG)  # config.json last
+
+
+def run_config(folder: Path, name: str = CONFIG) -> dict | None:
+    """The run's settings `folder` holds in `name` (config.json, or an adapter's training_config.json): a JSON
+    object naming its approach; else None."""
+    try:
+        settings = json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) and "approach" in settings else None
 
 
 def prepare(out: Path, resume: bool, overwrite: bool) -> None:

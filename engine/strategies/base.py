@@ -229,4 +229,3 @@ class ReadsOwnPiece(Strategy):
     def reader(self, model: PreTrainedModel) -> QuantizingReader:
         """The weights of `prepare`, read once the approach is applied: NF4 layers quantized as read."""
         return quantizing(self.read, model, self.runtime.device)
-
