@@ -345,9 +345,11 @@ def train_command(argv: list[str]) -> int:
         out = config.out
         from engine.launch import launch, placement  # heavy imports only once the flags are known to be good
         from engine.plan.fit import refuse_if_unfit_before_loading
+        from engine.strategies import STRATEGIES
         from finetune import finetune
 
         ranks, device = placement(config)
+        STRATEGIES[config.parallel].refuse_before_start(config.resolved(gpu=device.type == "cuda"), ranks)
         if device.type == "cuda" or config.memory_budget is not None:  # planned before any rank loads a weight
             refuse_if_unfit_before_loading(config, ranks, gpu=device.type == "cuda")
         summary = launch(config, finetune)

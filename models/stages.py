@@ -74,13 +74,8 @@ def split_points(model: PreTrainedModel, stages: int, split: tuple[int, ...] = (
     first, the norm and lm_head on the last) is as small as it can be, every stage with a layer.
     """
     layers = decoder_layers(model)
-    if stages > len(layers):
-        raise UsageError(f"{stages} pipeline stages need at least {stages} decoder layers; the model has "
-                         f"{len(layers)}.")
+    check_split(split, stages, len(layers))
     if split:
-        if len(split) != stages - 1 or list(split) != sorted(set(split)) or split[0] < 1 or split[-1] >= len(layers):
-            raise UsageError(f"--split needs {stages - 1} increasing layer indices between 1 and {len(layers) - 1} "
-                             f"for {stages} stages, not {list(split)}.")
         return list(split)
     sizes = [_numel(layer) for layer in layers]
     head = sum(_numel(m) for m in (model.model.text_model.norm, model.lm_head))
@@ -100,6 +95,17 @@ def split_points(model: PreTrainedModel, stages: int, split: tuple[int, ...] = (
         j = cut[k, j]
         points.append(j)
     return points[::-1]
+
+
+def check_split(split: tuple[int, ...], stages: int, layers: int) -> None:
+    """Refuses more stages than decoder `layers`, or a `split` that does not cut them into `stages` stages: the
+    launcher asks this of the model's config before the run's folder is claimed."""
+    if stages > layers:
+        raise UsageError(f"{stages} pipeline stages need at least {stages} decoder layers; the model has {layers}.")
+    if split and (len(split) != stages - 1 or list(split) != sorted(set(split)) or split[0] < 1
+                  or split[-1] >= layers):
+        raise UsageError(f"--split needs {stages - 1} increasing layer indices between 1 and {layers - 1} "
+                         f"for {stages} stages, not {list(split)}.")
 
 
 def stage(model: PreTrainedModel, points: list[int], rank: int, loss: Loss) -> Stage:

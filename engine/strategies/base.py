@@ -41,6 +41,11 @@ class Strategy:
         """What every --batch-size of this strategy must be a multiple of."""
         return 1
 
+    @classmethod
+    def refuse_before_start(cls, config: TrainConfig, ranks: int) -> None:
+        """Refuses what this strategy cannot run of a resolved `config` on `ranks` ranks, if that can be told from
+        the model's config alone: before any rank starts and the run's folder is claimed."""
+
     def __init__(self, config: TrainConfig, runtime: Runtime):
         if runtime.world_size < self.min_ranks:
             raise UsageError(f"--parallel {config.parallel} needs {self.min_ranks} or more ranks (--gpus N, or "

@@ -16,7 +16,8 @@ from engine.outputs.publish import publish_folder, temporary
 from engine.runtime import Runtime
 from engine.strategies.base import ReadsOwnPiece
 from models.lazy import materialize
-from models.stages import Stage, activation_shape, split_points, stage
+from models.load import config_and_processor
+from models.stages import Stage, activation_shape, check_split, split_points, stage
 from parallel import clip
 from parallel.pipeline import ActivationShape, Pipeline, bubble
 
@@ -30,6 +31,11 @@ class PipelineParallel(ReadsOwnPiece):
     @classmethod
     def batch_multiple(cls, config: TrainConfig) -> int:
         return config.micro_batches  # a batch is cut into that many micro-batches
+
+    @classmethod
+    def refuse_before_start(cls, config: TrainConfig, ranks: int) -> None:
+        model_config, _ = config_and_processor(config.model)
+        check_split(config.split, config.stages or ranks, model_config.text_config.num_hidden_layers)
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)

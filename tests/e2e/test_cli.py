@@ -24,11 +24,13 @@ from harness import ROOT, run_cli
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
     (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
     (["--approach", "lora", "--lora-target", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
+    (["--approach", "full_mp", "--gpus", "2", "--split", "9"], "--split needs 1 increasing layer indices between 1 "
+                                                               "and 3 for 2 stages, not [9]"),
 ])
 def test_bad_flags_fail_with_one_sentence_and_leave_the_folder_as_it_was(args, message, tmp_path):
-    """Refusals that come only as the model is built (what a --lora-target matches, where a --split falls) take
-    back what the run wrote: the corrected command needs no --overwrite (an empty folder given stays, empty:
-    tests/unit/engine/test_output_folder.py)."""
+    """A --split the model cannot take is refused from its config before any rank starts; refusals that come only
+    as the model is built (what a --lora-target matches) take back what the run wrote: the corrected command
+    needs no --overwrite (an empty folder given stays, empty: tests/unit/engine/test_output_folder.py)."""
     result = run_cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
