@@ -78,8 +78,7 @@ def claimed(out: Path, config_json: str, runtime: Runtime, resume: bool) -> Iter
     which `prepare` found empty: of two runs started at once into one folder, the second is refused. A
     resumed run keeps its own. Whatever a run that fails later leaves behind is then a run folder, which
     `--overwrite` may clear; but a new run that fails inside this block (its setup: a --lora-target that
-    matches nothing, a --split the model cannot take) takes back what it wrote, so the corrected command
-    finds the folder as the user left it."""
+    matches nothing) takes back what it wrote, so the corrected command finds the folder as the user left it."""
     new = runtime.is_main and not resume
     created = new and not out.exists()
     if new:
