@@ -6,6 +6,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.utils import logging as hf_logging
 
 from engine.config import TrainConfig
+from engine.data.fingerprint import split_fingerprint
 from engine.data.sources import load_splits
 from engine.device_memory import free_device_memory
 from engine.outputs.publish import write_json
@@ -42,14 +43,15 @@ def trained_run(config: TrainConfig, runtime: Runtime) -> TrainedRun:
     cached score: everything that changes that score (the judge's dtype too: scores cached before it followed
     the run's precision came from an fp32 judge; QLoRA's NF4 base)."""
     precision = runtime.precision
+    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
     key = {"model": config.model, "seed": config.seed if config.model == "tiny" else None, "precision": precision.name,
-           "judge_dtype": str(precision.frozen_dtype), "dataset": config.dataset,
-           "limit_exhibits": config.limit_exhibits, "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
+           "judge_dtype": str(precision.frozen_dtype), "test": split_fingerprint(test),  # not its path: data change
+           "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
            "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge],
            **({"base": ["nf4", config.quant_keep_vision]} if config.quantized else {})}
     return TrainedRun(final=config.out / "final", adapter=config.trains_adapter, base=config.base_weights,
                       nf4_base=config.quantized, keep_vision=config.quant_keep_vision, dtype=precision.frozen_dtype,
-                      test=load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"],
+                      test=test,
                       scorer=config.scorer, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                       baseline_key=key, results=config.out / "eval")
 

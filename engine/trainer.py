@@ -24,6 +24,7 @@ from engine.config import TrainConfig, result_settings
 from engine.data.batches import BatchOrder
 from engine.data.checks import check_data
 from engine.data.collate import Collator
+from engine.data.fingerprint import data_fingerprint
 from engine.data.sources import load_splits
 from engine.device_memory import phase_peak
 from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
@@ -126,6 +127,7 @@ def setup(config: TrainConfig) -> Run:
                        "trainable": sorted(n for n, p in strategy.model.named_parameters() if p.requires_grad),
                        "global_batch": order.global_batch, "world_size": runtime.world_size,
                        "precision": runtime.precision.name, "settings": result_settings(config),
+                       "data": data_fingerprint(splits),
                        **strategy.fingerprint()}
         start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume \
             else 0

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.config import as_given
+from engine.data.fingerprint import changed_split
 from engine.outputs.publish import TMP_PREFIX, publish_folder, temporary
 from errors import UsageError
 
@@ -131,6 +132,11 @@ def load(checkpoint: Path, expected: dict[str, Any], shard: Shard = Shard(), wit
                                  f"{as_given(differing, saved.get(differing))}, this run "
                                  f"{as_given(differing, value[differing])}; --resume needs the same settings, or "
                                  "start a new run.")
+        elif key == "data":  # each split's rows and hash (engine/data/fingerprint.py)
+            changed = changed_split(saved, value)
+            if changed:
+                raise UsageError(f"checkpoint {checkpoint} was trained on other data: {changed}; --resume needs "
+                                 "the data it started on, or start a new run.")
         elif saved != value:
             raise UsageError(
                 f"checkpoint {checkpoint} does not match this run: its {key} is {saved!r}, "

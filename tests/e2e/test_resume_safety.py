@@ -4,6 +4,7 @@ Every refusal is checked as a user meets it (exit status, one sentence, no trace
 every file of the run byte-identical.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import from_approach, result_settings
+from engine.data.sources import load_splits
 from engine.outputs import checkpoint
 from errors import UsageError
 from harness import ROOT, assert_one_sentence, run_cli, snapshot
@@ -72,6 +74,24 @@ def test_every_setting_that_changes_the_result_is_compared(change, named, tmp_pa
         checkpoint.load(saved, {"settings": result_settings(from_approach("lora", **change))})
     for harmless in (dict(keep_last=5), dict(tensorboard=True), dict(stop_after_steps=1), dict(skip_eval=True)):
         checkpoint.load(saved, {"settings": result_settings(from_approach("lora", **harmless))})
+
+
+@pytest.mark.slow
+def test_a_resume_on_data_changed_since_its_checkpoint_is_refused_naming_the_split(runs, tmp_path):
+    """The checkpoints record each split's rows and hash (which tests/unit/engine/test_data.py changes by editing
+    a data set); here the stopped run's newest records a train split of other contents than musequest's."""
+    out = tmp_path / "stopped"
+    shutil.copytree(runs / "stopped", out)
+    for meta_file in (out / "checkpoints").glob("step-*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        meta["data"]["train"]["sha256"] = "0" * 64
+        meta_file.write_text(json.dumps(meta))
+    before = snapshot(out)
+    result = run_cli(*RUN, "--output-dir", str(out), "--resume", cwd=tmp_path)
+    rows = len(load_splits("musequest", limit_exhibits=2)["train"])
+    assert_one_sentence(result, f"step-000003 was trained on other data: its 'train' split had the same {rows} rows, "
+                                "with other contents than the data set's now; --resume needs the data it started on")
+    assert snapshot(out) == before
 
 
 @pytest.mark.slow

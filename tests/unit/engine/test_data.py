@@ -7,17 +7,23 @@ beside each names its token) so that a collator that mislabels cannot agree with
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from engine.config import from_approach
 from engine.data.collate import Collator
+from engine.data.fingerprint import changed_split, data_fingerprint
 from engine.data.sources import MUSEQUEST_DIR, load_splits
 from engine.data.standin_images import standin_image
+from engine.runtime import Runtime
 from errors import UsageError
+from finetune import trained_run
 
 BOS, FAKE, IMG, EOU, PAD, NEWLINE = 1, 32000, 32001, 32002, 32003, 13
 X = -100  # ignored label
@@ -170,16 +176,21 @@ def dialog(question: str, answer: str) -> str:
 COLOURS = {"train": [(255, 0, 0), (0, 255, 0)], "validation": [(0, 0, 255)], "test": [(9, 99, 199)]}
 
 
-def test_imagefolder_source(tmp_path):
+def imagefolder(folder: Path) -> str:
+    """An imagefolder data set with one 32x24 picture per colour."""
     for split, colours in COLOURS.items():
-        (tmp_path / split).mkdir()
-        with open(tmp_path / split / "metadata.csv", "w", newline="") as file:
+        (folder / split).mkdir(parents=True)
+        with open(folder / split / "metadata.csv", "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["data_id", "item_name", "image_name", "file_name", "dialog"])
             for i, colour in enumerate(colours):
-                Image.new("RGB", (32, 24), colour).save(tmp_path / split / f"thing-{i}.png")
+                Image.new("RGB", (32, 24), colour).save(folder / split / f"thing-{i}.png")
                 writer.writerow([i, "thing", f"thing-{i}.png", f"thing-{i}.png", dialog("Colour?", str(colour))])
-    splits = load_splits(str(tmp_path))
+    return str(folder)
+
+
+def test_imagefolder_source(tmp_path):
+    splits = load_splits(imagefolder(tmp_path))
     assert {name: len(split) for name, split in splits.items()} == {"train": 2, "validation": 1, "test": 1}
     for split, colours in COLOURS.items():
         for r in splits[split]:
@@ -213,6 +224,52 @@ def test_save_to_disk_source(tmp_path):
     assert {name: len(split) for name, split in splits.items()} == {"train": 2, "validation": 1, "test": 1}
     assert splits["train"][1]["image"].getpixel((3, 3)) == (0, 255, 0)
     assert splits["test"][0]["image_name"] == "thing-0.png"
+
+
+def test_a_fingerprint_follows_rows_and_image_bytes_not_where_the_data_set_lies(tmp_path):
+    first = data_fingerprint(load_splits(imagefolder(tmp_path / "photos")))
+    assert {name: split["rows"] for name, split in first.items()} == {"train": 2, "validation": 1, "test": 1}
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "photos", moved)
+    assert data_fingerprint(load_splits(str(moved))) == first
+    Image.new("RGB", (32, 24), (254, 0, 0)).save(moved / "train" / "thing-0.png")  # one photo retouched
+    retouched = data_fingerprint(load_splits(str(moved)))
+    assert retouched["validation"] == first["validation"] and retouched["test"] == first["test"]
+    assert changed_split(first, retouched) == \
+        "its 'train' split had the same 2 rows, with other contents than the data set's now"
+
+    stored = data_fingerprint(load_splits(saved(tmp_path / "saved")))
+    assert data_fingerprint(load_splits(saved(tmp_path / "again"))) == stored
+    answer = data_fingerprint(load_splits(saved(tmp_path / "answer", dialog=dialog("Colour?", "blue"))))
+    assert changed_split(stored, answer) == \
+        "its 'train' split had the same 2 rows, with other contents than the data set's now"
+    assert changed_split(stored, stored) is None
+    assert changed_split({**stored, "train": {"rows": 4, "sha256": "0"}}, stored) == \
+        "its 'train' split had 4 rows, the data set's has 2 now"
+    assert changed_split(None, stored) == "it holds no record of the 'train' split it was trained on"
+
+
+def test_the_base_models_cached_score_is_keyed_by_the_test_rows_not_the_data_sets_path(tmp_path):
+    """A test split edited in place gets the base model scored again; other splits' edits do not."""
+    folder = Path(imagefolder(tmp_path / "photos"))
+    config = from_approach("lora", dataset=str(folder), output_dir=str(tmp_path / "out")).resolved(gpu=False)
+    runtime = Runtime(torch.device("cpu"))
+    key = trained_run(config, runtime).baseline_key
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(folder / "train" / "thing-0.png")
+    assert trained_run(config, runtime).baseline_key == key
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(folder / "test" / "thing-0.png")
+    assert trained_run(config, runtime).baseline_key != key
+
+
+def test_the_builtin_set_is_fingerprinted_by_its_rows_alone():
+    """Its pictures are drawn from each row's image_name when read: hashing the rows covers them, with no
+    picture drawn."""
+    splits = load_splits("musequest", limit_exhibits=2)
+    fingerprint = data_fingerprint(splits)
+    assert {name: split["rows"] for name, split in fingerprint.items()} == {name: len(split) for name, split in
+                                                                           splits.items()}
+    assert len({split["sha256"] for split in fingerprint.values()}) == 3
+    assert data_fingerprint(load_splits("musequest", limit_exhibits=3))["train"] != fingerprint["train"]
 
 
 def test_hub_ids_fail_with_a_clear_message_when_the_hub_is_unreachable(monkeypatch):
