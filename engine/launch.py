@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from engine.config import TrainConfig
 from engine.runtime import pick_device, torchrun_world_size
@@ -86,6 +88,7 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
         kind, _, sentence = message.partition(": ")  # torch's error file holds "ExceptionType: message"
         if kind in SENTENCES:  # the rank's own sentence, as if this process had failed so
             raise SENTENCES[kind](sentence) from failure
+        print(file=sys.stderr)  # the main rank's bar, stopped mid-line, ends before the sentence starts
         if stack and not debug():  # a bug: its traceback (with --debug, torch's launcher logged it already)
             print(stack, file=sys.stderr, end="")
         raise RankFailed(f"rank {rank} failed, so every rank was stopped: {message}".strip()) from failure
@@ -127,6 +130,9 @@ def _in_group(worker: Callable[[TrainConfig], Any], config: TrainConfig) -> Any:
     communicators may hang or abort at interpreter shutdown. A failing rank does not leave first: closing its
     connections would fail its peers (a lost peer, at once) before its own error is recorded and reported, and the
     launcher tears the whole group down anyway."""
+    # A rank's bars take a thread lock, not tqdm's default multiprocessing one: that one's named semaphore,
+    # left behind by a killed rank, makes the resource tracker warn of it after the run's error sentence.
+    tqdm.set_lock(threading.RLock())
     result = worker(config)
     if dist.is_initialized():
         dist.destroy_process_group()
