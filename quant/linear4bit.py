@@ -12,10 +12,11 @@ per layer.
 
 import math
 
-import bitsandbytes.functional as bnbf
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from quant.bnb import bnbf
 
 BLOCK_SIZE = 64
 NESTED_BLOCK_SIZE = 256  # what bitsandbytes uses for compress_statistics=True

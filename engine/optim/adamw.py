@@ -23,8 +23,9 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 
-import bitsandbytes.functional as bnbf
 import torch
+
+from quant.bnb import bnbf
 
 MOMENTS = ("fp32", "bf16", "8bit")
 BLOCK = 256  # weights per 8-bit block, as bitsandbytes' 8-bit optimizers

@@ -3,6 +3,9 @@
 import copy
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -13,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from models.tiny import build_tiny
 from quant import Linear4bit, quantize, quantized_bytes
+from tests.harness import ROOT
 
 NF4 = bnbf.get_4bit_type("nf4", device="cpu")
 
@@ -203,3 +207,41 @@ def test_adapter_on_the_quantized_base_trains_while_the_base_gets_no_gradient():
     for layer in (first, second):
         assert all(p.grad is None for p in layer.parameters())
         assert all(not b.requires_grad for b in layer.buffers())
+
+
+
+# Makes bitsandbytes believe the CPU has AVX512-BF16, as the CI's does: `has_avx512bf16` is replaced once
+# bitsandbytes.functional is loaded, before bitsandbytes' CPU backend asks it, then run.py runs as `python run.py`.
+AS_ON_AN_AVX512_BF16_CPU = """
+import importlib.abc, importlib.machinery, runpy, sys
+
+class Patched(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run_module = spec.loader.exec_module
+        def exec_module(module):
+            run_module(module)
+            module.has_avx512bf16 = lambda: True
+            print("bitsandbytes sees AVX512-BF16")
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Patched())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_on_an_avx512_bf16_cpu_offline_prints_nothing_of_bitsandbytes_optional_kernel(tmp_path):
+    """On such a CPU, importing bitsandbytes fetches an optional kernel from the Hugging Face Hub; offline,
+    `kernels` and bitsandbytes each printed a line about it before the run's own output."""
+    command = [sys.executable, "-c", AS_ON_AN_AVX512_BF16_CPU, str(ROOT / "run.py"), "--approach", "qlora",
+               "--model", "tiny", "--device", "cpu", "--limit-exhibits", "2", "--max-steps", "1", "--batch-size", "2",
+               "--skip-eval", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bitsandbytes sees AVX512-BF16" in result.stdout
+    assert "kernels-community" not in result.stderr, result.stderr[-2000:]
