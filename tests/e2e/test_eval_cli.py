@@ -50,6 +50,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
 def test_eval_writes_the_originals_csv_layout_and_results_json(runs):
     for name in ("lora", "full"):
         rows = list(csv.DictReader((runs / name / "eval" / "results.csv").open()))
@@ -64,6 +65,7 @@ def test_eval_writes_the_originals_csv_layout_and_results_json(runs):
         (runs / "full-eval.out").read_text()
 
 
+@pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
 def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
     rows = read_results(runs / "lora" / "eval" / "results.csv")
     results = json.loads((runs / "lora" / "eval" / "results.json").read_text())
@@ -79,6 +81,7 @@ def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
     assert written.startswith("every answer and score in ") and written.endswith("results.csv and results.json")
 
 
+@pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
 def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs, tmp_path, capsys):
     out = shutil.copytree(runs / "lora", tmp_path / "lora")  # evaluate_run writes OUT/eval
     config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
@@ -114,6 +117,7 @@ def test_ask_answers_a_photo_as_the_evaluation_answered_its_row(runs, flag, run,
     assert result.stdout == evaluated["model_generated_answer"] + "\n"
 
 
+@pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
 def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, capsys):
     assert main(["report", str(runs / "lora"), str(runs / "full"), "--output", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text().splitlines()
@@ -131,6 +135,7 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
     assert (tmp_path / "index.html").is_file()  # the page itself: tests/e2e/test_html_report.py
 
 
+@pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
 def test_score_rescores_an_original_results_file(runs, tmp_path):
     assert main(["score", "--csv", str(SEED), "--model", str(runs / "full" / "base"),
                  "--output", str(tmp_path / "s.csv"), "--device", "cpu"]) == 0

@@ -64,6 +64,7 @@ def straight_run(tmp_path_factory):
     return out, train(_config(out))
 
 
+@pytest.mark.slow  # a tiny run trained end to end (the `straight_run` fixture)
 def test_resume_continues_with_exactly_the_same_losses(straight_run, tmp_path):
     _, straight = straight_run
     first = train(_config(tmp_path, stop_after_steps=3))
@@ -79,6 +80,7 @@ def test_resume_continues_with_exactly_the_same_losses(straight_run, tmp_path):
         [v for _, v in straight["history"]["val_loss"][-2:]], rel=1e-6)
 
 
+@pytest.mark.slow  # a tiny run trained end to end (the `straight_run` fixture)
 def test_base_and_final_reload_with_transformers(straight_run, processor):
     out, summary = straight_run
     base = AutoModelForImageTextToText.from_pretrained(out / "base")
@@ -97,6 +99,7 @@ def test_base_and_final_reload_with_transformers(straight_run, processor):
         assert torch.equal(final(**batch).logits, base(**batch).logits)
 
 
+@pytest.mark.slow  # a tiny run trained end to end (the `straight_run` fixture)
 def test_summary_reports_what_the_issue_lists(straight_run):
     out, summary = straight_run
     saved = json.loads((out / "summary.json").read_text())

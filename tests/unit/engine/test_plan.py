@@ -73,8 +73,11 @@ def measured_step(rank: int, world: int, base: Path, settings: dict) -> dict:
 
 
 CASES = [
-    ("lora", 1, {}), ("qlora", 1, {}), ("full", 1, {}), ("full", 1, {"precision": "bf16-mixed"}),
-    ("full", 1, {"precision": "bf16", "optimizer": "adamw8bit", "activation_checkpointing": True}),
+    ("lora", 1, {}),  # the quick subset's case; the rest trace the 2 real and 2 fake steps of a bigger share: 4-15 s
+    pytest.param("qlora", 1, {}, marks=pytest.mark.slow), pytest.param("full", 1, {}, marks=pytest.mark.slow),
+    pytest.param("full", 1, {"precision": "bf16-mixed"}, marks=pytest.mark.slow),
+    pytest.param("full", 1, {"precision": "bf16", "optimizer": "adamw8bit", "activation_checkpointing": True},
+                 marks=pytest.mark.slow),
     pytest.param("lora_ddp", 2, {}, marks=pytest.mark.slow), pytest.param("full_fsdp", 2, {}, marks=pytest.mark.slow),
     pytest.param("full_mp", 2, {"micro_batches": 2}, marks=pytest.mark.slow),
     # Issue 18's combinations: NF4 codes sharded; and adapters on NF4 stages, each sharded over 2 ranks.
@@ -252,6 +255,7 @@ def test_evaluation_phases_equal_a_real_generate_and_judge(precision):
     assert 0 <= planned["judge"] - real["judge"] <= 32
 
 
+@pytest.mark.slow  # a tiny model planned for a GPU: ~10 s
 def test_cuda_autocast_keeps_cudas_fp32_ops_in_fp32(monkeypatch):
     """CPU autocast keeps layer_norm, softmax, exp, sum... in bf16, CUDA's runs them in fp32. Under the plan's
     correction CPU autocast gives every op CUDA autocast's dtype (torch's own, on fake CUDA tensors), and one

@@ -108,7 +108,7 @@ def test_the_judge_reads_the_text_decoder_alone_and_scores_as_the_whole_model(pr
         similarity_scores(whole, processor.tokenizer, generated, truth, batched=True, device=CPU), abs=1e-6)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # ~9 s each
 def test_a_bf16_judge_scores_within_one_step_of_the_originals_bf16_scores(processor, seed):
     """A judge in the run's compute dtype (bf16 on a GPU) against the fp32 judge, on the original's answers
     before and after full fine-tuning (148 rows). The original's own per-row scores are bf16 numbers, spaced

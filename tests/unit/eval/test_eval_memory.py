@@ -201,6 +201,7 @@ def training_model(config) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow  # a QLoRA run trained end to end (the `qlora_run` fixture)
 def test_qlora_evaluation_never_holds_the_whole_float_model_on_the_device(qlora_run):
     """Evaluated on the meta device, which stands for the accelerator here: the float bytes it ever holds stay
     within what the training model kept there (the layers left in float, the NF4 state) plus one layer's float
@@ -223,6 +224,7 @@ def test_qlora_evaluation_never_holds_the_whole_float_model_on_the_device(qlora_
             assert type(evaluated) is type(layer) and isinstance(getattr(evaluated, "base", evaluated), Linear4bit)
 
 
+@pytest.mark.slow  # a QLoRA run trained end to end (the `qlora_run` fixture)
 def test_qlora_evaluation_answers_as_the_training_model(qlora_run):
     """The same logits bit for bit, so the same greedy answers: the NF4 base with the adapter unmerged, as in
     training (folding the adapter into dequantized weights rounds differently)."""

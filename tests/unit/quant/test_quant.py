@@ -234,6 +234,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_a_run_on_an_avx512_bf16_cpu_offline_prints_nothing_of_bitsandbytes_optional_kernel(tmp_path):
     """On such a CPU, importing bitsandbytes fetches an optional kernel from the Hugging Face Hub; offline,
     `kernels` and bitsandbytes each printed a line about it before the run's own output."""
