@@ -7,7 +7,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.config import TrainConfig
 from engine.data.fingerprint import split_fingerprint
-from engine.data.sources import load_splits
+from engine.data.sources import data_settings, load_splits
 from engine.device_memory import free_device_memory
 from engine.outputs.publish import write_json
 from engine.runtime import Runtime, setup_runtime
@@ -43,7 +43,7 @@ def trained_run(config: TrainConfig, runtime: Runtime) -> TrainedRun:
     cached score: everything that changes that score (the judge's dtype too: scores cached before it followed
     the run's precision came from an fp32 judge; QLoRA's NF4 base)."""
     precision = runtime.precision
-    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
+    test = load_splits(**data_settings(config))["test"]
     key = {"model": config.model, "seed": config.seed if config.model == "tiny" else None, "precision": precision.name,
            "judge_dtype": str(precision.frozen_dtype), "test": split_fingerprint(test),  # not its path: data change
            "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,

@@ -25,6 +25,9 @@ from pathlib import Path
 from engine.config import APPROACHES, HUB_ID, TrainConfig, check_scorer, flag, from_approach, out_of_range
 from errors import Terminated, UsageError, debug, explain
 
+if typing.TYPE_CHECKING:  # imported by the commands that need it: --help stays fast
+    from PIL import Image
+
 
 def approach_help() -> str:
     return "approaches:\n" + "\n".join(f"  {name:<10} {line}" for name, (*_, line) in APPROACHES.items())
@@ -142,6 +145,7 @@ def eval_parser() -> argparse.ArgumentParser:
                                           "a run's OUT/final; else musequest)")
     add_number(parser, "--limit-exhibits", int, "keep only the first K exhibits (default: the run's own, as for "
                                                 "--dataset; else all)", minimum=1)
+    parser.add_argument("--split-by", help="as for training (default: the run's own, as for --dataset)")
     parser.add_argument("--scorer", default="base", help="self (the evaluated model, the original's way), base "
                                                          "(--base: one judge for every approach; default, so that "
                                                          "runs compare) or a model folder")
@@ -163,40 +167,52 @@ def evaluate(args: argparse.Namespace) -> str:
     run_data = trained_on(args.model, args.adapter)  # a run's OUT/final is evaluated on that run's test split
     dataset = args.dataset or run_data.get("dataset", TrainConfig.dataset)
     limit = args.limit_exhibits if args.limit_exhibits is not None else run_data.get("limit_exhibits")
+    split_by = args.split_by if args.split_by is not None else run_data.get("split_by")
     taken = [f"{flag} {value}" for flag, value, given in (("--dataset", dataset, args.dataset),
-                                                          ("--limit-exhibits", limit, args.limit_exhibits))
+                                                          ("--limit-exhibits", limit, args.limit_exhibits),
+                                                          ("--split-by", split_by, args.split_by))
              if run_data and given is None and value is not None]
     if taken:
         print(f"data: the run's own {' '.join(taken)} (a flag given overrides it)")
-    evaluate_test_split(args.model, args.adapter, dataset, limit, args.scorer, base, args.output_dir, device,
+    # The run's held-out fractions go with its --split-by: the same data and settings cut the same test split.
+    held_out = tuple(run_data.get(key, getattr(TrainConfig, key)) for key in ("validation_fraction", "test_fraction"))
+    data = dict(source=dataset, limit_exhibits=limit, split_by=split_by, held_out=held_out)
+    evaluate_test_split(args.model, args.adapter, data, args.scorer, base, args.output_dir, device,
                         args.batch_size, args.max_new_tokens)  # shows every row and the score
     return f"every answer and score in {args.output_dir / RESULTS_CSV} and {RESULTS_JSON}"
 
 
 def ask_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py ask", description="One answer from a model to a question about "
-                                     "one photo, prompted and decoded (greedy) as the evaluation does.")
+                                     "one or more photos, prompted and decoded (greedy) as the evaluation does.")
     add_model_flags(parser)
-    parser.add_argument("--image", required=True, type=Path, help="the photo (any format Pillow reads)")
+    parser.add_argument("--image", required=True, type=Path, action="append",
+                        help="a photo (any format Pillow reads); repeat it for several, shown in that order")
     parser.add_argument("question", help='e.g. "Can you describe this exhibit?"')
     return parser
 
 
-def ask(args: argparse.Namespace) -> str:
+def read_photo(path: Path) -> "Image.Image":
+    """An --image, decoded now, so that a damaged file is refused before the model loads."""
     from PIL import Image, UnidentifiedImageError
 
-    if not args.image.is_file():
-        raise UsageError(f"--image {args.image} is not a file.")
+    if not path.is_file():
+        raise UsageError(f"--image {path} is not a file.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # past Pillow's limit: refused, not read
-            image = Image.open(args.image)
-            image.load()  # decoded now, so a damaged file is refused before the model loads
+            image = Image.open(path)
+            image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UsageError(f"--image {args.image} has more pixels than the {Image.MAX_IMAGE_PIXELS / 1e6:.1f} "
+        raise UsageError(f"--image {path} has more pixels than the {Image.MAX_IMAGE_PIXELS / 1e6:.1f} "
                          f"megapixels Pillow reads safely; scale it down first.") from error
     except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"--image {args.image} is not a picture Pillow can read ({error}).") from error
+        raise UsageError(f"--image {path} is not a picture Pillow can read ({error}).") from error
+    return image
+
+
+def ask(args: argparse.Namespace) -> str:
+    images = [read_photo(path) for path in args.image]
     check_model_flags(args, "ask")
     from engine.data.checks import special_token_in
     from engine.runtime import pick_device
@@ -212,7 +228,7 @@ def ask(args: argparse.Namespace) -> str:
 
     device = pick_device(args.device, 1)
     model, processor = load_evaluated(args.model, args.adapter, device)
-    [answer] = answer_rows(model, processor, [question_row(image, args.question)], args.max_new_tokens, device)
+    [answer] = answer_rows(model, processor, [question_row(images, args.question)], args.max_new_tokens, device)
     return answer
 
 

@@ -81,8 +81,15 @@ class TrainConfig:
                            choices=("none", "ddp", "fsdp", "pipeline", "pipeline+fsdp"), default_help=HYBRID)
     model: str = option("auto", "'tiny', a local folder, a config.json or a Hugging Face id",
                         default_help="tiny on CPU, HuggingFaceM4/idefics2-8b on CUDA")
-    dataset: str = option("musequest", "'musequest' (built in), a Hugging Face id, a save_to_disk folder or an "
-                                       "imagefolder")
+    dataset: str = option("musequest", "'musequest' (built in), a .jsonl or .json file of dialogs (TRL messages, "
+                                       "ShareGPT, ...), an imagefolder, a save_to_disk folder or a Hugging Face id")
+    split_by: str | None = option(None, "a data set with a train split only: the column whose rows stay in one "
+                                        "split as validation and test splits are cut from it (e.g. item_name); "
+                                        "'row' cuts row by row", default_help="none: the data set's own splits")
+    validation_fraction: float = option(0.1, "--split-by: the share of the column's values held out for validation",
+                                        above=0, below=1)
+    test_fraction: float = option(0.1, "--split-by: the share of the column's values held out for the test split",
+                                  above=0, below=1)
     output_dir: str = option("", "where checkpoints, logs and the final model go", default_help="runs/<approach>")
     limit_exhibits: int | None = option(None, "keep only the first K exhibits (small demos and tests)",
                                         minimum=1, default_help="all")
@@ -283,6 +290,9 @@ def validate(config: TrainConfig) -> None:
     if (config.image_shortest_edge or 0) > (config.image_longest_edge or MAX_EDGE):
         raise UsageError(f"--image-shortest-edge {config.image_shortest_edge} is longer than --image-longest-edge "
                          f"{config.image_longest_edge}.")
+    if config.validation_fraction + config.test_fraction >= 1:
+        raise UsageError(f"--validation-fraction {config.validation_fraction:g} and --test-fraction "
+                         f"{config.test_fraction:g} hold out everything; together they must stay below 1.")
     if config.optimizer == "adamw8bit" and config.optimizer_offload != "none":
         raise UsageError("--optimizer adamw8bit keeps its moments on the GPU; --optimizer-offload cpu keeps fp32 "
                          "moments in host memory instead: choose one.")

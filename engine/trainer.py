@@ -25,11 +25,11 @@ from engine.data.batches import BatchOrder
 from engine.data.checks import check_data
 from engine.data.collate import Collator
 from engine.data.fingerprint import data_fingerprint
-from engine.data.sources import load_splits
+from engine.data.sources import data_settings, load_splits
 from engine.device_memory import phase_peak
 from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
 from engine.outputs import checkpoint
-from engine.outputs.folder import claimed, prepare_for_run
+from engine.outputs.folder import SPLITS_JSON, claimed, prepare_for_run
 from engine.outputs.publish import write_json
 from engine.resume import refuse_finished, resume
 from engine.runtime import Runtime, setup_runtime
@@ -112,7 +112,7 @@ def setup(config: TrainConfig) -> Run:
         refuse_finished(config.out)
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
-    splits = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)
+    splits = load_splits(**data_settings(config))
     check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
     strategy = strategy_for(config, runtime)
     with claimed(config.out, config.to_json(), runtime, config.resume):  # config.json first, before OUT/base
@@ -134,6 +134,9 @@ def setup(config: TrainConfig) -> Run:
     if runtime.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
         (config.out / "config.json").write_text(config.to_json())
+        if config.split_by is not None:  # which rows --split-by put where: to read, and for tools
+            write_json(config.out / SPLITS_JSON, {name: [str(data_id) for data_id in split["data_id"]]
+                                                  for name, split in splits.items()})
     return Run(config=config, runtime=runtime, strategy=strategy, processor=processor, splits=splits, order=order,
                total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint, start=start)
 

@@ -58,12 +58,11 @@ def load_evaluated(model_spec: str, adapter: Path | None, device: torch.device,
     return model.eval(), processor
 
 
-def evaluate_test_split(model_spec: str, adapter: Path | None, dataset: str, limit_exhibits: int | None,
-                        scorer: str, base: str, output: Path, device: torch.device, batch_size: int = 4,
-                        max_new_tokens: int = 512) -> dict:
-    """`run.py eval`: generate answers for the test split, score them, write the CSV and results.json, show
-    them; returns results.json's content."""
-    test = load_splits(dataset, limit_exhibits=limit_exhibits)["test"]
+def evaluate_test_split(model_spec: str, adapter: Path | None, data: dict, scorer: str, base: str, output: Path,
+                        device: torch.device, batch_size: int = 4, max_new_tokens: int = 512) -> dict:
+    """`run.py eval`: generate answers for the test split of `data` (load_splits' arguments), score them, write the
+    CSV and results.json, show them; returns results.json's content."""
+    test = load_splits(**data)["test"]
     check_special_tokens(test, "test", config_and_processor(evaluated_base(model_spec, adapter))[1])
     dtype = precision_for("auto", device).frozen_dtype
     rows, scores, *_ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
@@ -80,12 +79,13 @@ def evaluated_base(model_spec: str | None, adapter: Path | None) -> str:
 
 
 def trained_on(model_spec: str | None, adapter: Path | None) -> dict:
-    """The data settings (dataset, limit_exhibits) of the run whose OUT/final is --adapter (its
-    training_config.json) or --model (the run's config.json beside it); {} for any other model."""
+    """The data settings (dataset, limit_exhibits, split_by and its fractions) of the run whose OUT/final is
+    --adapter (its training_config.json) or --model (the run's config.json beside it); {} for any other model."""
+    keys = ("dataset", "limit_exhibits", "split_by", "validation_fraction", "test_fraction")
     for folder in (Path(spec) for spec in (adapter, model_spec) if spec):
         for settings in (run_config(folder, TRAINING_CONFIG), run_config(folder.parent)):
             if settings is not None and "dataset" in settings:
-                return {key: settings.get(key) for key in ("dataset", "limit_exhibits")}
+                return {key: settings[key] for key in keys if key in settings}
     return {}
 
 

@@ -42,12 +42,13 @@ def answer_rows(model: PreTrainedModel, processor: ProcessorMixin, rows: list[di
     return [answer.strip() for answer in processor.batch_decode(new_ids, skip_special_tokens=True)]
 
 
-def question_row(image: Image.Image, question: str) -> dict:
-    """One photo and one question as a test row holds them (`run.py ask`): the user's turn, the picture
-    before the text, and the assistant's turn that the answer will be."""
-    dialog = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+def question_row(images: list[Image.Image], question: str) -> dict:
+    """Photos and one question as a test row holds them (`run.py ask`): the user's turn, the pictures
+    before the text, in order, and the assistant's turn that the answer will be."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    dialog = {"messages": [{"role": "user", "content": content},
                            {"role": "assistant", "content": [{"type": "text", "text": ""}]}]}
-    return {"dialog": json.dumps(dialog), "image": image}
+    return {"dialog": json.dumps(dialog), "images": images}
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 
-from engine.data.sources import load_splits
+from engine.data.sources import load_splits, row_images
 from engine.tensorboard import Scalars
 from errors import UsageError
 from eval.charts import Score, loss_chart, score_chart, score_of, svg, throughput_chart
@@ -71,7 +71,8 @@ def thumbnails(rows: list[list[dict | None]], datasets: list[str], folder: Path)
         run, record = next((run, record) for run, record in enumerate(row) if record is not None)
         test, indices = splits.get(datasets[run], (None, {}))
         index = indices.get(record["data_id"])
-        image = None if index is None else test[index]["image"]
+        images = [] if index is None else row_images(test[index])
+        image = images[0] if images else None
         if image is None:
             paths.append(None)
             continue

@@ -20,7 +20,7 @@ from transformers import Idefics2Processor, ProcessorMixin
 
 from engine.build import configure_processor
 from engine.config import TrainConfig
-from engine.data.sources import dialog_messages, image_entries
+from engine.data.sources import dialog_messages, image_column, image_entries, row_images
 from errors import UsageError
 from models.load import config_and_processor
 
@@ -46,15 +46,20 @@ def check_data(splits: datasets.DatasetDict, config: TrainConfig, spec: str) -> 
 
 def check_images(split: datasets.Dataset, name: str) -> None:
     """Every image of the split present and decodable, each decoded once; the first bad one is named."""
-    feature = split.features.get("image")
-    if not isinstance(feature, datasets.Image):
-        raise UsageError(f"the {name!r} split's image column holds {feature}, not images.")
+    column = image_column(split.column_names)
+    if column is None:
+        return  # text-only rows: their dialogs were checked to hold no image part at load
+    feature = split.features[column]
+    if not isinstance(feature.feature if isinstance(feature, datasets.List) else feature, datasets.Image):
+        raise UsageError(f"the {name!r} split's {column} column holds {feature}, not images.")
     table = split.with_format("arrow")
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         for start in range(0, len(split), IMAGE_CHUNK):
             chunk = table[start : start + IMAGE_CHUNK]
-            entries, data_ids = chunk.column("image").to_pylist(), chunk.column("data_id").to_pylist()
-            for offset, problem in enumerate(pool.map(image_problem, entries)):
+            stored, data_ids = chunk.column(column).to_pylist(), chunk.column("data_id").to_pylist()
+            entries = [(offset, entry) for offset, row in enumerate(stored)
+                       for entry in (row or [] if column == "images" else [row])]
+            for (offset, _), problem in zip(entries, pool.map(image_problem, [e for _, e in entries]), strict=True):
                 if problem:
                     raise UsageError(f"row {start + offset} (data_id={data_ids[offset]}) of the {name!r} split: "
                                      f"{problem}.")
@@ -211,8 +216,7 @@ def _token_counts(processor: ProcessorMixin, texts: list[str], split: datasets.D
         return [len(ids) for ids in processor(text=texts)["input_ids"]]
     counts = []
     for text, index, count in zip(texts, indices, image_counts, strict=True):
-        image = split[index]["image"]
-        images = ([] if image is None else [image])[:count]
+        images = row_images(split[index])[:count]
         counts.append(len(processor(text=[text], images=[images] if images else None)["input_ids"][0]))
     return counts
 

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from engine.data.prompts import row_images
-from engine.data.sources import dialog_messages, dialog_problem, image_entries
+from engine.data.sources import dialog_messages, dialog_problem, image_entries, row_images
 from engine.loss import IGNORE
 from errors import UsageError
 

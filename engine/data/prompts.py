@@ -6,10 +6,9 @@ column and the answer's tokens are the columns after it."""
 import contextlib
 from collections.abc import Iterator
 
-from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
-from engine.data.sources import dialog_messages, image_entries
+from engine.data.sources import dialog_messages, image_entries, row_images
 
 
 def prompt_batch(processor: ProcessorMixin, rows: list[dict]) -> BatchFeature:
@@ -33,10 +32,6 @@ def question_and_reference(row: dict) -> tuple[str, str]:
 def prompt_messages(row: dict) -> list[dict]:
     messages = dialog_messages(row["dialog"])
     return messages[: _last_answer_turn(messages)]
-
-
-def row_images(row: dict) -> list[Image.Image]:
-    return [] if row.get("image") is None else [row["image"]]
 
 
 @contextlib.contextmanager

@@ -1,11 +1,14 @@
 """Load a train/validation/test data set from any of the places a user may keep one, and check it.
 
-Sources: "musequest" (the real MuseQuest text shipped in the package, with stand-in images), a
-folder written by `DatasetDict.save_to_disk`, an imagefolder (`<split>/metadata.csv` naming the
-image files, which is how MuseQuest was built), or a Hugging Face hub id. Every row's dialog is
-checked at load, text only, so a bad data set fails before a model is loaded, not mid-run.
+Sources: "musequest" (the real MuseQuest text shipped in the package, with stand-in images); a
+JSON or JSONL file of dialogs, or a folder of them with images (an imagefolder: `metadata.jsonl` or
+`metadata.csv` on top, or in `train/`, `validation/`, `test/`); a folder written by
+`DatasetDict.save_to_disk`; or a Hugging Face hub id. Dialogs may come in the shapes of TRL,
+ShareGPT, the_cauldron or MuseQuest (engine/data/formats.py reads them all into MuseQuest's). A
+source with a train split only gets its validation and test splits by `--split-by` (split.py).
+Every row's dialog is checked at load, text only, so a bad data set fails before a model is loaded,
+not mid-run.
 """
-
 import contextlib
 import json
 from functools import partial
@@ -15,28 +18,45 @@ import datasets
 import pandas as pd
 import pyarrow.compute as pc
 
-from engine.config import HUB_ID
+from engine.config import HUB_ID, TrainConfig
+from engine.data.formats import DIALOG_FIELDS, engine_messages, engine_row, file_rows
+from engine.data.split import held_out_splits
 from engine.data.standin_images import standin_image
 from errors import UsageError
 
 SPLITS = ("train", "validation", "test")
-COLUMNS = ("image", "data_id", "item_name", "image_name", "dialog")
+COLUMNS = ("data_id", "item_name", "image_name", "dialog")  # and the pictures: `images` (a list) or `image` (one)
+IMAGE_COLUMNS = ("images", "image")
+DATA_FILES = (".jsonl", ".json")
+METADATA = ("metadata.jsonl", "metadata.csv")  # an imagefolder's, as `datasets` names them
+ENGINE_FEATURES = datasets.Features({"data_id": datasets.Value("string"), "item_name": datasets.Value("string"),
+                                     "image_name": datasets.Value("string"), "dialog": datasets.Value("string"),
+                                     "images": datasets.List(datasets.Image())})
 MUSEQUEST_DIR = Path(__file__).parent / "musequest"
 
 
 _LOADED: dict[tuple, datasets.DatasetDict] = {}  # this process's data sets, the last few, by source as it is on disk
 
 
-def load_splits(source: str, *, limit_exhibits: int | None = None, image_size: int = 224) -> datasets.DatasetDict:
-    """The three splits of `source`; with `limit_exhibits=K`, only rows of the first K item names (sorted).
+def load_splits(source: str, *, limit_exhibits: int | None = None, split_by: str | None = None,
+                held_out: tuple[float, float] = (0.1, 0.1), image_size: int = 224) -> datasets.DatasetDict:
+    """The three splits of `source`; with `limit_exhibits=K`, only rows of the first K item names (sorted); a
+    train-only source cut by `split_by` into train, validation and test (`held_out`: their fractions).
     Read and checked once per process while the files stay as they are: the planner, the data checks,
     training and evaluation share one copy (which nobody changes: a Dataset's methods return new ones)."""
-    key = (source, limit_exhibits, image_size, _as_on_disk(source))
+    key = (source, limit_exhibits, split_by, held_out, image_size, _as_on_disk(source))
     if key not in _LOADED:
         if len(_LOADED) >= 4:
             del _LOADED[next(iter(_LOADED))]
-        _LOADED[key] = _read_splits(source, limit_exhibits=limit_exhibits, image_size=image_size)
+        _LOADED[key] = _read_splits(source, limit_exhibits=limit_exhibits, split_by=split_by, held_out=held_out,
+                                    image_size=image_size)
     return _LOADED[key]
+
+
+def data_settings(config: TrainConfig) -> dict:
+    """`load_splits`' arguments for a run: its data set, as training, the planner and evaluation read it."""
+    return dict(source=config.dataset, limit_exhibits=config.limit_exhibits, split_by=config.split_by,
+                held_out=(config.validation_fraction, config.test_fraction))
 
 
 def _as_on_disk(source: str) -> tuple:
@@ -49,13 +69,17 @@ def _as_on_disk(source: str) -> tuple:
     return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files)
 
 
-def _read_splits(source: str, *, limit_exhibits: int | None, image_size: int) -> datasets.DatasetDict:
+def _read_splits(source: str, *, limit_exhibits: int | None, split_by: str | None, held_out: tuple[float, float],
+                 image_size: int) -> datasets.DatasetDict:
     if source == "musequest":
         splits = _musequest()
+        if split_by is not None:
+            raise UsageError(f"--split-by {split_by}: the built-in musequest set has its own validation and test "
+                             "splits; --split-by cuts them from a data set that has a train split only.")
         _validate(splits, images_per_row={name: [1] * len(split) for name, split in splits.items()},
                   columns={name: [*split.column_names, "image"] for name, split in splits.items()})
     else:
-        splits = _load(source)
+        splits = held_out_splits(_load(source), split_by, held_out, source)
         _validate(splits, images_per_row={name: _images_per_row(split) for name, split in splits.items()},
                   columns={name: split.column_names for name, split in splits.items()})
     splits = datasets.DatasetDict({name: splits[name] for name in SPLITS})
@@ -84,29 +108,95 @@ def _with_standin_images(batch: dict[str, list], size: int) -> dict[str, list]:
 
 
 def _load(source: str) -> datasets.DatasetDict:
-    folder = Path(source)
-    if (folder / "dataset_dict.json").is_file():
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in DATA_FILES:
+            raise UsageError(f"{source!r} is a file but not a data file: --dataset takes a .jsonl or .json file of "
+                             "dialogs, a folder, 'musequest' or a Hugging Face id.")
+        return datasets.DatasetDict({"train": _rows_dataset(file_rows(path))})
+    if (path / "dataset_dict.json").is_file():
         for name in SPLITS:
-            if _saved_without_rows(folder / name / "state.json"):  # load_from_disk fails on it with an IndexError
+            if _saved_without_rows(path / name / "state.json"):  # load_from_disk fails on it with an IndexError
                 raise _empty_split(name)
         with _quiet():
-            return datasets.load_from_disk(str(folder))
-    if (folder / "train" / "metadata.csv").is_file():
-        for name in SPLITS:
-            if (folder / name / "metadata.csv").is_file():
-                _check_metadata(folder / name / "metadata.csv", name)
-        with _quiet():
-            return datasets.load_dataset("imagefolder", data_dir=str(folder))
-    if folder.is_dir():
-        raise UsageError(f"folder {source!r} is neither a save_to_disk data set (no dataset_dict.json) "
-                         "nor an imagefolder (no train/metadata.csv).")
+            return _engine_splits(datasets.load_from_disk(str(path)), source)
+    on_top = _metadata(path)
+    if on_top is not None:
+        return datasets.DatasetDict({"train": _rows_dataset(file_rows(on_top))})
+    per_split = {name: _metadata(path / name) for name in SPLITS if _metadata(path / name) is not None}
+    if "train" in per_split:
+        return datasets.DatasetDict({name: _rows_dataset(file_rows(metadata)) for name, metadata in per_split.items()})
+    if path.is_dir():
+        raise UsageError(f"folder {source!r} is neither a save_to_disk data set (no dataset_dict.json) nor an "
+                         f"imagefolder (no {' or '.join(METADATA)}, on top or in train/).")
     if not HUB_ID.fullmatch(source):  # a path (./data, /srv/photos, a/b/c), which no hub id looks like
         raise UsageError(f"the data set folder {source!r} does not exist.")
     try:
-        return datasets.load_dataset(source)
+        loaded = datasets.load_dataset(source)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load dataset {source!r}: it is no local folder, and the Hugging Face hub could not "
                          f"give it ({error})") from error
+    return _engine_splits(loaded, source)
+
+
+def _metadata(folder: Path) -> Path | None:
+    """An imagefolder's metadata file in `folder`, checked where it is a CSV; None if it has none."""
+    found = [folder / name for name in METADATA if (folder / name).is_file()]
+    if len(found) > 1:
+        raise UsageError(f"folder {str(folder)!r} holds both {' and '.join(METADATA)}; keep the one that describes "
+                         "its images.")
+    if found and found[0].suffix == ".csv":
+        _check_metadata(found[0], folder.name)
+    return found[0] if found else None
+
+
+def _rows_dataset(rows: list[dict]) -> datasets.Dataset:
+    """Engine rows (formats.py) as a Dataset whose images are read, and decoded, only when a row is."""
+    extra = {key: datasets.Value("string") for row in rows for key in row if key not in ENGINE_FEATURES}
+    features = datasets.Features({**ENGINE_FEATURES, **extra})
+    return datasets.Dataset.from_list([{key: row.get(key) for key in features} for row in rows], features=features)
+
+
+def _engine_splits(splits: datasets.DatasetDict, source: str) -> datasets.DatasetDict:
+    """A saved or hub data set's splits, each with MuseQuest's columns: a split whose dialogs are in another
+    tool's shape gets a `dialog` column made from them (and data_id, item_name, image_name where it lacks them);
+    its pictures stay in their column, untouched."""
+    return datasets.DatasetDict({name: _engine_split(split, name, source) for name, split in splits.items()})
+
+
+def _engine_split(split: datasets.Dataset, name: str, source: str) -> datasets.Dataset:
+    columns = split.column_names
+    if "dialog" in columns or not any(field in columns for field in DIALOG_FIELDS):
+        return split  # MuseQuest's shape, or none that is known: _validate names what it lacks
+    text_columns = [column for column in columns if column not in IMAGE_COLUMNS]
+    records = split.select_columns(text_columns).with_format("arrow")[:].to_pylist()  # no picture decoded
+    counts = _images_per_row(split)
+    rows = []
+    for index, record in enumerate(records):
+        where = f"row {index} of the {name!r} split of {source!r}"
+        pictures = [None] * counts[index] if image_column(columns) else None
+        messages, images = engine_messages(record, where, pictures)
+        if any(image is not None for image in images):
+            raise UsageError(f"{where}: its image parts name files; a saved or hub data set keeps its pictures in "
+                             "an 'images' column.")
+        rows.append(engine_row(record, str(index), messages, []))
+    replaced = [column for column in (*DIALOG_FIELDS, "answer", *COLUMNS) if column in columns]
+    split = split.remove_columns(replaced)
+    for column in COLUMNS:
+        split = split.add_column(column, [row[column] for row in rows])
+    return split
+
+
+def image_column(columns: list[str]) -> str | None:
+    """Where a split keeps its pictures: `images` (a list a row), `image` (MuseQuest's one), or None."""
+    return next((column for column in IMAGE_COLUMNS if column in columns), None)
+
+
+def row_images(row: dict) -> list:
+    """A row's pictures, in the order its dialog's image parts come."""
+    if "images" in row:
+        return list(row["images"] or [])
+    return [] if row.get("image") is None else [row["image"]]
 
 
 @contextlib.contextmanager
@@ -152,10 +242,14 @@ def _check_metadata(path: Path, split: str) -> None:
 
 
 def _images_per_row(split: datasets.Dataset) -> list[int]:
-    """1 per row with an image, 0 where it is null, read from Arrow without decoding any picture."""
-    if "image" not in split.column_names:
-        return [0] * len(split)  # the column check reports this split
-    return [0 if null else 1 for null in pc.is_null(split.with_format("arrow")["image"]).to_pylist()]
+    """Each row's number of pictures, read from Arrow without decoding any."""
+    column = image_column(split.column_names)
+    if column is None:
+        return [0] * len(split)
+    stored = split.with_format("arrow")[column]
+    if column == "image":
+        return [0 if null else 1 for null in pc.is_null(stored).to_pylist()]
+    return pc.fill_null(pc.list_value_length(stored), 0).to_pylist()
 
 
 def _validate(splits: datasets.DatasetDict, images_per_row: dict[str, list[int]],

@@ -17,7 +17,9 @@ from engine.runtime import Runtime
 from errors import UsageError
 
 CONFIG = "config.json"  # written by every run before its first step: what makes a folder a run folder
-RUN_WRITES = ("checkpoints", "final", "base", "eval", "tensorboard", "summary.json", CONFIG)  # config.json last
+SPLITS_JSON = "splits.json"  # each split's data_ids, where --split-by cut them
+RUN_WRITES = ("checkpoints", "final", "base", "eval", "tensorboard", "summary.json", SPLITS_JSON,
+              CONFIG)  # config.json last
 
 
 def run_config(folder: Path, name: str = CONFIG) -> dict | None:

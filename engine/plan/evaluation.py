@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from engine.build import apply_approach, configure_processor
 from engine.config import TrainConfig
 from engine.data.prompts import prompt_batch, question_and_reference
-from engine.data.sources import load_splits
+from engine.data.sources import data_settings, load_splits
 from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
@@ -49,7 +49,7 @@ def evaluation_plan(config: TrainConfig, precision: Precision, gpu: bool) -> "Ev
         return None
     _, processor = config_and_processor(config.model)
     configure_processor(processor, config)
-    test = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["test"]
+    test = load_splits(**data_settings(config))["test"]
     return Evaluation(config, precision, gpu, processor, test) if len(test) else None
 
 

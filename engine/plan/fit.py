@@ -16,7 +16,7 @@ from engine.build import configure_processor
 from engine.config import REAL_MODEL, TrainConfig
 from engine.data.checks import row_lengths
 from engine.data.collate import Collator
-from engine.data.sources import load_splits
+from engine.data.sources import data_settings, load_splits
 from engine.loss import IGNORE
 from engine.plan.evaluation import evaluation_plan
 from engine.plan.ranks import RankPlan, plan_ranks
@@ -83,7 +83,7 @@ class WidestBatch:
         if sequence_length is not None and sequence_length > context:
             raise UsageError(f"--sequence-length {sequence_length} is past the model's context of {context} tokens.")
         configure_processor(processor, config)
-        train = load_splits(config.dataset, limit_exhibits=config.limit_exhibits)["train"]
+        train = load_splits(**data_settings(config))["train"]
         lengths = row_lengths(train, processor)
         self.row = train[max(range(len(lengths)), key=lengths.__getitem__)]
         self.rows = len(train)

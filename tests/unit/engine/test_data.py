@@ -194,9 +194,11 @@ def test_imagefolder_source(tmp_path):
     assert {name: len(split) for name, split in splits.items()} == {"train": 2, "validation": 1, "test": 1}
     for split, colours in COLOURS.items():
         for r in splits[split]:
-            assert r["image"].size == (32, 24)
-            assert r["image"].convert("RGB").getpixel((5, 5)) == colours[r["data_id"]]
-            assert json.loads(r["dialog"])["messages"][1]["content"][0]["text"] == str(colours[r["data_id"]])
+            [image] = r["images"]
+            assert image.size == (32, 24)
+            assert image.convert("RGB").getpixel((5, 5)) == colours[int(r["data_id"])]
+            assert json.loads(r["dialog"])["messages"][1]["content"][0]["text"] == str(colours[int(r["data_id"])])
+            assert r["image_name"] == f"thing-{r['data_id']}.png"
 
 
 def saved(folder: Path, drop_split: str | None = None, drop_column: str | None = None, **train_row) -> str:

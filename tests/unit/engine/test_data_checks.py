@@ -91,7 +91,11 @@ def test_a_bad_image_is_named_by_split_row_and_file(tmp_path, how, problem):
     with pytest.raises(UsageError) as caught:
         checked(folder)
     message = str(caught.value)
-    assert message.startswith(f"row 2 (data_id=2) of the 'train' split: its image {str(path)!r} {problem}"), message
+    if how == "missing":  # found as the metadata is read, named by its file and line (line 1: the header)
+        expected = f"{folder / 'train' / 'metadata.csv'} line 4: the image 'thing-2.jpg' {problem}"
+    else:
+        expected = f"row 2 (data_id=2) of the 'train' split: its image {str(path)!r} {problem}"
+    assert message.startswith(expected), message
     assert message.endswith(".") and "\n" not in message, message
 
 

@@ -222,7 +222,7 @@ def test_a_photo_and_a_question_make_the_prompt_of_a_test_row(processor):
     """`run.py ask` prompts as the evaluation prompts the row that holds the same picture and question."""
     for row in ROWS:
         question = json.loads(row["dialog"])["messages"][0]["content"][1]["text"]
-        asked = prompt_batch(processor, [question_row(row["image"], question)])
+        asked = prompt_batch(processor, [question_row([row["image"]], question)])
         evaluated = prompt_batch(processor, [row])
         assert asked.keys() == evaluated.keys()
         assert all(torch.equal(asked[key], evaluated[key]) for key in asked)
