@@ -102,7 +102,8 @@ def add_lora(model: PreTrainedModel, config: TrainConfig) -> list[str]:
 def configure_processor(processor: ProcessorMixin, config: TrainConfig) -> None:
     """Image splitting and size are memory knobs; they are saved with the run so evaluation matches."""
     image_processor = processor.image_processor
-    image_processor.do_image_splitting = config.image_splitting
+    if config.image_splitting is not None:  # else the processor's own choice, as its model was trained
+        image_processor.do_image_splitting = config.image_splitting
     size = dict(image_processor.size)
     if config.image_shortest_edge:
         size["shortest_edge"] = config.image_shortest_edge

@@ -156,7 +156,11 @@ class TrainConfig:
     # data and processor
     max_length: int | None = option(None, "truncate each answer so the sequence fits this many tokens",
                                     minimum=1, default_help="none: every row must fit the model's context")
-    image_splitting: bool = option(False, "split images into crops (more memory)")
+    image_splitting: bool | None = option(None, "split each image into crops of the vision encoder's size plus the "
+                                                "whole image scaled down (Idefics3: a grid of tiles): more image "
+                                                "tokens and memory, finer detail",
+                                          default_help="the processor's own: off for Idefics2-8B, on for Idefics3 "
+                                                       "and SmolVLM")
     image_shortest_edge: int | None = option(None, "processor resize: shortest image edge in pixels",
                                              minimum=1, maximum=MAX_EDGE, default_help="the processor's")
     image_longest_edge: int | None = option(None, "processor resize: longest image edge in pixels",

@@ -177,6 +177,15 @@ def test_a_broken_metadata_csv_is_named(tmp_path, text, message):
 # --- lengths ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("own", [False, True])  # Idefics2-8B's processor splits no image, Idefics3's does
+def test_image_splitting_is_the_processors_own_unless_a_flag_says_otherwise(processor, own):
+    for given, expected in ((None, own), (True, True), (False, False)):
+        configured = copy.deepcopy(processor)
+        configured.image_processor.do_image_splitting = own
+        configure_processor(configured, from_approach("lora", image_splitting=given))
+        assert configured.image_processor.do_image_splitting is expected, given
+
+
 def test_token_counts_are_the_collators(processor):
     splits = load_splits("musequest", limit_exhibits=1, image_size=56)
     rows = [{key: splits[name][i][key] for key in ("data_id", "image", "dialog")}
