@@ -61,7 +61,8 @@ def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Fine-tune Idefics2/Idefics3 on image question/answer data.",
         epilog=approach_help() + "\n\nsubcommands (each with --help):\n  plan       memory per GPU and disk, before "
-               "anything loads\n  merge      fold an adapter into its base\n"
+               "anything loads\n  data       what the model will be taught: tokens, loss, image tokens\n"
+               "  merge      fold an adapter into its base\n"
                "  eval       answer and score the test split\n  ask        answer one question about one photo\n"
                "  score      re-score a results CSV\n"
                "  report     compare runs: a markdown table and an HTML page",
@@ -330,7 +331,59 @@ def planned(args: argparse.Namespace, search: bool = True) -> tuple[TrainConfig,
     return config, plan_run(config, gpu, budget, args.sequence_length, search)
 
 
-SUBCOMMANDS = {"plan": (plan_parser, plan), "merge": (merge_parser, merge), "eval": (eval_parser, evaluate),
+def data_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py data", description="What the model will be taught, before any GPU time: rows, images, tokens "
+        "per row, the tokens that carry loss and the image tokens, through the training collator itself. It takes "
+        "the training flags (--dataset, --split-by, --model, --image-*, --max-length, ...); no weights are loaded.")
+    add_training_flags(parser)
+    parser.add_argument("--show", metavar="[SPLIT:]DATA_ID", help="print this row as the model reads it, the tokens "
+                                                                  "that carry loss marked")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return parser
+
+
+def data(args: argparse.Namespace) -> str:
+    import torch
+
+    from engine.build import configure_processor
+    from engine.data.audit import audit, describe, shown_row
+    from engine.data.checks import check_data
+    from engine.data.sources import data_settings, load_splits
+    from models.load import config_and_processor
+
+    settings = {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
+                if name not in ("show", "json", "debug", "approach")}
+    config = from_approach(args.approach or TrainConfig.approach, **settings)
+    gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    config = config.resolved(gpu)  # the model a run would take here: its processor counts the tokens
+    splits = load_splits(**data_settings(config))
+    check_data(splits, config, config.model)  # what a run refuses, refused here in its own words
+    processor = config_and_processor(config.model)[1]
+    configure_processor(processor, config)
+    if args.show is None:
+        report = audit(splits, processor, config.max_length)
+        return json.dumps(report) if args.json else describe(report, f"{config.dataset} (model {config.model})")
+    wanted, data_id = args.show.split(":", 1) if args.show.split(":", 1)[0] in splits else (None, args.show)
+    found = [(name, i) for name, split in splits.items() if wanted in (None, name)
+             for i, row_id in enumerate(split["data_id"]) if str(row_id) == data_id]
+    if not found:
+        raise UsageError(f"--show {args.show}: no row of the data set has that data_id.")
+    if len(found) > 1:
+        named = ", ".join(sorted({name for name, _ in found}))
+        raise UsageError(f"--show {args.show}: rows of the {named} splits have that data_id; name the split, as in "
+                         f"--show {found[0][0]}:{data_id}.")
+    [(name, index)] = found
+    terminal = sys.stdout.isatty() and not args.json
+    shown = shown_row(splits[name][index], processor, colour=terminal)
+    if args.json:
+        return json.dumps({"split": name, "row": index, "data_id": data_id, "rendered": shown})
+    marked = "in green" if terminal else "between [[ and ]]"
+    return f"row {index} (data_id={data_id}) of the {name!r} split; the tokens that carry loss are {marked}:\n{shown}"
+
+
+SUBCOMMANDS = {"plan": (plan_parser, plan), "data": (data_parser, data), "merge": (merge_parser, merge),
+               "eval": (eval_parser, evaluate),
                "ask": (ask_parser, ask), "score": (score_parser, score), "report": (report_parser, report)}
 
 
