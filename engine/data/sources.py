@@ -72,10 +72,7 @@ def _as_on_disk(source: str) -> tuple:
 def _read_splits(source: str, *, limit_exhibits: int | None, split_by: str | None, held_out: tuple[float, float],
                  image_size: int) -> datasets.DatasetDict:
     if source == "musequest":
-        splits = _musequest()
-        if split_by is not None:
-            raise UsageError(f"--split-by {split_by}: the built-in musequest set has its own validation and test "
-                             "splits; --split-by cuts them from a data set that has a train split only.")
+        splits = held_out_splits(_musequest(), split_by, held_out, source)  # (refuses a --split-by)
         _validate(splits, images_per_row={name: [1] * len(split) for name, split in splits.items()},
                   columns={name: [*split.column_names, "image"] for name, split in splits.items()})
     else:

@@ -262,8 +262,8 @@ def test_split_by_keeps_each_exhibit_in_one_split_in_the_fractions_asked_whateve
     ("rows", "exhibit", "--split-by exhibit: '{path}' has no column 'exhibit' (it has ["),
     ("rows", "room", "--split-by room: '{path}' has 2 distinct values of 'room', too few for 1 in the test split, 1 "
                      "in the validation split and at least one left to train on."),
-    ("musequest", "item_name", "--split-by item_name: the built-in musequest set has its own validation and test "
-                               "splits"),
+    ("musequest", "item_name", "--split-by item_name: 'musequest' has its own test and validation split(s); "
+                               "--split-by cuts validation and test splits from a data set with a train split only."),
 ])
 def test_split_by_refusals(source, split_by, message, tmp_path):
     path = exhibits(tmp_path, 4) if source == "rows" else source
