@@ -104,6 +104,10 @@ def configure_processor(processor: ProcessorMixin, config: TrainConfig) -> None:
     image_processor = processor.image_processor
     if config.image_splitting is not None:  # else the processor's own choice, as its model was trained
         image_processor.do_image_splitting = config.image_splitting
+    # Idefics2-8B's tokenizer_config.json holds do_image_splitting too, and transformers passes the tokenizer's
+    # init settings to the image processor over its own: the text would count 5 crops an image, the pixels 1.
+    if "do_image_splitting" in processor.tokenizer.init_kwargs:
+        processor.tokenizer.init_kwargs["do_image_splitting"] = image_processor.do_image_splitting
     size = dict(image_processor.size)
     if config.image_shortest_edge:
         size["shortest_edge"] = config.image_shortest_edge

@@ -186,6 +186,19 @@ def test_image_splitting_is_the_processors_own_unless_a_flag_says_otherwise(proc
         assert configured.image_processor.do_image_splitting is expected, given
 
 
+def test_a_split_image_gives_the_model_as_many_crops_as_image_tokens(processor, tiny_model):
+    """Idefics2-8B's tokenizer_config.json holds do_image_splitting too, and transformers gives it precedence
+    over the image processor's: the text counted 5 crops an image while the pixels held 1, and the forward
+    failed ("Image features and image tokens do not match"). 5 crops of 4 tokens (the tiny perceiver's)."""
+    splitting = copy.deepcopy(processor)
+    configure_processor(splitting, from_approach("lora", image_splitting=True))
+    row = load_splits("musequest", limit_exhibits=1)["train"][0]
+    batch = Collator(splitting)([row])
+    assert batch["pixel_values"].shape[1] == 5
+    assert (batch["input_ids"] == splitting.tokenizer.convert_tokens_to_ids("<image>")).sum() == 5 * 4
+    tiny_model(**{key: value for key, value in batch.items() if key != "labels"})  # the check above, the model's
+
+
 def test_token_counts_are_the_collators(processor):
     splits = load_splits("musequest", limit_exhibits=1, image_size=56)
     rows = [{key: splits[name][i][key] for key in ("data_id", "image", "dialog")}
