@@ -338,7 +338,8 @@ def data_parser() -> argparse.ArgumentParser:
         "the training flags (--dataset, --split-by, --model, --image-*, --max-length, ...); no weights are loaded.")
     add_training_flags(parser)
     parser.add_argument("--show", metavar="[SPLIT:]DATA_ID", help="print this row as the model reads it, the tokens "
-                                                                  "that carry loss marked")
+                                                                  "that carry loss marked (default: none, the report "
+                                                                  "on the whole data set)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
 
