@@ -44,7 +44,8 @@ def trained_run(config: TrainConfig, runtime: Runtime) -> TrainedRun:
     the run's precision came from an fp32 judge; QLoRA's NF4 base)."""
     precision = runtime.precision
     test = load_splits(**data_settings(config))["test"]
-    key = {"model": config.model, "seed": config.seed if config.model == "tiny" else None, "precision": precision.name,
+    key = {"model": config.model, "seed": config.seed if config.base_copy is not None else None,
+           "precision": precision.name,
            "judge_dtype": str(precision.frozen_dtype), "test": split_fingerprint(test),  # not its path: data change
            "scorer": config.scorer, "max_new_tokens": config.max_new_tokens,
            "image": [config.image_splitting, config.image_shortest_edge, config.image_longest_edge],

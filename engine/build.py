@@ -75,9 +75,10 @@ def apply_approach(model: PreTrainedModel, config: TrainConfig, runtime: Runtime
     runtime.precision.keep_masters(model)
     if runtime.is_main:
         trainable, total = parameter_counts(model)
-        if config.model == "tiny":
-            print(f"model: the built-in tiny stand-in, {total / 1e6:.1f}M random parameters in Idefics2's shape, not "
-                  f"Idefics2 itself: it shows the engine at work, and its answers mean nothing")
+        if config.base_copy is not None:
+            family = "Idefics3" if config.model.endswith("idefics3") else "Idefics2"
+            print(f"model: the built-in {config.model} stand-in, {total / 1e6:.1f}M random parameters in {family}'s "
+                  f"shape, not {family} itself: it shows the engine at work, and its answers mean nothing")
         print(f"{config.approach}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from errors import UsageError
 
 REAL_MODEL = "HuggingFaceM4/idefics2-8b"  # what --model auto trains on a GPU
+# The built-in random-weight models (models/load.py BUILT_IN): a run writes their starting weights to OUT/base.
+BUILT_IN_MODELS = ("tiny", "tiny-idefics3")
 
 # name -> (adapter, quant, parallel, one line for --help)
 APPROACHES: dict[str, tuple[str, str, str, str]] = {
@@ -79,7 +81,8 @@ class TrainConfig:
                         default_help=HYBRID)
     parallel: str = option("none", "override the approach's parallelism",
                            choices=("none", "ddp", "fsdp", "pipeline", "pipeline+fsdp"), default_help=HYBRID)
-    model: str = option("auto", "'tiny', a local folder, a config.json or a Hugging Face id",
+    model: str = option("auto", "'tiny' or 'tiny-idefics3' (built in, random weights), a local folder, a "
+                                   "config.json (Idefics2 or Idefics3) or a Hugging Face id",
                         default_help="tiny on CPU, HuggingFaceM4/idefics2-8b on CUDA")
     dataset: str = option("musequest", "'musequest' (built in), a .jsonl or .json file of dialogs (TRL messages, "
                                        "ShareGPT, ...), an imagefolder, a save_to_disk folder or a Hugging Face id")
@@ -213,7 +216,7 @@ class TrainConfig:
     def base_copy(self) -> Path | None:
         """Where the built-in tiny model's exact starting weights are written (OUT/base), so that evaluation,
         `run.py merge` and any tool can rebuild it; None for a model that lives in a folder or on the hub."""
-        return self.out / "base" if self.model == "tiny" else None
+        return self.out / "base" if self.model in BUILT_IN_MODELS else None
 
     @property
     def base_weights(self) -> str:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from errors import UsageError
-from models.load import SUPPORTED_TYPES, config_and_processor, load, use_real_pad_token
+from models.load import BUILT_IN, SUPPORTED_TYPES, config_and_processor, load, use_real_pad_token
 
 INDEX = "model.safetensors.index.json"
 
@@ -135,8 +135,9 @@ def load_text_model(spec: str, dtype: torch.dtype, device: torch.device) -> tupl
     """The text decoder of the model `spec` names (as `models.load` takes it), alone on `device` in `dtype`,
     and the processor: what a judge embeds text with. A folder's or the hub's vision encoder, connector and
     lm_head are never read (1.3B parameters of the 8B: 2.4 GiB in bf16, what lets a 16 GB card judge).
-    Random weights (tiny, a config file) are drawn whole, in the order training drew them, and the rest dropped."""
-    if spec == "tiny" or spec.endswith(".json"):
+    Random weights (a built-in tiny model, a config file) are drawn whole, in the order training drew them, and the
+    rest dropped."""
+    if spec in BUILT_IN or spec.endswith(".json"):
         model, processor = load(spec, dtype, device)
         return model.get_decoder(), processor
     model, processor, read = load_on_meta(local_folder(spec), dtype)

@@ -1,4 +1,4 @@
-"""Load Idefics2 / Idefics3 and its processor from a hub id, a local folder, the built-in tiny config,
+"""Load Idefics2 / Idefics3 and its processor from a hub id, a local folder, a built-in tiny config,
 or a config file (random weights of that architecture: benchmarks and memory checks without a download)."""
 
 import json
@@ -15,9 +15,21 @@ from transformers import (
 )
 
 from errors import UsageError
-from models.tiny import build_tiny, shipped_processor, tiny_idefics2_config, tiny_processor
+from models.tiny import (
+    IDEFICS3_VOCAB_SIZE,
+    IMAGE_TOKEN_ID,
+    build_tiny,
+    shipped_processor,
+    tiny_idefics2_config,
+    tiny_idefics3_config,
+    tiny_idefics3_processor,
+    tiny_processor,
+)
 
 SUPPORTED_TYPES = ("idefics2", "idefics3")
+# The built-in models: random weights drawn from the seed alone, no files (their config, their processor).
+BUILT_IN = {"tiny": (tiny_idefics2_config, tiny_processor),  # engine/config.py BUILT_IN_MODELS names these too
+            "tiny-idefics3": (tiny_idefics3_config, tiny_idefics3_processor)}
 
 
 def load(
@@ -28,11 +40,12 @@ def load(
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """`spec` is "tiny", a local folder, a Hugging Face id, or an Idefics2 `config.json` file;
-    weights land on `device` in `dtype`. Buffers keep their own dtype, as from_pretrained keeps them: the
-    rotary tables stay fp32 (in bf16 the 8B's RoPE phase is 0.53 rad off at position 429)."""
-    if spec == "tiny":
-        model, processor = build_tiny(seed), tiny_processor()
+    """`spec` is "tiny" or "tiny-idefics3", a local folder, a Hugging Face id, or an Idefics2 or Idefics3
+    `config.json` file; weights land on `device` in `dtype`. Buffers keep their own dtype, as from_pretrained keeps
+    them: the rotary tables stay fp32 (in bf16 the 8B's RoPE phase is 0.53 rad off at position 429)."""
+    if spec in BUILT_IN:
+        config, processor = config_and_processor(spec)
+        model = build_tiny(seed, config)
         model.config._attn_implementation = attn_implementation
     elif spec.endswith(".json"):
         model, processor = _random_from_config(Path(spec), dtype, device, attn_implementation, seed)
@@ -48,8 +61,9 @@ def load(
 def config_and_processor(spec: str) -> tuple[PretrainedConfig, ProcessorMixin]:
     """The model's config and the processor `load` gives with it, without any weights: cheap enough to
     count a data set's tokens before the model is loaded."""
-    if spec == "tiny":
-        return tiny_idefics2_config(), tiny_processor()
+    if spec in BUILT_IN:
+        config, processor = BUILT_IN[spec]
+        return config(), processor()
     if spec.endswith(".json"):
         config = _json_config(Path(spec))
         return config, shipped_processor(config)
@@ -75,9 +89,10 @@ def _json_config(path: Path) -> PretrainedConfig:
         raise UsageError(f"cannot read a model config from {str(path)!r}: {error}") from error
     if not isinstance(settings, dict):
         raise UsageError(f"{str(path)!r} holds a JSON {type(settings).__name__}, not a model config (an object).")
-    if settings.get("model_type") != "idefics2":
-        raise UsageError(f"{str(path)!r} is not an Idefics2 config; random weights come with the shipped Idefics2 "
-                         "processor, so only Idefics2 configs are accepted.")
+    if settings.get("model_type") not in SUPPORTED_TYPES:
+        raise UsageError(f"{str(path)!r} is not an Idefics2 or Idefics3 config (its model_type is "
+                         f"{settings.get('model_type')!r}); random weights come with a processor on the shipped "
+                         "tokenizer, which this engine has for those two only.")
     for part in ("text_config", "vision_config", "perceiver_config"):
         if not isinstance(settings.get(part, {}), dict):
             raise UsageError(f"{str(path)!r}: its {part} must be an object of settings, not a "
@@ -87,7 +102,20 @@ def _json_config(path: Path) -> PretrainedConfig:
     except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise UsageError(f"{str(path)!r} is not a config transformers can build ({error}).") from error
     check_shapes(config, str(path))
+    if config.model_type == "idefics3":
+        fit_to_shipped_tokenizer(config, str(path))
     return config
+
+
+def fit_to_shipped_tokenizer(config: PretrainedConfig, where: str) -> None:
+    """An Idefics3 config's random weights read the shipped tokenizer's ids, not its own tokenizer's (SmolVLM's
+    <image> is 49190, ours 32001): the model looks for <image> where the processor puts it, and its vocabulary
+    must hold the Idefics3 tokens the processor adds (models/idefics3_processor.py)."""
+    vocab = config.text_config.vocab_size
+    if vocab < IDEFICS3_VOCAB_SIZE:
+        raise UsageError(f"{where!r}: its text_config.vocab_size {vocab} is smaller than the {IDEFICS3_VOCAB_SIZE} "
+                         "tokens of the shipped tokenizer with Idefics3's image tokens.")
+    config.image_token_id = IMAGE_TOKEN_ID
 
 
 def check_shapes(config: PretrainedConfig, where: str) -> None:
@@ -117,7 +145,8 @@ def _load_pretrained(spec: str, dtype: torch.dtype, device: torch.device,
 def _random_from_config(path: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str,
                         seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Random weights drawn from `seed` alone, made directly on `device` in `dtype` (an 8B model in
-    fp32 on the CPU first would take 32 GB), with the real Idefics2 processor shipped here, fitted."""
+    fp32 on the CPU first would take 32 GB), with the real processor of its family on the shipped tokenizer,
+    fitted."""
     config = _json_config(path)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)

@@ -4,6 +4,9 @@ Every part of the real model is present -- SigLIP vision encoder, perceiver conn
 Mistral text model -- only narrower and shallower, so the same code paths (LoRA targets,
 block lists, pipeline stages) run in tests and on the real 8B model. The processor is the
 real Idefics2 one shipped in `idefics2_processor/`, with the image size shrunk to match.
+The tiny Idefics3 (`--model tiny-idefics3`, SmolVLM's architecture) has the same vision encoder and
+text widths, a pixel-shuffle connector, and the real Idefics3 processor on the same tokenizer
+(models/idefics3_processor.py), splitting each picture into up to 2 x 2 tiles and the whole.
 """
 
 from pathlib import Path
@@ -15,17 +18,20 @@ from transformers import (
     Idefics2ForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
-    Idefics3Processor,
+    PreTrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
 )
 
+from models.idefics3_processor import ADDED_TOKENS, idefics3_processor
+
 PROCESSOR_DIR = Path(__file__).parent / "idefics2_processor"
 IMAGE_SIZE = 56  # pixels; 4x4 patches of 14
 PATCH_SIZE = 14
-IMAGE_SEQ_LEN = 4  # <image> tokens per image = perceiver latents
+IMAGE_SEQ_LEN = 4  # <image> tokens per image = perceiver latents (Idefics3: 4x4 patches pixel-shuffled by 2)
 VOCAB_SIZE = 32004  # the shipped tokenizer: Mistral's 32000 + 3 image/utterance tokens + <pad>
+IDEFICS3_VOCAB_SIZE = VOCAB_SIZE + len(ADDED_TOKENS)  # and Idefics3's <global-img> and <row_R_col_C> tokens
+IDEFICS3_TILES_PER_EDGE = 2  # not the real 4: 5 tiles a picture, not 17, keep the tiny runs quick
 IMAGE_TOKEN_ID = 32001
 PAD_TOKEN_ID = 32003
 
@@ -68,10 +74,14 @@ def tiny_processor() -> ProcessorMixin:
     return shipped_processor(tiny_idefics2_config())
 
 
-def shipped_processor(config: Idefics2Config) -> ProcessorMixin:
-    """The real Idefics2 processor shipped here, fitted to `config`: as many <image> tokens as the
-    perceiver has latents, and images no larger than the vision encoder's (unchanged for the 8B)."""
+def shipped_processor(config: PreTrainedConfig) -> ProcessorMixin:
+    """The real processor of `config`'s family on the tokenizer shipped here, fitted to `config`.
+
+    Idefics2: as many <image> tokens as the perceiver has latents, and images no larger than the vision
+    encoder's (unchanged for the 8B). Idefics3: models/idefics3_processor.py."""
     processor = AutoProcessor.from_pretrained(PROCESSOR_DIR)
+    if config.model_type == "idefics3":
+        return idefics3_processor(processor, config)
     size = config.vision_config.image_size
     sizes = dict(processor.image_processor.size)
     processor.image_processor.size = {edge: min(pixels, size) for edge, pixels in sizes.items()}
@@ -79,26 +89,26 @@ def shipped_processor(config: Idefics2Config) -> ProcessorMixin:
     return processor
 
 
-def tiny_idefics3(seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """An Idefics3 of the same size, with an Idefics3 processor built on the shipped tokenizer.
-
-    Idefics3 pixel-shuffles the patch grid by `scale_factor`, so 4x4 patches give 4 tokens.
-    """
-    idefics2 = AutoProcessor.from_pretrained(PROCESSOR_DIR)
-    tokenizer = idefics2.tokenizer
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]}, replace_extra_special_tokens=False)
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": IMAGE_SIZE},
-        max_image_size={"longest_edge": IMAGE_SIZE},
-    )
-    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=IMAGE_SEQ_LEN,
-                                  chat_template=idefics2.chat_template)
-    config = Idefics3Config(
+def tiny_idefics3_config() -> Idefics3Config:
+    """Idefics3's shape at the tiny widths: the vocabulary covers the Idefics3 tokens, and the connector's
+    pixel shuffle by 2 turns a tile's 4 x 4 patches into IMAGE_SEQ_LEN tokens."""
+    return Idefics3Config(
         vision_config=_VISION,
-        text_config=dict(_TEXT, model_type="llama", vocab_size=len(tokenizer), pad_token_id=PAD_TOKEN_ID),
+        text_config=dict(_TEXT, model_type="llama", vocab_size=IDEFICS3_VOCAB_SIZE, pad_token_id=PAD_TOKEN_ID),
         image_token_id=IMAGE_TOKEN_ID,
         scale_factor=2,
         tie_word_embeddings=False,
     )
-    return build_tiny(seed, config), processor
+
+
+def tiny_idefics3_processor() -> ProcessorMixin:
+    """The real Idefics3 processor fitted to the tiny Idefics3: 56-pixel tiles, a picture scaled to 2 tiles along
+    its longer edge (112 px), so a square one becomes 2 x 2 tiles and the whole."""
+    processor = shipped_processor(tiny_idefics3_config())
+    processor.image_processor.size = {"longest_edge": IDEFICS3_TILES_PER_EDGE * IMAGE_SIZE}
+    return processor
+
+
+def tiny_idefics3(seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The tiny Idefics3 with random weights from `seed`, and its processor."""
+    return build_tiny(seed, tiny_idefics3_config()), tiny_idefics3_processor()

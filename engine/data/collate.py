@@ -43,7 +43,7 @@ class Collator:
                 labels[r, offset + start : offset + end] = ids[r, offset + start : offset + end]
         batch["labels"] = labels
         if self.max_length is not None and ids.shape[1] > self.max_length:
-            _truncate(batch, lengths, [row_spans[-1][0] for row_spans in spans], self.max_length, rows)
+            _truncate(batch, lengths, [row_spans[-1][0] for row_spans in spans], self.max_length, rows, self.processor)
         return batch
 
     def _answer_spans(self, messages: list[dict], images: list[Image.Image], ids: list[int]) -> list[Span]:
@@ -77,17 +77,54 @@ def _images_argument(images: list[list[Image.Image]]) -> list[list[Image.Image]]
     return images if any(images) else None
 
 
-def _truncate(batch: dict, lengths: list[int], answer_starts: list[int], max_length: int, rows: list[dict]) -> None:
-    """Keep each row's first `max_length` tokens, which cuts its last answer from the end."""
-    for row, length, start in zip(rows, lengths, answer_starts, strict=True):
-        if length > max_length and start >= max_length:
+def _truncate(batch: dict, lengths: list[int], answer_starts: list[int], max_length: int, rows: list[dict],
+              processor: ProcessorMixin) -> None:
+    """Keep each row's first `max_length` tokens, which cuts its last answer from the end, but never part of a
+    picture: a cut inside (or before) a picture's tokens (one in a question after the last answer) moves to where
+    that picture starts, and its tiles are zeroed, which the model drops as padding. Rows cut shorter than
+    `max_length` are padded on the left, as the processor pads."""
+    width = batch["input_ids"].shape[1]
+    kept, tiles = [], []  # per row: tokens kept, and the tiles of pixel_values they keep (None: all)
+    for r, (row, length, start) in enumerate(zip(rows, lengths, answer_starts, strict=True)):
+        end, row_tiles = (length, None) if length <= max_length else \
+            _whole_pictures(batch["input_ids"][r, width - length :], max_length, row, processor)
+        if start >= end:
             raise UsageError(f"row data_id={row.get('data_id')}: its prompt and image tokens need {start} tokens, "
                              f"leaving no room for the answer within max_length={max_length}.")
-    width = batch["input_ids"].shape[1]
-    for key in ("input_ids", "attention_mask", "labels"):
+        kept.append(end)
+        tiles.append(row_tiles)
+    for key, fill in (("input_ids", processor.tokenizer.pad_token_id), ("attention_mask", 0), ("labels", IGNORE)):
         full = batch[key]
-        cut = full[:, width - max_length :].clone()  # rows that fit only lose left padding
-        for r, length in enumerate(lengths):
-            if length > max_length:
-                cut[r] = full[r, width - length : width - length + max_length]
+        cut = full.new_full((len(rows), max_length), fill)
+        for r, (length, end) in enumerate(zip(lengths, kept, strict=True)):
+            cut[r, max_length - end :] = full[r, width - length : width - length + end]
         batch[key] = cut
+    for r, row_tiles in enumerate(tiles):
+        for key in ("pixel_values", "pixel_attention_mask"):
+            if row_tiles is not None and key in batch:
+                batch[key][r, row_tiles:] = 0
+    if "pixel_values" in batch and not (batch["input_ids"] == processor.image_token_id).any():
+        del batch["pixel_values"]  # no picture left in the batch: the model takes none
+        batch.pop("pixel_attention_mask", None)
+
+
+def _whole_pictures(ids: torch.Tensor, max_length: int, row: dict, processor: ProcessorMixin) -> tuple[int, int | None]:
+    """Where to cut one row's tokens `ids` at most `max_length` long without splitting a picture's run (its
+    opening <fake_token_around_image> to its closing one), and how many tiles the kept pictures hold (None: the
+    cut keeps every picture)."""
+    seq_len, fake = processor.image_seq_len, processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
+    images = torch.nonzero(ids == processor.image_token_id).flatten().tolist()
+    fakes = torch.nonzero(ids == fake).flatten().tolist()
+    if not fakes or fakes[-1] < max_length:
+        return max_length, None  # every picture ends before the cut (the common case: no image processing)
+    tiles, previous_end = 0, 0
+    for picture in row_images(row):
+        count = len(processor.image_processor([[picture]])["pixel_values"][0])  # its crops or tiles and the whole
+        first, last = images[tiles * seq_len], images[(tiles + count) * seq_len - 1]
+        opening = max(f for f in fakes if f < first)
+        end = min(f for f in fakes if f > last) + 1
+        if end > max_length:
+            # Adjacent Idefics2 pictures share one <fake_token_around_image>: the previous one keeps it.
+            return min(max(opening, previous_end), max_length), tiles
+        tiles, previous_end = tiles + count, end
+    return max_length, None

@@ -141,7 +141,7 @@ def disk_plan(config: TrainConfig, ranks: list[RankPlan]) -> dict:
     checkpoint = sum(rank.checkpoint_bytes for rank in ranks)
     kept = config.keep_last + 2  # --keep-last, the best one, and the one being written before the oldest goes
     export = ranks[0].export_bytes
-    base = ranks[0].model_bytes if config.model == "tiny" else 0
+    base = ranks[0].model_bytes if config.base_copy is not None else 0
     folder = config.out
     while not folder.exists():
         folder = folder.parent
