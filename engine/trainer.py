@@ -113,7 +113,9 @@ def setup(config: TrainConfig) -> Run:
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(**data_settings(config))
-    check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
+    described = check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
+    if runtime.is_main:
+        print(described)  # what --image-longest-edge and --image-splitting cost a row, before any weight loads
     strategy = strategy_for(config, runtime)
     with claimed(config.out, config.to_json(), runtime, config.resume):  # config.json first, before OUT/base
         processor = strategy.build(config.base_copy)

@@ -11,6 +11,7 @@ size) is given the rows' images.
 import io
 import os
 import re
+import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,9 @@ CHUNK = 256  # rows rendered and tokenized at once
 IMAGE_CHUNK = 64  # rows whose stored images are read at once (embedded photos take memory)
 
 
-def check_data(splits: datasets.DatasetDict, config: TrainConfig, spec: str) -> None:
-    """Refuse, in one sentence, a data set with an image that does not decode or a row the model cannot take."""
+def check_data(splits: datasets.DatasetDict, config: TrainConfig, spec: str) -> str:
+    """Refuse, in one sentence, a data set with an image that does not decode or a row the model cannot take;
+    of one that passes, a line on its rows: their tokens and image tokens, as the collator makes them."""
     if config.dataset != "musequest":  # the built-in stand-in pictures are drawn, never read: always fine
         for name, split in splits.items():
             check_images(split, name)
@@ -39,6 +41,21 @@ def check_data(splits: datasets.DatasetDict, config: TrainConfig, spec: str) -> 
         check_special_tokens(split, name, processor)
     context = getattr(getattr(model_config, "text_config", model_config), "max_position_embeddings", None)
     check_lengths(splits, processor, config.max_length, context)
+    return summary(splits, processor)
+
+
+def summary(splits: datasets.DatasetDict, processor: ProcessorMixin) -> str:
+    """'data: train 780 rows, validation 97, test 98; tokens per row 150 to 1021 (median 398), image tokens per row
+    0 to 320 (median 64)': what the image size and splitting flags cost each row (cached: the check counted them)."""
+    counts = [count for split in splits.values() for count in _row_counts(split, processor)]
+    rows = ", ".join(f"{name} {len(split)}{' rows' if i == 0 else ''}"
+                     for i, (name, split) in enumerate(splits.items()))
+
+    def spread(values: list[int]) -> str:
+        return f"{min(values)} to {max(values)} (median {statistics.median_low(values)})"
+
+    return (f"data: {rows}; tokens per row {spread([tokens for tokens, _ in counts])}, image tokens per row "
+            f"{spread([images for _, images in counts])}")
 
 
 # --- images ----------------------------------------------------------------------------------
@@ -173,28 +190,33 @@ def check_lengths(splits: datasets.DatasetDict, processor: ProcessorMixin, max_l
                          f"--max-length {context} to cut the answers that do not fit.")
 
 
-_LENGTHS: dict[tuple, list[int]] = {}  # this process's row lengths, the last few, by split and processor
+_COUNTS: dict[tuple, list[tuple[int, int]]] = {}  # this process's row counts, the last few, by split and processor
 
 
 def row_lengths(split: datasets.Dataset, processor: ProcessorMixin) -> list[int]:
-    """Each row's token count as the collator makes it (its unpadded length, before any --max-length cut).
-    Counted once per process for a split and a processor alike (the planner's widest row, the data checks)."""
+    """Each row's token count as the collator makes it (its unpadded length, before any --max-length cut)."""
+    return [tokens for tokens, _ in _row_counts(split, processor)]
+
+
+def _row_counts(split: datasets.Dataset, processor: ProcessorMixin) -> list[tuple[int, int]]:
+    """Each row's (tokens, image tokens), counted once per process for a split and a processor alike (the
+    planner's widest row, the data checks and their summary)."""
     key = (split._fingerprint, type(processor).__name__, processor.tokenizer.name_or_path, len(processor.tokenizer),
            processor.image_processor.to_json_string(), processor.chat_template)
-    if key not in _LENGTHS:
-        if len(_LENGTHS) >= 4:
-            del _LENGTHS[next(iter(_LENGTHS))]
-        _LENGTHS[key] = _count_row_lengths(split, processor)
-    return _LENGTHS[key]
+    if key not in _COUNTS:
+        if len(_COUNTS) >= 4:
+            del _COUNTS[next(iter(_COUNTS))]
+        _COUNTS[key] = _count_rows(split, processor)
+    return _COUNTS[key]
 
 
-def _count_row_lengths(split: datasets.Dataset, processor: ProcessorMixin) -> list[int]:
-    lengths = []
+def _count_rows(split: datasets.Dataset, processor: ProcessorMixin) -> list[tuple[int, int]]:
+    counts = []
     for start in range(0, len(split), CHUNK):
         indices = range(start, min(start + CHUNK, len(split)))
         texts = [processor.apply_chat_template(messages) for messages in _dialogs(split, indices)]
-        lengths += _token_counts(processor, texts, split, indices, [None] * len(texts))
-    return lengths
+        counts += _token_counts(processor, texts, split, indices, [None] * len(texts))
+    return counts
 
 
 def answer_starts(split: datasets.Dataset, indices: list[int], processor: ProcessorMixin) -> list[int]:
@@ -205,20 +227,23 @@ def answer_starts(split: datasets.Dataset, indices: list[int], processor: Proces
         dialogs = [messages[: max(t for t, m in enumerate(messages) if m["role"] == "assistant")]
                    for messages in _dialogs(split, rows)]  # up to the last answer
         texts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in dialogs]
-        starts += _token_counts(processor, texts, split, rows, [image_entries(messages) for messages in dialogs])
+        starts += [tokens for tokens, _ in
+                   _token_counts(processor, texts, split, rows, [image_entries(messages) for messages in dialogs])]
     return starts
 
 
 def _token_counts(processor: ProcessorMixin, texts: list[str], split: datasets.Dataset, indices,
-                  image_counts: list[int | None]) -> list[int]:
-    """Tokens of each text with the images of its row (the first `image_counts` of them; None: all)."""
+                  image_counts: list[int | None]) -> list[tuple[int, int]]:
+    """(tokens, image tokens) of each text with the images of its row (the first `image_counts` of them; None:
+    all)."""
     if isinstance(processor, Idefics2Processor):  # image tokens do not depend on the pixels
-        return [len(ids) for ids in processor(text=texts)["input_ids"]]
-    counts = []
-    for text, index, count in zip(texts, indices, image_counts, strict=True):
-        images = row_images(split[index])[:count]
-        counts.append(len(processor(text=[text], images=[images] if images else None)["input_ids"][0]))
-    return counts
+        rows = processor(text=texts)["input_ids"]
+    else:
+        rows = []
+        for text, index, count in zip(texts, indices, image_counts, strict=True):
+            images = row_images(split[index])[:count]
+            rows.append(processor(text=[text], images=[images] if images else None)["input_ids"][0])
+    return [(len(ids), sum(token == processor.image_token_id for token in ids)) for ids in rows]  # not grid tokens
 
 
 def _dialogs(split: datasets.Dataset, indices) -> list[list[dict]]:

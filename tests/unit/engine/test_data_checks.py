@@ -30,6 +30,7 @@ from engine.data.collate import Collator
 from engine.data.sources import load_splits
 from errors import UsageError
 from harness import assert_one_sentence, run_cli, snapshot
+from models.load import config_and_processor
 from models.tiny import tiny_idefics3
 
 COLUMNS = ["data_id", "item_name", "image_name", "file_name", "dialog"]
@@ -239,6 +240,31 @@ def test_token_counts_with_a_processor_that_needs_the_pictures():
             Collator(idefics3, max_length=start)([table[i]])
 
 
+@pytest.mark.parametrize("splitting", [False, True])
+def test_the_check_reports_tokens_and_image_tokens_per_row(splitting):
+    """The line a run prints after its data check: a row with two pictures, one with one and a text-only row hold
+    8, 4 and 0 image tokens on the tiny model (4 per picture), five times that when each picture is split into four
+    crops and the whole; the tokens per row are the collator's."""
+    two = {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Both?"}]}
+    picture = Image.new("RGB", (56, 56), (9, 90, 9))
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Green and green."}]}
+    rows = [{"data_id": 0, "images": [picture, picture], "dialog": json.dumps({"messages": [two, answer]})},
+            {"data_id": 1, "images": [picture], "dialog": dialog("Colour?", "Green.")},
+            {"data_id": 2, "images": [], "dialog": dialog("Hello?", "Hello.", image=False)}]
+    table = datasets.Dataset.from_list(rows, features=datasets.Features({
+        "data_id": datasets.Value("int64"), "images": datasets.List(datasets.Image()),
+        "dialog": datasets.Value("string")}))
+    splits = datasets.DatasetDict({"train": table, "validation": table.select([1]), "test": table.select([2])})
+    config = from_approach("lora", model="tiny", image_splitting=splitting)
+    line = check_data(splits, config, "tiny")
+    processor = copy.deepcopy(config_and_processor("tiny")[1])
+    configure_processor(processor, config)
+    lengths = sorted(Collator(processor)([row])["input_ids"].shape[1] for split in splits.values() for row in split)
+    per = 4 * (5 if splitting else 1)
+    assert line == (f"data: train 3 rows, validation 1, test 1; tokens per row {lengths[0]} to {lengths[-1]} "
+                    f"(median {lengths[2]}), image tokens per row 0 to {2 * per} (median {per})")
+
+
 def long_splits(tmp_path: Path) -> datasets.DatasetDict:
     answers = {("validation", 1): "Blue, " * 30, ("train", 0): "Blue, " * 10}  # the longest is validation's row 1
     return load_splits(str(imagefolder(tmp_path / "set", rows={"train": 2, "validation": 2, "test": 1},
@@ -338,12 +364,12 @@ def test_a_run_reads_its_data_once_and_counts_each_row_once(tmp_path, monkeypatc
     from engine.data import sources
 
     reads, counted = [], []
-    read, count = sources._read_splits, data_checks._count_row_lengths
+    read, count = sources._read_splits, data_checks._count_rows
     monkeypatch.setattr(sources, "_read_splits", lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs))
-    monkeypatch.setattr(data_checks, "_count_row_lengths",
+    monkeypatch.setattr(data_checks, "_count_rows",
                         lambda split, processor: counted.append(len(split)) or count(split, processor))
     sources._LOADED.clear()
-    data_checks._LENGTHS.clear()
+    data_checks._COUNTS.clear()
     assert run.train_command(["--approach", "lora", "--model", "tiny", "--device", "cpu", "--limit-exhibits", "1",
                               "--max-steps", "1", "--batch-size", "1", "--max-new-tokens", "2",
                               "--memory-budget", "64", "--output-dir", str(tmp_path / "run")]) == 0
