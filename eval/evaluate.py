@@ -36,6 +36,7 @@ from engine.precision import precision_for
 from engine.runtime import Runtime
 from engine.tensorboard import Scalars
 from eval.answers_table import answers_table, score_line
+from eval.embedding_cache import EmbeddingCache
 from eval.generate import generate_answers
 from eval.results_csv import average_score, read_results, write_results
 from eval.score import load_judge, similarity_scores
@@ -99,7 +100,7 @@ def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, devi
         scores = _score(rows, model, processor.tokenizer, batched=False, device=device)
     else:
         judge, tokenizer = load_judge(scorer, model_spec, device, dtype)
-        scores = _score(rows, judge, tokenizer, batched=True, device=device)
+        scores = _score(rows, judge, tokenizer, batched=True, device=device, cache=EmbeddingCache(judge))
     write_results(output, rows, scores)
     return {"score": average_score(scores), "scorer": scorer, "rows": len(rows)}
 
@@ -198,7 +199,8 @@ def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base:
         peaks = {"generate": phase_peak(device)}
         if scorer != "self":  # one fixed judge for every approach, batched with the padding masked out
             judge, tokenizer = load_judge(scorer, base, device, dtype)
-            scores = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update)
+            scores = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update,
+                            cache=EmbeddingCache(judge))
             del judge
             free_device_memory(device)
             peaks["judge"] = phase_peak(device)
@@ -207,10 +209,11 @@ def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base:
 
 
 def _score(rows: list[dict], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batched: bool,
-           device: torch.device, progress: Callable[[int], object] = lambda texts: None) -> list[float]:
+           device: torch.device, progress: Callable[[int], object] = lambda texts: None,
+           cache: EmbeddingCache | None = None) -> list[float]:
     return similarity_scores(model, tokenizer, [r["model_generated_answer"] for r in rows],
                              [r["ground_truth_answer"] for r in rows], batched=batched, device=device,
-                             progress=progress)
+                             progress=progress, cache=cache)
 
 
 def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) -> tqdm:

@@ -21,6 +21,9 @@ The judge is the model's text decoder alone (models/lazy.py: no vision encoder, 
 the original's 1,554 result rows, a bf16 judge moves a row's score by at most 0.006 (0.0007-0.0015
 on average) and a file's mean score by at most 0.0023 against an fp32 judge: under one step of the
 original's own bf16 scores (2^-7 for scores in [1, 2)); tests/unit/eval/test_eval.py holds it to that.
+
+A fixed judge's embeddings are cached on disk (eval/embedding_cache.py): a text it has embedded before is read
+back, not embedded again.
 """
 
 from collections.abc import Callable
@@ -30,26 +33,54 @@ import torch.nn as nn
 from transformers import PreTrainedTokenizerBase
 
 from engine.config import check_scorer
+from eval.embedding_cache import EmbeddingCache
 from models.lazy import load_text_model
 
 
-@torch.no_grad()
 def similarity_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, generated: list[str],
                       truth: list[str], *, batched: bool, batch_size: int = 8, device: torch.device,
-                      progress: Callable[[int], object] = lambda texts: None) -> list[float]:
+                      progress: Callable[[int], object] = lambda texts: None,
+                      cache: EmbeddingCache | None = None) -> list[float]:
     """One score per (generated, truth) pair; `batched` picks fair mode, else the original's. `progress` is
-    told how many texts each forward pass embedded (twice the pairs in all)."""
+    told how many texts each forward pass embedded (twice the pairs in all); a fixed judge's `cache` gives
+    the texts it has seen before without a forward pass."""
+    return distances(*pair_embeddings(model, tokenizer, generated, truth, batched=batched, batch_size=batch_size,
+                                      device=device, progress=progress, cache=cache))
+
+
+@torch.no_grad()
+def pair_embeddings(model: nn.Module, tokenizer: PreTrainedTokenizerBase, generated: list[str], truth: list[str], *,
+                    batched: bool, batch_size: int = 8, device: torch.device,
+                    progress: Callable[[int], object] = lambda texts: None,
+                    cache: EmbeddingCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings of the answers and of the references, (rows, hidden) each: the original's in the model's
+    own dtype, the fair judge's in fp32."""
     if len(generated) != len(truth):
         raise ValueError(f"{len(generated)} generated answers for {len(truth)} references")
     if not generated:  # a rank whose share of a small test split is empty
-        return []
+        return torch.empty(0, 0), torch.empty(0, 0)
     if not batched:
-        return [_distance(_mean_embedding(model, tokenizer, answer, device, progress),
-                          _mean_embedding(model, tokenizer, reference, device, progress))
-                for answer, reference in zip(generated, truth, strict=True)]
-    embeddings = _masked_mean_embeddings(model, tokenizer, [*generated, *truth], batch_size, device, progress)
-    return [_distance(answer[None], reference[None])
-            for answer, reference in zip(embeddings[: len(generated)], embeddings[len(generated) :], strict=True)]
+        return (torch.cat([_mean_embedding(model, tokenizer, text, device, progress) for text in generated]),
+                torch.cat([_mean_embedding(model, tokenizer, text, device, progress) for text in truth]))
+    texts = [*generated, *truth]
+    known = {} if cache is None else {text: cache.get(text) for text in set(texts)}
+    missing = sorted(text for text, embedding in known.items() if embedding is None) if cache is not None else texts
+    progress(len(texts) - len(missing))
+    computed = _masked_mean_embeddings(model, tokenizer, missing, batch_size, device, progress) if missing else []
+    if cache is not None:
+        for text, embedding in zip(missing, computed, strict=True):
+            known[text] = embedding.cpu()
+            cache.add(text, embedding)
+        cache.save()
+        embeddings = torch.stack([known[text] for text in texts])
+    else:
+        embeddings = computed
+    return embeddings[: len(generated)], embeddings[len(generated) :]
+
+
+def distances(answers: torch.Tensor, references: torch.Tensor) -> list[float]:
+    """1 - cosine of each answer and its reference, in the embeddings' dtype (the original's bf16 on a GPU)."""
+    return [_distance(answer[None], reference[None]) for answer, reference in zip(answers, references, strict=True)]
 
 
 def load_judge(spec: str, base_spec: str, device: torch.device,
