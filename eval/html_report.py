@@ -11,6 +11,7 @@ from html import escape
 from pathlib import Path
 from string import Template
 
+from engine.config import TrainConfig
 from engine.data.sources import load_splits, row_images
 from engine.tensorboard import Scalars
 from errors import UsageError
@@ -42,7 +43,7 @@ def write_page(runs: list[Run], output: Path, scalars: Scalars) -> Path:
     for name, figure in charts.items():
         scalars.figure(0, f"report/{name}", figure)
     rows = matched_rows(runs)
-    pictures, missing = thumbnails(rows, [run.config["dataset"] for run in runs], output / PICTURES)
+    pictures, missing = thumbnails(rows, [data_of(run.config) for run in runs], output / PICTURES)
     page = output / "index.html"
     page.write_text(PAGE.substitute(
         title=escape("museft report: " + ", ".join(run.name for run in runs)),
@@ -53,23 +54,31 @@ def write_page(runs: list[Run], output: Path, scalars: Scalars) -> Path:
     return page
 
 
-def thumbnails(rows: list[list[dict | None]], datasets: list[str], folder: Path) -> tuple[list[str | None], list[str]]:
+def data_of(config: dict) -> dict:
+    """`load_splits`' arguments for the data a run's config.json names: its test split as the run cut it."""
+    return dict(source=config["dataset"], limit_exhibits=config.get("limit_exhibits"), split_by=config.get("split_by"),
+                held_out=(config.get("validation_fraction", TrainConfig.validation_fraction),
+                          config.get("test_fraction", TrainConfig.test_fraction)))
+
+
+def thumbnails(rows: list[list[dict | None]], data: list[dict], folder: Path) -> tuple[list[str | None], list[str]]:
     """Each row's picture as a small JPEG in `folder` (its path from the page; None for a row without one), from
-    the test split of the data set of the first run that evaluated the row; and a note per data set that
-    could not be loaded (a hub data set, offline), whose rows go without pictures."""
+    the test split (`data`: load_splits' arguments per run) of the first run that evaluated the row; and a note
+    per data set that could not be loaded (a hub data set, offline), whose rows go without pictures."""
     folder.mkdir(exist_ok=True)
     splits, notes = {}, []
-    for source in dict.fromkeys(datasets):
+    keys = [json.dumps(settings, sort_keys=True) for settings in data]
+    for key, settings in dict(zip(keys, data, strict=True)).items():
         try:
-            test = load_splits(source)["test"]
+            test = load_splits(**settings)["test"]
         except UsageError as error:
-            notes.append(f"No pictures from the data set {source}: {error}")
+            notes.append(f"No pictures from the data set {settings['source']}: {error}")
             continue
-        splits[source] = test, {str(data_id): index for index, data_id in enumerate(test["data_id"])}
+        splits[key] = test, {str(data_id): index for index, data_id in enumerate(test["data_id"])}
     paths = []
     for number, row in enumerate(rows):
         run, record = next((run, record) for run, record in enumerate(row) if record is not None)
-        test, indices = splits.get(datasets[run], (None, {}))
+        test, indices = splits.get(keys[run], (None, {}))
         index = indices.get(record["data_id"])
         images = [] if index is None else row_images(test[index])
         image = images[0] if images else None

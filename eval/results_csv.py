@@ -42,20 +42,32 @@ def average_score(scores: list[float]) -> float:
     return round(sum(scores) / len(scores), 3)
 
 
-def write_results(path: Path, rows: list[dict], scores: list[float]) -> None:
-    """`rows` with `scores` as their last column (replacing any old one), then the average row.
+def write_results(path: Path, rows: list[dict], scores: list[float],
+                  metrics: dict[str, list[float]] | None = None) -> None:
+    """`rows` with `scores` as the score column (replacing any old one), then each of `metrics`' per-row columns
+    (eval/metrics.py) after it, then the average row (every column's mean, the score's as the original rounded it).
+    Without metrics, the original's layout exactly: an original file read and written back is the same file.
 
     Written beside `path` and renamed, so a crash never leaves a half-written results file.
     """
-    if not rows or len(rows) != len(scores):
+    metrics = metrics or {}
+    if not rows or any(len(values) != len(rows) for values in (scores, *metrics.values())):
         raise ValueError(f"need one score per row and at least one row, got {len(scores)} for {len(rows)}")
-    columns = [column for column in rows[0] if column != SCORE] + [SCORE]
+    columns = [column for column in rows[0] if column != SCORE and column not in metrics] + [SCORE, *metrics]
+    per_row = [{SCORE: score, **{name: _cell(values[i]) for name, values in metrics.items()}}
+               for i, score in enumerate(scores)]
+    average = {"item_name": AVERAGE, SCORE: average_score(scores),
+               **{name: _cell(sum(values) / len(values)) for name, values in metrics.items()}}
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
-            writer.writerows({**row, SCORE: score} for row, score in zip(rows, scores, strict=True))
-            writer.writerow({"item_name": AVERAGE, SCORE: average_score(scores)})
+            writer.writerows({**row, **cells} for row, cells in zip(rows, per_row, strict=True))
+            writer.writerow(average)
 
     write_file(Path(path), write)
+
+
+def _cell(value: float) -> str:
+    return f"{value:.4g}"

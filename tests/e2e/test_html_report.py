@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from engine.data.sources import load_splits
 from engine.tensorboard import Scalars
 from eval.report import MARK
 from eval.results_csv import read_results, write_results
@@ -236,3 +237,28 @@ def test_an_answer_without_spaces_wraps_inside_the_window(tmp_path):
                                                 "document.documentElement.scrollWidth;</script></body>"))
     width = int(re.search(r'data-width="(\d+)"', chromium(measured, "--dump-dom", "--window-size=1400,900"))[1])
     assert width <= 1400
+
+
+def test_a_run_on_a_train_only_file_shows_the_pictures_of_its_own_test_split(tmp_path):
+    """A data set that is one JSONL file, cut by --split-by item_name: the page finds each test row's picture in
+    the test split as the run cut it (the file alone has no test split to read)."""
+    colours = {"vase": (200, 40, 40), "helmet": (40, 200, 40), "kimono": (40, 40, 200), "engine": (200, 200, 40)}
+    lines = []
+    for item, colour in colours.items():
+        for photo in range(2):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / f"{item}-{photo}.jpg")
+            lines.append(json.dumps({"file_name": f"{item}-{photo}.jpg", "question": "What is this?",
+                                     "answer": f"A {item}.", "item_name": item}))
+    data = tmp_path / "museum.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    settings = dict(split_by="item_name", validation_fraction=0.25, test_fraction=0.25)
+    test = load_splits(str(data), split_by="item_name", held_out=(0.25, 0.25))["test"]
+    run = evaluated_run(tmp_path / "run", [(str(data_id), "What is this?", "A thing.") for data_id in test["data_id"]],
+                        dataset=str(data))
+    (run / "config.json").write_text(json.dumps(dict(json.loads((run / "config.json").read_text()), **settings)))
+    assert main(["report", str(run), "--output", str(tmp_path / "report")]) == 0
+    pictures = sorted((tmp_path / "report" / "images").glob("*.jpg"))
+    assert len(pictures) == len(test) == 2  # the test split: one item's two photos
+    item = test[0]["item_name"]
+    for picture in pictures:  # each the colour of the test item's photos
+        assert Image.open(picture).convert("RGB").getpixel((5, 5)) == pytest.approx(colours[item], abs=8)
