@@ -249,13 +249,15 @@ def score_parser() -> argparse.ArgumentParser:
 
 def score(args: argparse.Namespace) -> str:
     from engine.runtime import pick_device
+    from eval.answers_table import metrics_line
     from eval.evaluate import rescore_csv
 
     if not args.csv.is_file():
         raise UsageError(f"--csv {args.csv} is not a file.")
     check_scorer(args.scorer)
     results = rescore_csv(args.csv, args.model, args.scorer, args.output, pick_device(args.device, 1))
-    return f"score {results['score']} ({results['scorer']} scorer, {results['rows']} rows) written to {args.output}"
+    return (f"score {results['score']} ({results['scorer']} scorer, {results['rows']} rows) written to {args.output}"
+            f"\n{metrics_line(results)}")
 
 
 def report_parser() -> argparse.ArgumentParser:

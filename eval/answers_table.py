@@ -1,4 +1,4 @@
-"""What an evaluation leaves on the terminal: one line per test row, then the score line.
+"""What an evaluation leaves on the terminal: one line per test row, then the score line and the answers' metrics.
 
 Each line holds the row's data_id, its score (before → after training when the baseline is known;
 lower is better), and its question, reference and generated answer, each cut to its column, so a
@@ -35,6 +35,23 @@ def score_line(results: dict) -> str:
     before = results.get("baseline_score")
     score = f"{results['score']:.3f}" if before is None else f"{before:.3f} before → {results['score']:.3f} after"
     return f"score: {score} (scorer: {results['scorer']}, {results['rows']} rows; 0 is best)"
+
+
+NAMES = {"token_f1": "token F1", "rouge_l": "ROUGE-L", "chrf": "chrF", "item_named": "item named",
+         "retrieval_top1": "retrieval top-1", "retrieval_mean_rank": "mean rank",
+         "distinct_answers": "distinct answers"}
+
+
+def metrics_line(results: dict) -> str:
+    """`answers: token F1 0.120 → 0.452, ROUGE-L ..., mean rank 2.50 → 1.00, distinct answers 0.250 → 1.000 (1 is
+    best, a mean rank 1)`: each metric of results.json, before → after training where the baseline has it."""
+    before = results.get("baseline_metrics") or {}
+    cells = []
+    for name, label in NAMES.items():
+        if name in results["metrics"]:
+            now = f"{results['metrics'][name]:.3f}"
+            cells.append(f"{label} {before[name]:.3f} → {now}" if name in before else f"{label} {now}")
+    return f"answers: {', '.join(cells)} (1 is best, a mean rank 1)"
 
 
 def _line(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:

@@ -35,11 +35,12 @@ from engine.outputs.publish import write_json
 from engine.precision import precision_for
 from engine.runtime import Runtime
 from engine.tensorboard import Scalars
-from eval.answers_table import answers_table, score_line
+from eval.answers_table import answers_table, metrics_line, score_line
 from eval.embedding_cache import EmbeddingCache
 from eval.generate import generate_answers
+from eval.metrics import retrieval_ranks, row_items, set_metrics, text_metrics
 from eval.results_csv import average_score, read_results, write_results
-from eval.score import load_judge, similarity_scores
+from eval.score import distances, load_judge, pair_embeddings
 from models.load import config_and_processor
 
 Load = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]  # loads a model when its phase starts
@@ -66,11 +67,11 @@ def evaluate_test_split(model_spec: str, adapter: Path | None, data: dict, score
     test = load_splits(**data)["test"]
     check_special_tokens(test, "test", config_and_processor(evaluated_base(model_spec, adapter))[1])
     dtype = precision_for("auto", device).frozen_dtype
-    rows, scores, *_ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test,
-                                        Runtime(device), scorer=scorer, base=base, dtype=dtype,
-                                        batch_size=batch_size, max_new_tokens=max_new_tokens, which=None)
-    results = write_scored(output, rows, scores, scorer)
-    _show(rows, scores, None, results)
+    scored, *_ = _answer_and_score(lambda: load_evaluated(model_spec, adapter, device, dtype), test, Runtime(device),
+                                   scorer=scorer, base=base, dtype=dtype, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, which=None)
+    results = write_scored(output, scored, scorer)
+    _show(scored, None, results)
     return results
 
 
@@ -97,19 +98,45 @@ def rescore_csv(csv_file: Path, model_spec: str, scorer: str, output: Path, devi
     dtype = precision_for("auto", device).frozen_dtype
     if scorer == "self":
         model, processor = load_evaluated(model_spec, None, device, dtype)
-        scores = _score(rows, model, processor.tokenizer, batched=False, device=device)
+        scored = _score(rows, model, processor.tokenizer, batched=False, device=device)
     else:
         judge, tokenizer = load_judge(scorer, model_spec, device, dtype)
-        scores = _score(rows, judge, tokenizer, batched=True, device=device, cache=EmbeddingCache(judge))
-    write_results(output, rows, scores)
-    return {"score": average_score(scores), "scorer": scorer, "rows": len(rows)}
+        scored = _score(rows, judge, tokenizer, batched=True, device=device, cache=EmbeddingCache(judge))
+    scored = Scored.of(rows, *scored)
+    write_results(output, rows, scored.scores, scored.metrics)
+    return {"score": average_score(scored.scores), "metrics": scored.summary(), "scorer": scorer, "rows": len(rows)}
 
 
-def write_scored(folder: Path, rows: list[dict], scores: list[float], scorer: str,
-                 baseline: float | None = None, phase_peak_bytes: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class Scored:
+    """Answered rows in order, their similarity scores, and every per-row metric of eval/metrics.py."""
+    rows: list[dict]
+    scores: list[float]
+    metrics: dict[str, list[float]]
+
+    @classmethod
+    def of(cls, rows: list[dict], scores: list[float], answers: torch.Tensor, references: torch.Tensor) -> "Scored":
+        """With the metrics computed: the text metrics, and where each answer's judge embedding ranks its own
+        reference among the other items' (an empty answer's embedding is zeros, which ranks last)."""
+        empty = torch.tensor([not row["model_generated_answer"].strip() for row in rows])
+        answers = answers.float().masked_fill(empty.unsqueeze(1), 0)
+        ranks = retrieval_ranks(answers, references.float(), row_items(rows))
+        return cls(rows, scores, {**text_metrics(rows), "retrieval_rank": [float(rank) for rank in ranks]})
+
+    def summary(self) -> dict[str, float]:
+        return set_metrics(self.rows, self.metrics)
+
+
+def write_scored(folder: Path, scored: Scored, scorer: str, baseline: dict | None = None,
+                 phase_peak_bytes: dict | None = None) -> dict:
+    """OUT/eval's results.csv and results.json; `baseline`: the base model's cached results (score, metrics)."""
+    rows = scored.rows
     folder.mkdir(parents=True, exist_ok=True)
-    write_results(folder / RESULTS_CSV, rows, scores)
-    results = {"score": average_score(scores), "baseline_score": baseline, "scorer": scorer, "rows": len(rows),
+    write_results(folder / RESULTS_CSV, rows, scored.scores, scored.metrics)
+    baseline = baseline or {}
+    results = {"score": average_score(scored.scores), "baseline_score": baseline.get("score"),
+               "metrics": scored.summary(), "baseline_metrics": baseline.get("metrics"), "scorer": scorer,
+               "rows": len(rows),
                "examples": [{k: r[k] for k in ("user_question", "model_generated_answer", "ground_truth_answer")}
                             for r in rows[:3]],
                **({"phase_peak_bytes": phase_peak_bytes} if phase_peak_bytes else {})}
@@ -143,8 +170,8 @@ def evaluate_run(run: TrainedRun, runtime: Runtime, scalars: Scalars, step: int)
     trained = (run.base, run.final) if run.adapter else (str(run.final), None)  # (model, adapter)
     settings = dict(scorer=run.scorer, base=run.base, dtype=dtype, batch_size=run.batch_size,
                     max_new_tokens=run.max_new_tokens)
-    rows, scores, processor, peaks = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), run.test,
-                                                       runtime, **settings, which="trained model")
+    scored, processor, peaks = _answer_and_score(lambda: load_evaluated(*trained, device, dtype), run.test,
+                                                 runtime, **settings, which="trained model")
     phases = [peaks]
     digest = hashlib.sha256(json.dumps(run.baseline_key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MUSEFT_CACHE", "~/.cache/museft")).expanduser() / "baselines" / f"{digest}.json"
@@ -154,36 +181,37 @@ def evaluate_run(run: TrainedRun, runtime: Runtime, scalars: Scalars, step: int)
         # card, which QLoRA is for, cannot hold the 8B's bf16 base to answer with.
         load_base = (partial(load_nf4_base, run.base, run.keep_vision, device, dtype) if run.nf4_base
                      else partial(load_evaluated, run.base, None, device, dtype))
-        _, base_scores, _, peaks = _answer_and_score(lambda: (load_base()[0].eval(), processor),
-                                                     run.test, runtime, **settings, which="base model")
+        base_scored, _, peaks = _answer_and_score(lambda: (load_base()[0].eval(), processor),
+                                                  run.test, runtime, **settings, which="base model")
         phases.append(peaks)
         if runtime.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            write_json(cache, {"score": average_score(base_scores), "scores": base_scores})
+            write_json(cache, {"score": average_score(base_scored.scores), "scores": base_scored.scores,
+                               "metrics": base_scored.summary()})
     phases = [peaks for rank in runtime.gather(phases) for peaks in rank]  # (and the cache file is written)
     results = {}
     if runtime.is_main:
         baseline = json.loads(cache.read_text())
         # Each phase's peak over the ranks and models, as `run.py plan` plans them (on a GPU; else None).
         peaks = {name: max((p[name] for p in phases if p.get(name) is not None), default=None) for name in phases[0]}
-        results = write_scored(run.results, rows, scores, run.scorer, baseline=baseline["score"],
-                               phase_peak_bytes=peaks)
-        scalars.log(step, {"eval/similarity_score": results["score"]})
+        results = write_scored(run.results, scored, run.scorer, baseline=baseline, phase_peak_bytes=peaks)
+        scalars.log(step, {"eval/similarity_score": results["score"],
+                           **{f"eval/{name}": value for name, value in results["metrics"].items()}})
         scalars.text(step, "eval/answers", "\n\n".join(
             f"**Q:** {e['user_question']}  \n**generated:** {e['model_generated_answer']}  \n"
             f"**reference:** {e['ground_truth_answer']}" for e in results["examples"]))
-        _show(rows, scores, baseline.get("scores"), results)  # a cache written before per-row scores holds the mean
+        _show(scored, baseline.get("scores"), results)  # a cache written before per-row scores holds the mean
     return results
 
 
 def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base: str, dtype: torch.dtype,
                       batch_size: int, max_new_tokens: int,
-                      which: str | None) -> tuple[list[dict], list[float], ProcessorMixin, dict[str, int | None]]:
+                      which: str | None) -> tuple[Scored, ProcessorMixin, dict[str, int | None]]:
     """Rank r's rows r, r+N, ... in two phases, one model on the device in each. Answers: `load()`'s model
     answers them (and as `--scorer self`, its own judge, scores them), then is freed. Scores: the judge
     (`scorer`, of `base`, in `dtype`) loads, scores them, and is freed. Every rank gets all the rows back in
-    order, the loaded model's processor, and this rank's peak in each phase (None off a GPU). The main rank's
-    bars count its own share of the rows (`which` model they are for, when there are two)."""
+    order, scored (Scored), the loaded model's processor, and this rank's peak in each phase (None off a GPU). The
+    main rank's bars count its own share of the rows (`which` model they are for, when there are two)."""
     device = runtime.device
     mine = list(range(runtime.rank, len(split), runtime.world_size))
     phase_peak(device)  # each phase's peak counted afresh from here (on a GPU)
@@ -193,27 +221,32 @@ def _answer_and_score(load: Load, split, runtime: Runtime, *, scorer: str, base:
                                 max_new_tokens=max_new_tokens, device=device, progress=bar.update)
     with _bar("scoring", which, 2 * len(rows), "text", runtime) as bar:  # each answer and its reference
         if scorer == "self":  # as the original scored: each text alone, through the evaluated model
-            scores = _score(rows, model, processor.tokenizer, batched=False, device=device, progress=bar.update)
+            scored = _score(rows, model, processor.tokenizer, batched=False, device=device, progress=bar.update)
         del model  # its answers (and self-scores) are in: it goes before the judge comes
         free_device_memory(device)
         peaks = {"generate": phase_peak(device)}
         if scorer != "self":  # one fixed judge for every approach, batched with the padding masked out
             judge, tokenizer = load_judge(scorer, base, device, dtype)
-            scores = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update,
+            scored = _score(rows, judge, tokenizer, batched=True, device=device, progress=bar.update,
                             cache=EmbeddingCache(judge))
             del judge
             free_device_memory(device)
             peaks["judge"] = phase_peak(device)
-    done = sorted(item for part in runtime.gather(list(zip(mine, rows, scores, strict=True))) for item in part)
-    return [row for _, row, _ in done], [score for *_, score in done], processor, peaks
+    scores, answers, references = scored
+    mine = list(zip(mine, rows, scores, answers.cpu(), references.cpu(), strict=True))  # embeddings: a row each
+    done = sorted((item for part in runtime.gather(mine) for item in part), key=lambda item: item[0])
+    _, rows, scores, answers, references = zip(*done, strict=True)
+    return Scored.of(list(rows), list(scores), torch.stack(answers), torch.stack(references)), processor, peaks
 
 
 def _score(rows: list[dict], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batched: bool,
            device: torch.device, progress: Callable[[int], object] = lambda texts: None,
-           cache: EmbeddingCache | None = None) -> list[float]:
-    return similarity_scores(model, tokenizer, [r["model_generated_answer"] for r in rows],
-                             [r["ground_truth_answer"] for r in rows], batched=batched, device=device,
-                             progress=progress, cache=cache)
+           cache: EmbeddingCache | None = None) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """Each row's score, and the embeddings of the answers and of the references it came from."""
+    answers, references = pair_embeddings(model, tokenizer, [r["model_generated_answer"] for r in rows],
+                                          [r["ground_truth_answer"] for r in rows], batched=batched, device=device,
+                                          progress=progress, cache=cache)
+    return distances(answers, references), answers, references
 
 
 def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) -> tqdm:
@@ -222,6 +255,7 @@ def _bar(task: str, which: str | None, total: int, unit: str, runtime: Runtime) 
                 disable=not runtime.is_main)
 
 
-def _show(rows: list[dict], scores: list[float], before: list[float] | None, results: dict) -> None:
-    print(answers_table(rows, scores, before))
-    print(score_line(results), flush=True)
+def _show(scored: Scored, before: list[float] | None, results: dict) -> None:
+    print(answers_table(scored.rows, scored.scores, before))
+    print(score_line(results))
+    print(metrics_line(results), flush=True)

@@ -20,8 +20,8 @@ REQUIRED = ("item_name", "model_generated_answer", "ground_truth_answer")
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
-    """The per-row records of a results CSV, every column kept, the average row left out; a missing or
-    damaged file (no such file, not UTF-8 text, a row cut short or too long) is one sentence."""
+    """The per-row records of a results CSV, every column kept, the average row left out; a missing, damaged
+    (not UTF-8 text, a row cut short or too long) or empty file is one sentence."""
     try:
         with Path(path).open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
@@ -34,7 +34,10 @@ def read_results(path: Path) -> list[dict[str, str]]:
     for line, row in enumerate(rows, start=2):
         if None in row or None in row.values():  # csv's marks of more cells than columns, and of fewer
             raise UsageError(f"{path} is damaged: its line {line} does not have one cell per column (cut short?).")
-    return [row for row in rows if row["item_name"] != AVERAGE]
+    records = [row for row in rows if row["item_name"] != AVERAGE]
+    if not records:
+        raise UsageError(f"{path} holds no rows of answers (only its header{' and average row' if rows else ''}).")
+    return records
 
 
 def average_score(scores: list[float]) -> float:

@@ -19,6 +19,7 @@ from engine.data.sources import load_splits
 from engine.data.standin_images import standin_image
 from engine.runtime import Runtime
 from engine.tensorboard import Scalars
+from eval.metrics import text_metrics
 from eval.results_csv import SCORE, read_results
 from finetune import trained_run
 from harness import SEED_RESULTS, run_cli, run_engine
@@ -72,12 +73,19 @@ def test_eval_shows_its_progress_then_every_row_and_the_score(runs):
     bars = (runs / "lora-eval.err").read_text()
     assert "answering: 100%" in bars and f"{len(rows)}/{len(rows)}" in bars
     assert "scoring: 100%" in bars and f"{2 * len(rows)}/{2 * len(rows)}" in bars  # each answer and its reference
-    data, header, *table, score, written = (runs / "lora-eval.out").read_text().splitlines()
+    data, header, *table, score, answers, written = (runs / "lora-eval.out").read_text().splitlines()
     assert data == "data: the run's own --dataset musequest (a flag given overrides it)"  # --limit-exhibits given
     assert header.split() == ["id", "score", "question", "reference", "answer"]  # no baseline here
     assert [line.split()[:2] for line in table] == [[row["data_id"], f"{float(row[SCORE]):.3f}"] for row in rows]
     assert all(len(line) <= 120 for line in (header, *table))
     assert score == f"score: {results['score']:.3f} (scorer: base, {len(rows)} rows; 0 is best)"
+    # The metrics of results.json are the means of results.csv's columns, the text ones as eval/metrics.py gives them
+    for name, values in text_metrics(rows).items():
+        assert [float(row[name]) for row in rows] == pytest.approx(values, abs=5e-4)
+        assert results["metrics"][name] == pytest.approx(sum(values) / len(values))
+    ranks = [float(row["retrieval_rank"]) for row in rows]
+    assert results["metrics"]["retrieval_top1"] == sum(rank == 1 for rank in ranks) / len(ranks)
+    assert answers.startswith(f"answers: token F1 {results['metrics']['token_f1']:.3f}, ")
     assert written.startswith("every answer and score in ") and written.endswith("results.csv and results.json")
 
 
@@ -92,12 +100,19 @@ def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs,
     shown = capsys.readouterr()
     rows = read_results(out / "eval" / "results.csv")
     lines = shown.out.splitlines()
-    assert len(lines) == len(rows) + 2 and lines[0].split()[0] == "id"
-    for line, row in zip(lines[1:-1], rows, strict=True):
+    assert len(lines) == len(rows) + 3 and lines[0].split()[0] == "id"
+    for line, row in zip(lines[1:-2], rows, strict=True):
         data_id, before, arrow, after = line.split()[:4]
         assert (data_id, arrow, after) == (row["data_id"], "→", f"{float(row[SCORE]):.3f}") and float(before) >= 0
-    assert lines[-1] == (f"score: {results['baseline_score']:.3f} before → {results['score']:.3f} after "
+    assert lines[-2] == (f"score: {results['baseline_score']:.3f} before → {results['score']:.3f} after "
                          f"(scorer: base, {len(rows)} rows; 0 is best)")
+    before, after = results["baseline_metrics"], results["metrics"]  # the base model's, cached with its score
+    assert f"retrieval top-1 {before['retrieval_top1']:.3f} → {after['retrieval_top1']:.3f}" in lines[-1]
+    events = EventAccumulator(str(out / "tensorboard"))  # every metric in TensorBoard, at the run's last step
+    events.Reload()
+    for name, value in {"similarity_score": results["score"], **after}.items():
+        [scalar] = events.Scalars(f"eval/{name}")
+        assert (scalar.step, scalar.value) == (3, pytest.approx(value)), name
     assert "answering (trained model): 100%" in shown.err and "scoring (trained model): 100%" in shown.err
 
 
@@ -136,13 +151,34 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
 
 
 @pytest.mark.slow  # two tiny runs trained and evaluated end to end (the `runs` fixture)
-def test_score_rescores_an_original_results_file(runs, tmp_path):
+def test_score_rescores_an_original_results_file(runs, tmp_path, capsys):
+    """The original's answers re-scored, with every metric: the text ones as eval/metrics.py gives them from the
+    answers alone, the mean of each in the average row and on the terminal."""
     assert main(["score", "--csv", str(SEED), "--model", str(runs / "full" / "base"),
                  "--output", str(tmp_path / "s.csv"), "--device", "cpu"]) == 0
     rows = list(csv.DictReader((tmp_path / "s.csv").open()))
     original = list(csv.DictReader(open(SEED)))
     assert [r["data_id"] for r in rows] == [r["data_id"] for r in original]
     assert rows[-1]["semantic_similarity_score"] != original[-1]["semantic_similarity_score"]  # our tiny judge's
+    expected = text_metrics(read_results(SEED))
+    for name, values in expected.items():
+        assert [float(row[name]) for row in rows[:-1]] == pytest.approx(values, abs=5e-4)
+        assert float(rows[-1][name]) == pytest.approx(sum(values) / len(values), abs=5e-4)
+    assert {float(row["retrieval_rank"]) for row in rows[:-1]} <= set(range(1, len(rows)))
+    shown = capsys.readouterr().out
+    item_named = sum(expected["item_named"]) / len(rows[:-1])
+    assert f"item named {item_named:.3f}" in shown.splitlines()[-1]
+
+
+@pytest.mark.parametrize("content", ["", "data_id,item_name,model_generated_answer,ground_truth_answer\n",
+                                     "data_id,item_name,model_generated_answer,ground_truth_answer,"
+                                     "semantic_similarity_score\n,average_semantic_similarity_score,,,0.5\n"])
+def test_score_refuses_a_csv_without_rows_in_one_sentence(content, tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text(content)
+    output = tmp_path / "x.csv"
+    assert main(["score", "--csv", str(tmp_path / "empty.csv"), "--model", "tiny", "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "empty.csv" in error and not output.exists()
 
 
 @pytest.mark.parametrize("argv, message", [
