@@ -16,7 +16,7 @@ from engine.data.sources import load_splits, row_images
 from engine.tensorboard import Scalars
 from errors import UsageError
 from eval.charts import Score, loss_chart, score_chart, score_of, svg, throughput_chart
-from eval.report import ORIGINAL, Run, matched_rows
+from eval.report import ORIGINAL, Run, answers_rows, matched_rows
 from eval.results_csv import SCORE
 
 PAGE = Template(Path(__file__).with_name("report_page.html").read_text(encoding="utf-8"))
@@ -50,7 +50,8 @@ def write_page(runs: list[Run], output: Path, scalars: Scalars) -> Path:
         runs="Runs: " + ", ".join(f"<b>{escape(run.name)}</b> ({escape(str(run.folder))})" for run in runs),
         notes="".join(f'<p class="note">{escape(note)}</p>' for note in notes + missing),
         score_chart=drawn["score"], loss_chart=drawn["loss"], throughput_chart=drawn["throughput"],
-        rows=row_table(runs, rows, pictures), configs=config_table(runs)), encoding="utf-8")
+        answers=answers_table(runs), rows=row_table(runs, rows, pictures), configs=config_table(runs)),
+        encoding="utf-8")
     return page
 
 
@@ -115,6 +116,14 @@ def row_table(runs: list[Run], rows: list[list[dict | None]], pictures: list[str
                          f'<td class="score" data-value="{score}" style="--heat: {0.6 * score / largest:.2f}">'
                          f"{score:.3f}</td>")
         lines.append('<tr class="row">' + "".join(cells) + "</tr>")
+    return "\n".join(lines + ["</tbody>"])
+
+
+def answers_table(runs: list[Run]) -> str:
+    """The runs' answer metrics, as report.md's second table."""
+    header, *rows = answers_rows(runs) or [[]]
+    lines = ["<thead><tr>" + "".join(f"<th>{escape(cell)}</th>" for cell in header) + "</tr></thead>", "<tbody>"]
+    lines += ["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
     return "\n".join(lines + ["</tbody>"])
 
 

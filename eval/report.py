@@ -17,6 +17,8 @@ from pathlib import Path
 from engine.outputs.folder import run_config
 from engine.outputs.publish import temporary
 from errors import UsageError
+from eval.answers_table import NAMES
+from eval.metrics import set_metrics, text_metrics
 from eval.results_csv import read_results
 
 MARK = "museft-report.json"  # written first into every report folder: what makes a folder a report of ours
@@ -35,6 +37,8 @@ ORIGINAL = [
     ("full_fsdp", "4x A6000 48G", 0.596, 0.030),
     ("GPT-4o (no fine-tuning)", "API", None, 0.323),
 ]
+ANSWERS = "Answers (1 is best; a mean rank 1):"  # the second table's title
+REPORTED = ("token_f1", "rouge_l", "chrf", "item_named", "retrieval_top1", "retrieval_mean_rank", "distinct_answers")
 ROW_KEY = ("data_id", "image_name", "user_question", "ground_truth_answer")  # what makes two runs' rows one row
 COLUMNS = ("run", "approach", "ranks", "score before → after (scorer)", "train time", "peak memory per rank",
            "trainable parameters")
@@ -138,16 +142,35 @@ def run_row(run: Run) -> list[str]:
 
 
 def report(runs: list[Run]) -> str:
-    """The markdown table: these runs first, then the original's published rows where every run was
-    tested on MuseQuest."""
+    """The markdown tables: these runs first, then the original's published rows where every run was tested on
+    MuseQuest; then what the runs' answers say (answers_report)."""
     rows = [run_row(run) for run in runs]
     if all(run.config["dataset"] == "musequest" for run in runs):
         rows += [[f"original ({hardware})", approach, hardware.split("x")[0] if "x" in hardware else "—",
                   f"{_number(before)} → {_number(after)} (self)", "—", "—", "—"]
                  for approach, hardware, before, after in ORIGINAL]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    answers = answers_rows(runs)
+    lines += [_markdown(row) for row in rows]
+    if answers:
+        lines += ["", ANSWERS, "", _markdown(answers[0]), "|" + "---|" * len(answers[0])]
+        lines += [_markdown(row) for row in answers[1:]]
     return "\n".join(lines) + "\n"
+
+
+def _markdown(row: list[str]) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+
+
+def answers_rows(runs: list[Run]) -> list[list[str]]:
+    """The header, then each evaluated run's answer metrics (eval/metrics.py): results.json's means, or, for a
+    results file written before the metrics, the text metrics computed from its answers."""
+    evaluated = [run for run in runs if run.scores is not None]
+    rows = [["run", *(NAMES[name] for name in REPORTED)]] if evaluated else []
+    for run in evaluated:
+        means = run.scores.get("metrics") or set_metrics(run.rows, text_metrics(run.rows))
+        rows.append([run.name, *(f"{means[name]:.3f}" if name in means else "—" for name in REPORTED)])
+    return rows
 
 
 def _number(value: float | None) -> str:

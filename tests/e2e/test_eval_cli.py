@@ -142,6 +142,13 @@ def test_report_compares_the_runs_and_the_originals_numbers(runs, tmp_path, caps
     assert f"{score:.3f} (base)" in lora and "| 1 |" in lora
     assert any(line.startswith("| full | full |") for line in table)
     assert any("original (1x A100 80G) | full |" in line and "0.595 → 0.031" in line for line in table)
+    answers = table[table.index("Answers (1 is best; a mean rank 1):") + 2 :]  # the second table's header, then
+    assert answers[0].split(" | ")[1:3] == ["token F1", "ROUGE-L"]
+    for run, line in zip(("lora", "full"), answers[2:], strict=True):  # each run's metrics as results.json has them
+        metrics = json.loads((runs / run / "eval" / "results.json").read_text())["metrics"]
+        assert line == f"| {run} | " + " | ".join(f"{metrics[name]:.3f}" for name in (
+            "token_f1", "rouge_l", "chrf", "item_named", "retrieval_top1", "retrieval_mean_rank", "distinct_answers")
+        ) + " |"
     events = EventAccumulator(str(tmp_path / "tensorboard"))  # the same table as TensorBoard text, and the charts
     events.Reload()
     [text] = events.Tensors("report/text_summary")
