@@ -1,7 +1,8 @@
-"""Whether a run fits: its plan on the widest batch of its data, phase by phase -- training and writing
-OUT/final (engine/plan/ranks.py), generating the evaluation's answers and judging them (engine/plan/evaluation.py)
--- against the GPU's memory, and the free disk where it writes; the largest batch at which every phase
-fits; and the refusal, in one sentence, of a run that does not, before any weight loads (engine/launch.py)."""
+"""Whether a run fits: its plan on the widest batch of its data, phase by phase -- training, answering the
+select rows of --select-by a text metric, and writing OUT/final (engine/plan/ranks.py), generating the
+evaluation's answers and judging them (engine/plan/evaluation.py) -- against the GPU's memory, and the free disk
+where it writes; the largest batch at which every phase fits; and the refusal, in one sentence, of a run that
+does not, before any weight loads (engine/launch.py)."""
 
 import dataclasses
 import math
@@ -18,7 +19,7 @@ from engine.data.checks import row_lengths
 from engine.data.collate import Collator
 from engine.data.sources import data_settings, load_splits
 from engine.loss import IGNORE
-from engine.plan.evaluation import evaluation_plan
+from engine.plan.evaluation import evaluation_plan, selecting_plan
 from engine.plan.ranks import RankPlan, plan_ranks
 from engine.precision import Precision, precision_for
 from engine.strategies import STRATEGIES
@@ -28,7 +29,7 @@ from models.load import config_and_processor
 GIB = 2**30
 SEARCH_LIMIT = 128  # rows: the largest batch the search tries
 HEADROOM = 0.08  # of a GPU's memory, kept free: the CUDA context and the caching allocator's unused blocks
-SHIPPED_8B = str(Path(__file__).resolve().parent.parent / "models" / "idefics2_8b_config.json")
+SHIPPED_8B = str(Path(__file__).resolve().parents[2] / "models" / "idefics2_8b_config.json")  # the repo's models/
 
 
 def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length: int | None = None,
@@ -51,6 +52,7 @@ def plan_run(config: TrainConfig, gpu: bool, budget: int | None, sequence_length
             "device": "cuda" if gpu else "cpu", "precision": precision.name,
             "activation_checkpointing": bool(config.activation_checkpointing),
             "evaluation": None if run.evaluation is None else run.evaluation.describe(config.batch_size),
+            "selection": None if run.selecting is None else run.selecting.describe(),
             "ranks": [dataclasses.asdict(rank) | {"phases": rank_phases}
                       for rank, rank_phases in zip(ranks, phases, strict=True)],
             "disk": disk_plan(config, ranks)}
@@ -65,12 +67,15 @@ class RunPhases:
     def __init__(self, config: TrainConfig, precision: Precision, gpu: bool, widest: "WidestBatch"):
         self.config, self.precision, self.gpu, self.widest = config, precision, gpu, widest
         self.evaluation = evaluation_plan(config, precision, gpu)
+        self.selecting = selecting_plan(config)
 
     def __call__(self, batch_size: int) -> tuple[list[RankPlan], list[dict[str, int]]]:
         sized = dataclasses.replace(self.config, batch_size=batch_size)
-        ranks = plan_ranks(sized, self.precision, self.widest(batch_size), self.gpu)
+        ranks = plan_ranks(sized, self.precision, self.widest(batch_size), self.gpu, self.selecting)
         evaluation = {} if self.evaluation is None else self.evaluation.phases(batch_size)  # alike on every rank
-        return ranks, [{"train": rank.peak_bytes, "export": rank.export_peak_bytes, **evaluation} for rank in ranks]
+        return ranks, [{"train": rank.peak_bytes, "export": rank.export_peak_bytes,
+                        **({"select": rank.select_peak_bytes} if self.selecting else {}), **evaluation}
+                       for rank in ranks]
 
 
 class WidestBatch:
@@ -183,7 +188,8 @@ def refuse_if_unfit(config: TrainConfig, plan: dict) -> None:
                          f"{where}; {remedies(config, plan, over)} (run.py plan shows the numbers).")
 
 
-PHASES = {"train": "training", "export": "writing OUT/final", "generate": "generating the evaluation's answers",
+PHASES = {"train": "training", "select": "answering the select rows at an evaluation point",
+          "export": "writing OUT/final", "generate": "generating the evaluation's answers",
           "judge": "scoring them"}  # what a run does in each phase of its plan, as a sentence names it
 
 
@@ -204,8 +210,10 @@ def remedies(config: TrainConfig, plan: dict, over: Collection[str]) -> str:
             options.append("more GPUs (--gpus)")
         elif not config.trains_adapter:
             options.append("--approach full_fsdp with more GPUs")
-    if "generate" in over:  # every GPU holds a whole model to evaluate: more GPUs do not help
+    if {"generate", "select"} & set(over):  # generate: every GPU holds a whole model to evaluate, whatever the GPUs
         options.append("a lower --max-new-tokens")
+    if "select" in over:
+        options.append("--select-by val_loss")
     if "judge" in over and config.scorer != "self":
         options.append("--scorer self")
     if {"generate", "judge"} & set(over):
@@ -255,6 +263,11 @@ def describe(config: TrainConfig, plan: dict) -> str:
         lines.append(f"evaluation: each {device} holds one model at a time{whole}, answering {evaluation['rows']} rows "
                      f"at once ({evaluation['prompt_tokens']} prompt tokens + {evaluation['new_tokens']} new, KV "
                      f"cache included), then judged by {judge} of {evaluation['judge_tokens']} tokens")
+    selection = plan["selection"]
+    if selection is not None:
+        lines.append(f"selection by {selection['metric']}: at every evaluation point the training model answers the "
+                     f"first {selection['rows']} validation rows ({selection['prompt_tokens']} prompt tokens + "
+                     f"{selection['new_tokens']} new), beside what training holds")
     phases = ", ".join(f"{name} {gib(peak)}" for name, peak in plan["phases"].items())
     lines.append(f"peak per {device}, by phase: {phases} {unit}; the largest: {plan['largest_phase']}")
     if plan["fits"] is None:

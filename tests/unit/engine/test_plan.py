@@ -20,7 +20,7 @@ from engine.config import from_approach
 from engine.optim.optimizer import optimizer_for
 from engine.plan.cuda_rules import cuda_autocast
 from engine.plan.evaluation import evaluation_plan
-from engine.plan.fit import GIB, WidestBatch, plan_run, refuse_if_unfit_before_loading
+from engine.plan.fit import GIB, SHIPPED_8B, WidestBatch, plan_run, refuse_if_unfit_before_loading
 from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace
 from engine.plan.ranks import at_fullest, plan_ranks, traced_step
 from engine.precision import PRECISIONS
@@ -32,6 +32,12 @@ from eval.score import load_judge, similarity_scores
 from tests.harness import assert_one_sentence, run_cli, spawn
 
 REPO = Path(__file__).resolve().parents[3]
+
+
+def test_the_default_model_is_planned_from_the_shipped_8b_config():
+    """`run.py plan` without --model plans Idefics2-8B from models/idefics2_8b_config.json (the hub is not read): the
+    path stayed engine/models/... when the planner moved into engine/plan/, and the plain command failed."""
+    assert Path(SHIPPED_8B) == REPO / "models" / "idefics2_8b_config.json" and Path(SHIPPED_8B).is_file()
 
 
 def test_trace_counts_storages_by_hand():
