@@ -15,6 +15,7 @@ from engine.tensorboard import Scalars
 from engine.trainer import train
 from errors import UsageError
 from eval.evaluate import TrainedRun, evaluate_run
+from eval.metrics import set_metrics, text_metrics
 
 
 @record  # a rank's exception reaches the launching process's report
@@ -24,7 +25,7 @@ def finetune(config: TrainConfig) -> dict:
     hf_logging.disable_progress_bar()
     runtime = setup_runtime(config)
     config = config.resolved(gpu=runtime.device.type == "cuda")  # every `auto` decided once, for train and eval
-    summary = train(config)
+    summary = train(config, answer_metrics)
     # The training model is unreferenced now but held in cycles (activation checkpointing, autocast, FSDP's
     # units): freed here, before evaluation loads OUT/final afresh, not whenever the collector next runs.
     free_device_memory(runtime.device)
@@ -36,6 +37,12 @@ def finetune(config: TrainConfig) -> dict:
             charts_to_tensorboard(config, summary, scalars)
         scalars.close()
     return summary
+
+
+def answer_metrics(records: list[dict]) -> dict[str, float]:
+    """Each text metric's mean over answer `records` (eval/metrics.py): what --select-by picks the best
+    checkpoint by, given to the engine, which imports nothing of eval/."""
+    return set_metrics(records, text_metrics(records))
 
 
 def trained_run(config: TrainConfig, runtime: Runtime) -> TrainedRun:

@@ -67,6 +67,10 @@ def flag(field: dataclasses.Field) -> str:
     return field.metadata["flag"] or f"--{negated}{field.name.replace('_', '-')}"
 
 
+# --select-by: what picks the best checkpoint, and which way is better. The text metrics are eval/metrics.py's
+# (its ROW_METRICS, which tests/e2e/test_select_by.py holds this table to): the engine, below eval/, names them here.
+SELECT_BY = {"val_loss": "lower", "token_f1": "higher", "rouge_l": "higher", "chrf": "higher", "item_named": "higher"}
+
 HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # `name` or `owner/name`, as the hub spells them
 MAX_EDGE = 8192  # pixels: an image of 8192 x 8192 stays under Pillow's decompression-bomb limit (89.5 megapixels)
 HYBRID = "from --approach"  # adapter, quant and parallel default to the approach's choices
@@ -186,13 +190,18 @@ class TrainConfig:
     skip_eval: bool = option(False, "do not answer and score the test split after training")
     scorer: str = option("base", "whose embeddings score the answers: self (the trained model, the original's "
                                  "way), base (the base model: one judge for every approach) or a model folder")
-    max_new_tokens: int = option(512, "answer length cap in evaluation", minimum=1)
+    max_new_tokens: int = option(512, "answer length cap in evaluation (and in --select-by's answers)", minimum=1)
     keep_last: int = option(2, "checkpoints kept besides the best one", minimum=1)
     memory_budget: float | None = option(None, "GiB each rank may use: before loading, refuse a run whose planned "
                                                "peak (run.py plan) is more", above=0, finite=True,
                                          default_help="the GPU's memory less 8%%; none on CPU")
-    final: str = option("best", "which weights go to OUT/final: the lowest validation loss (best) or the last",
+    final: str = option("best", "which weights go to OUT/final: the best checkpoint by --select-by, or the last",
                         choices=("best", "last"))
+    select_by: str = option("val_loss", "what makes a checkpoint the best: the lowest validation loss, or the "
+                                        "highest text metric of its answers to --select-rows validation rows, "
+                                        "generated at every evaluation point", choices=tuple(SELECT_BY))
+    select_rows: int = option(16, "--select-by a text metric: answer the first N rows of the validation split, "
+                                  "greedily, up to --max-new-tokens", minimum=1)
     resume: bool = option(False, "continue from the last complete checkpoint")
     overwrite: bool = option(False, "replace the run in a used --output-dir: delete what a run writes there first")
     tensorboard: bool = option(False, "serve TensorBoard for this run")
@@ -317,6 +326,9 @@ def validate(config: TrainConfig) -> None:
     uneven = config.micro_batches < 1 or config.batch_size % config.micro_batches
     if config.parallel.startswith("pipeline") and uneven:
         raise UsageError(f"--micro-batches {config.micro_batches} must divide --batch-size {config.batch_size}.")
+    if config.select_by != "val_loss" and config.final == "last":
+        raise UsageError(f"--select-by {config.select_by} chooses the best checkpoint for --final best; with --final "
+                         "last it would answer rows at every evaluation point for nothing: drop one of them.")
     if config.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         # transformers would fail only once the model loads, after the data set was read and checked.
         raise UsageError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not installed "

@@ -13,6 +13,8 @@ module, chunk by chunk, and autograd keeps the answer positions' logits for back
 them instead would need the layer's weights after its forward, which FSDP has freed by then).
 """
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,12 +115,15 @@ class _ChunkedLoss(torch.autograd.Function):
 def loss_forward(model: nn.Module) -> None:
     """`model(labels=..., **inputs)` returns `answer_loss` instead of logits: installed from outside, as
     activation checkpointing and autocast are, so that wrappers around the model's forward (FSDP's
-    gathers, DDP) enclose the loss too. For training only: generation needs the logits."""
-    base, head = model.model, model.get_output_embeddings()
+    gathers, DDP) enclose the loss too. Without labels it is the model's own forward, logits and all, inside
+    the same wrappers: generating while training (engine/select.py) needs the logits."""
+    base, head, own = model.model, model.get_output_embeddings(), model.forward
     blank = _blank_image(base) if any(p.requires_grad for part in (base.vision_model, base.connector)
                                       for p in part.parameters()) else None
 
-    def forward(labels: torch.Tensor, **inputs) -> torch.Tensor:
+    def forward(labels: torch.Tensor | None = None, **inputs):
+        if labels is None:
+            return own(**inputs)
         # A batch without a picture skips the vision encoder and connector. When they train, the ranks must still
         # run them in step: the FSDP units each gathers and the DDP buckets each sums, in the same order, or NCCL
         # waits for ever. So such a batch sends one blank picture through them first, where a picture goes, and
@@ -132,6 +137,12 @@ def loss_forward(model: nn.Module) -> None:
         loss = answer_loss(hidden, head, labels)
         return loss if in_step is None else loss + 0 * in_step
 
+    # generate reads the forward's signature: whether to pass position_ids (left padding), and more. It is the own
+    # forward's but for mm_encoder_outputs, which would make generate encode the pictures before and outside the
+    # forward, where FSDP has not gathered the vision embeddings and connector: given the pixels, the forward does.
+    signature = inspect.signature(own)
+    kept = [parameter for name, parameter in signature.parameters.items() if name != "mm_encoder_outputs"]
+    forward.__signature__ = signature.replace(parameters=kept)
     model.forward = forward
 
 

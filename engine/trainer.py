@@ -2,7 +2,8 @@
 
 Per optimizer step: collate this rank's micro-batches, count the answer tokens of the whole
 global batch, let the strategy run forward and backward with that divisor (so the gradient is the
-exact global mean), clip by the global norm, step. Every `eval_every` of the run: validation loss,
+exact global mean), clip by the global norm, step. Every `eval_every` of the run: validation loss
+(with --select-by a text metric, also that metric of the answers to the select rows: engine/select.py),
 TensorBoard point, atomic checkpoint. A loss or gradient norm of inf or nan stops the run at that step,
 before anything of it is saved. Resume restores the trainable weights, optimizer, scheduler
 and RNG; the data position is the step number itself (see BatchOrder). Everything that depends on
@@ -33,6 +34,7 @@ from engine.outputs.folder import SPLITS_JSON, claimed, prepare_for_run
 from engine.outputs.publish import write_json
 from engine.resume import refuse_finished, resume
 from engine.runtime import Runtime, setup_runtime
+from engine.select import Score, Selection, selection_for
 from engine.step import train_step
 from engine.strategies import Strategy, strategy_for
 from engine.tensorboard import Scalars, check_port_free, serve
@@ -53,11 +55,14 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     fingerprint: dict
     start: int
+    selection: Selection | None  # --select-by a text metric: the rows answered at every evaluation point
 
 
 @record  # a rank's exception reaches the launching process's report
-def train(config: TrainConfig) -> dict:
-    run = setup(config)
+def train(config: TrainConfig, score: Score | None = None) -> dict:
+    """The run, from its config to OUT/final and OUT/summary.json; `score`: the text metrics of answers, which
+    --select-by other than val_loss needs (finetune.py gives eval/metrics.py's)."""
+    run = setup(config, score)
     out, runtime = config.out, run.runtime
     scalars = Scalars(out / "tensorboard", enabled=runtime.is_main, resume_step=run.start)
     trainable, total = run.strategy.parameter_counts()
@@ -74,8 +79,9 @@ def train(config: TrainConfig) -> dict:
     wall = time.perf_counter() - started
     completed = step == run.total_steps
     phases = {"train": phase_peak(runtime.device)}  # each phase's own peak on a GPU, as the plan has them
+    final = None
     if completed:
-        run.strategy.export_final(run.processor, run.fingerprint)
+        final = chosen(run, run.strategy.export_final(run.processor, run.fingerprint), step)
         phases["export"] = phase_peak(runtime.device)
     # The rank's peak: its phases' on a GPU (each counted afresh); on the CPU the process's, never reset.
     peak = runtime.peak_memory_bytes() if None in phases.values() else max(phases.values())
@@ -88,6 +94,7 @@ def train(config: TrainConfig) -> dict:
         "mean_data_wait_s": stats["data_wait"] / max(1, len(stats["step_times"])),
         "samples_per_s": stats["rows"] / wall if wall else 0.0,
         "tokens_per_s": stats["tokens"] / wall if wall else 0.0,
+        "select_time_s": stats["select_time"], "final": final,
         "trainable_params": trainable, "total_params": total, **run.strategy.quantized_summary(),
         "ranks": runtime.gather({"rank": runtime.rank, "peak_memory_bytes": peak, "phase_peak_bytes": phases,
                                  **stats["memory"], **run.strategy.rank_report()}),
@@ -99,7 +106,7 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, score: Score | None) -> Run:
     """Ranks, data, this rank's model as its strategy prepares it, optimizer and schedule; resumed
     from the last checkpoint on --resume."""
     runtime = setup_runtime(config)
@@ -114,6 +121,7 @@ def setup(config: TrainConfig) -> Run:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
     splits = load_splits(**data_settings(config))
     described = check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
+    selection = selection_for(config, splits["validation"], score)  # --select-rows checked before the model loads
     if runtime.is_main:
         print(described)  # what --image-longest-edge and --image-splitting cost a row, before any weight loads
     strategy = strategy_for(config, runtime)
@@ -130,6 +138,8 @@ def setup(config: TrainConfig) -> Run:
                        "global_batch": order.global_batch, "world_size": runtime.world_size,
                        "precision": runtime.precision.name, "settings": result_settings(config),
                        "data": data_fingerprint(splits),
+                       # A metric of answers up to another length is another metric (the flag itself may change).
+                       **({"select_max_new_tokens": config.max_new_tokens} if selection else {}),
                        **strategy.fingerprint()}
         start = resume(config.out / "checkpoints", strategy, optimizer, scheduler, fingerprint) if config.resume \
             else 0
@@ -140,14 +150,16 @@ def setup(config: TrainConfig) -> Run:
             write_json(config.out / SPLITS_JSON, {name: [str(data_id) for data_id in split["data_id"]]
                                                   for name, split in splits.items()})
     return Run(config=config, runtime=runtime, strategy=strategy, processor=processor, splits=splits, order=order,
-               total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint, start=start)
+               total_steps=total_steps, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint, start=start,
+               selection=selection)
 
 
 def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
     """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
     config, strategy, order = run.config, run.strategy, run.order
-    history = {"train_loss": [], "grad_norm": [], "val_loss": []}
-    stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}}
+    selection = run.selection
+    history = {"train_loss": [], "grad_norm": [], "val_loss": [], **({selection.metric: []} if selection else {})}
+    stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}, "select_time": 0.0}
     # HF Trainer's rounding: the original's cadence.
     eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))
     collator = Collator(run.processor, config.max_length)
@@ -176,24 +188,42 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
                            "throughput/tokens_per_s": tokens / seconds,
                            "memory/peak_bytes": run.runtime.peak_memory_bytes()})
         stopping = config.stop_after_steps is not None and step - run.start >= config.stop_after_steps
-        val_loss = None
+        val_loss, selected = None, {}
         if step % eval_interval == 0 or step == run.total_steps:
             val_loss = strategy.validation_loss(run.splits["validation"], collator, config.batch_size)
             refuse_divergence(step, config, validation_loss=val_loss)
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
-        shown = {"val_loss": f"{history['val_loss'][-1][1]:.3f}"} if history["val_loss"] else {}  # the latest
+            if selection is not None:
+                tick = time.perf_counter()
+                selected = {selection.metric: selection.measure(strategy, run.processor)}
+                stats["select_time"] += time.perf_counter() - tick
+                history[selection.metric].append((step, selected[selection.metric]))
+                scalars.log(step, {f"select/{selection.metric}": selected[selection.metric]})
+        shown = {name: f"{values[-1][1]:.3f}" for name, values in history.items()  # the latest of each
+                 if name not in ("train_loss", "grad_norm") and values}
         bar.set_postfix(loss=f"{loss:.3f}", **shown, lr=f"{lr:.2e}", samples_s=f"{rows / seconds:.1f}")
         bar.update()
         if val_loss is not None or stopping:
             # Every rank's generators, for an exact resume.
             rng_by_rank = run.runtime.gather(checkpoint.rng_state(run.runtime.device))
             state = checkpoint.train_state(run.optimizer, run.scheduler, rng_by_rank)
-            strategy.save_checkpoint(config.out / "checkpoints", step, state, dict(run.fingerprint, val_loss=val_loss),
-                                     config.keep_last)
+            strategy.save_checkpoint(config.out / "checkpoints", step, state,
+                                     dict(run.fingerprint, val_loss=val_loss, **selected), config.keep_last)
         if stopping:
             break
     return step, history, stats
+
+
+def chosen(run: Run, best: dict | None, step: int) -> dict:
+    """What OUT/final holds, for summary.json: the best checkpoint's step and value (said in one line), or the
+    last step's weights."""
+    if best is None:
+        return {"step": step, "select_by": None, "value": None}
+    metric = run.config.select_by
+    if run.runtime.is_main:
+        print(f"final: step {best['step']} of {run.total_steps}, best {metric} {best[metric]:.4g}")
+    return {"step": best["step"], "select_by": metric, "value": best[metric]}
 
 
 def refuse_divergence(step: int, config: TrainConfig, **values: float) -> None:

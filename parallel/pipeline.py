@@ -145,6 +145,22 @@ class Pipeline:
         self._run([(True, index) for index in range(len(micro_batches))], micro_batches, step)
         return self._finish(total)
 
+    @torch.no_grad()
+    def infer(self, micro_batch: dict, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Forward only of one micro-batch: the last stage's output, of `shape` and `dtype`, on every rank."""
+        output = torch.zeros(shape, dtype=dtype, device=self.device)
+
+        def step(forward: bool, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+            nonlocal output
+            result = self.stage(received, micro_batch)
+            if self.next is not None:
+                return result
+            output = result
+            return None
+
+        self._run([(True, 0)], [micro_batch], step)
+        return self._from_last(output)
+
     def _run(self, steps: list[tuple[bool, int]], micro_batches: list[dict], step: Step) -> None:
         """Runs `step(forward, index, received)` for each of `steps`; what it returns travels on (to the
         next stage after a forward, the previous after a backward) in one group with the next step's input."""
@@ -208,12 +224,16 @@ class Pipeline:
 
     def _finish(self, loss: torch.Tensor) -> float:
         """Waits for every group, then gives every rank the last stage's `loss`."""
+        return float(self._from_last(loss))
+
+    def _from_last(self, output: torch.Tensor) -> torch.Tensor:
+        """Waits for every group, then gives every rank the last stage's `output`, which is as large on every rank."""
         self._wait([handle for handle, _ in self.posted])
         self.posted = []
         if self.next is not None:
-            loss = torch.zeros_like(loss)
-        self._wait([dist.all_reduce(loss, group=self.group, async_op=True)])
-        return float(loss)
+            output = torch.zeros_like(output)
+        self._wait([dist.all_reduce(output, group=self.group, async_op=True)])
+        return output
 
     def _wait(self, works: list[dist.Work | p2p.Handle]) -> None:
         """Waits on `works`, counting the time as idle."""

@@ -4,7 +4,7 @@ A checkpoint is a folder `step-000123/` holding the trainable tensors (`model.sa
 only the adapter for LoRA), the optimizer/scheduler/RNG state (`train_state.pt`) and
 `meta.json`. It is written under a temporary name and renamed when complete, so a run killed
 mid-save leaves the previous checkpoints untouched, and resume never sees a half folder.
-Rotation keeps the newest `keep_last` plus the one with the best validation loss.
+Rotation keeps the newest `keep_last` plus the best one (by validation loss, or the --select-by metric).
 
 Under FSDP every rank writes its own pair of files (`model-rank00001-of-00004.safetensors`, ...)
 into the same temporary folder, and the main rank publishes it once all of them are complete.
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import as_given
+from engine.config import SELECT_BY, as_given
 from engine.data.fingerprint import changed_split
 from engine.outputs.publish import TMP_PREFIX, publish_folder, temporary
 from errors import UsageError
@@ -58,8 +58,10 @@ def save(
     meta: dict[str, Any],
     keep_last: int,
     shard: Shard = Shard(),
+    select_by: str = "val_loss",
 ) -> Path:
-    """Write checkpoint `step` into `folder` atomically, then rotate; returns its path.
+    """Write checkpoint `step` into `folder` atomically, then rotate, keeping the best by `select_by` (a name
+    `meta` records a value under); returns its path.
 
     With a `shard` of several ranks, every rank calls this with its own tensors and state.
     """
@@ -79,7 +81,7 @@ def save(
         (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step), indent=2))
         _fsync_folder(tmp)
         publish_folder(tmp, final)  # re-saving the same step after a resume replaces it whole
-        _rotate(folder, keep_last)
+        _rotate(folder, keep_last, select_by)
     shard.barrier()
     return final
 
@@ -105,13 +107,15 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
-def best(folder: Path) -> Path | None:
-    """The kept checkpoint with the lowest validation loss, if any recorded one; a damaged one is no candidate."""
+def best(folder: Path, by: str = "val_loss") -> Path | None:
+    """The kept checkpoint best by the value its meta records under `by` (a --select-by name), in that metric's
+    direction (SELECT_BY), the earliest of equals; None if none records one. A damaged one is no candidate."""
     scored = []
     for candidate in complete(folder):
         with contextlib.suppress(DamagedCheckpoint):
-            scored.append((read_meta(candidate).get("val_loss"), candidate))
-    scored = [(loss, c) for loss, c in scored if loss is not None]
+            scored.append((read_meta(candidate).get(by), candidate))
+    sign = -1 if SELECT_BY[by] == "higher" else 1
+    scored = [(sign * value, c) for value, c in scored if value is not None]
     return min(scored)[1] if scored else None
 
 
@@ -190,10 +194,10 @@ def restore_train_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def _rotate(folder: Path, keep_last: int) -> None:
+def _rotate(folder: Path, keep_last: int, select_by: str) -> None:
     checkpoints = complete(folder)
     keep = set(checkpoints[-keep_last:])
-    best_checkpoint = best(folder)
+    best_checkpoint = best(folder, select_by)
     if best_checkpoint is not None:
         keep.add(best_checkpoint)
     for checkpoint in checkpoints:

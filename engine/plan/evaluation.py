@@ -16,6 +16,9 @@ here, not its shard or stage. Its phases:
 - judge: the `--scorer` model's text decoder alone in the frozen dtype (eval/score.py), 8 texts at once
   as long as the longest answer (--max-new-tokens, or the longest reference if longer). With `--scorer
   self` the evaluated model scores its own answers one text at a time instead, before it is freed.
+
+With --select-by a text metric, the training model answers the select rows at every evaluation point as well
+(engine/select.py): `Selecting` is what it answers, which engine/plan/ranks.py traces beside what training holds.
 """
 
 import contextlib
@@ -36,6 +39,7 @@ from engine.data.sources import data_settings, load_splits
 from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
+from engine.strategies import Strategy
 from models.lazy import build_on_meta, materialize
 from models.load import config_and_processor
 
@@ -102,13 +106,7 @@ class Evaluation:
                 "judge_tokens": self.text_tokens, "scorer": self.config.scorer}
 
     def prompt(self, rows: int) -> dict[str, torch.Tensor]:
-        """`rows` copies of the widest prompt, as eval/generate.py batches them, with --max-new-tokens tokens
-        after it (text: the prompt's last token again stands for each)."""
-        prompt = dict(prompt_batch(self.processor, [self.widest] * rows))
-        answer = prompt["input_ids"][:, -1:].expand(-1, self.config.max_new_tokens)
-        prompt["input_ids"] = torch.cat([prompt["input_ids"], answer], dim=1)
-        prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(answer)], dim=1)
-        return prompt
+        return answered_prompt(self.processor, self.widest, rows, self.config.max_new_tokens)
 
     def evaluated_model(self) -> PreTrainedModel:
         """The trained model as evaluation loads it: QLoRA's NF4 base with its adapters beside it, else the
@@ -117,6 +115,49 @@ class Evaluation:
         if self.config.quantized:
             apply_approach(model, self.config, Runtime(CPU, precision=self.precision))
         return model.eval()
+
+
+class Selecting:
+    """What --select-by answers at every evaluation point (engine/select.py), for engine/plan/ranks.py to trace
+    beside what training holds: the widest prompt of the first --select-rows validation rows, answered
+    `rows(strategy)` at a time, each --max-new-tokens long."""
+
+    def __init__(self, config: TrainConfig, processor: ProcessorMixin, validation):
+        self.config, self.processor = config, processor
+        lengths = [prompt_batch(processor, [validation[i]])["input_ids"].shape[1]
+                   for i in range(min(config.select_rows, len(validation)))]
+        self.prompt_tokens = max(lengths)
+        self.widest = validation[lengths.index(self.prompt_tokens)]
+
+    def rows(self, strategy: Strategy) -> int:
+        """The rows a rank answers at once: its strategy's batch, or its share of the rows (r, r+N, ...) if fewer."""
+        return min(strategy.answer_batch_size, math.ceil(self.config.select_rows / strategy.data_ranks.world_size))
+
+    def prompt(self, rows: int) -> dict[str, torch.Tensor]:
+        return answered_prompt(self.processor, self.widest, rows, self.config.max_new_tokens)
+
+    def describe(self) -> dict:
+        return {"metric": self.config.select_by, "rows": self.config.select_rows, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.config.max_new_tokens}
+
+
+def selecting_plan(config: TrainConfig) -> Selecting | None:
+    """The plan of --select-by's answers; None under --select-by val_loss."""
+    if config.select_by == "val_loss":
+        return None
+    _, processor = config_and_processor(config.model)
+    configure_processor(processor, config)
+    return Selecting(config, processor, load_splits(**data_settings(config))["validation"])
+
+
+def answered_prompt(processor: ProcessorMixin, widest: dict, rows: int, new_tokens: int) -> dict[str, torch.Tensor]:
+    """`rows` copies of the `widest` row's prompt, as engine/greedy.py batches them, with `new_tokens` tokens after
+    it (text: the prompt's last token again stands for each)."""
+    prompt = dict(prompt_batch(processor, [widest] * rows))
+    answer = prompt["input_ids"][:, -1:].expand(-1, new_tokens)
+    prompt["input_ids"] = torch.cat([prompt["input_ids"], answer], dim=1)
+    prompt["attention_mask"] = torch.cat([prompt["attention_mask"], torch.ones_like(answer)], dim=1)
+    return prompt
 
 
 @functools.cache

@@ -16,7 +16,8 @@ Per rank: the bytes of parameters (by dtype), buffers, gradients and optimizer s
 between steps (everything still live after the optimizer step and zero_grad -- weights, optimizer
 state, DDP's buckets -- what torch.cuda.memory_allocated() says then); the peak, the most live at once
 during a step; and the activations at that peak: what the step had added by then, less the
-gradients (saved activations, gathered weights, communication buffers, temporaries, the batch).
+gradients (saved activations, gathered weights, communication buffers, temporaries, the batch); and with
+--select-by a text metric, the most held while the training model answers the select rows (`select_added`).
 """
 
 import collections
@@ -36,9 +37,11 @@ from engine.config import TrainConfig
 from engine.metrics import memory_breakdown
 from engine.optim.optimizer import optimizer_for
 from engine.plan.cuda_rules import cuda_autocast, cuda_dropout
+from engine.plan.evaluation import Selecting, answer
 from engine.plan.memory_trace import CUDA_BLOCK, MemoryTrace, RealShapes
 from engine.precision import Precision
 from engine.runtime import Runtime
+from engine.select import evaluating
 from engine.step import train_step
 from engine.strategies import FSDP, STRATEGIES, PipelineParallel, Strategy, strategy_for
 from models.lazy import build_on_meta
@@ -63,19 +66,22 @@ class RankPlan:
     model_bytes: int  # the whole model in the frozen weights' dtype: a full export, or OUT/base
     export_bytes: int  # OUT/final: the whole model, or the adapter
     export_peak_bytes: int  # the most held while OUT/final is written: what training holds, and the export's copies
+    select_peak_bytes: int  # --select-by a text metric: the most held while answering the select rows; else 0
 
 
-def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], gpu: bool) -> list[RankPlan]:
-    """Each rank's plan for one step on `batch` (one rank's micro-batch; a pipeline's whole batch).
-    Replicas and shards are alike, so rank 0 stands for all of them; pipeline stages are each planned."""
+def plan_ranks(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], gpu: bool,
+               selecting: Selecting | None = None) -> list[RankPlan]:
+    """Each rank's plan for one step on `batch` (one rank's micro-batch; a pipeline's whole batch), and for
+    `selecting`'s answers. Replicas and shards are alike, so rank 0 stands for all of them; pipeline stages are
+    each planned."""
     world = config.gpus or 1
     ranks = range(1) if STRATEGIES[config.parallel].alike_ranks else range(world)
-    plans = [plan_rank(config, precision, batch, rank, world, gpu) for rank in ranks]
+    plans = [plan_rank(config, precision, batch, rank, world, gpu, selecting) for rank in ranks]
     return [dataclasses.replace(plans[0], rank=rank) for rank in range(world)] if len(plans) == 1 else plans
 
 
 def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.Tensor], rank: int, world: int,
-              gpu: bool) -> RankPlan:
+              gpu: bool, selecting: Selecting | None = None) -> RankPlan:
     model, _ = build_on_meta(config.model, precision.frozen_dtype, config.attn_implementation)
     # A GPU run with --optimizer-offload cpu keeps the masters and moments in host memory and steps there.
     on_host = gpu and config.optimizer_offload == "cpu"
@@ -91,6 +97,7 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
         optimizer = trace.ignoring(make) if on_host else make()
         steps = [traced_step(trace, strategy, optimizer, batch, config, on_host) for _ in range(2)]
         held = trace.live  # between steps, as torch.cuda.memory_allocated() after one
+        select_peak = held + select_added(trace, strategy, selecting) if selecting else 0
         export_peak = held + export_added(trace, strategy, precision, config.trains_adapter)
         by_dtype = collections.Counter()
         for p in (p for part in strategy.parts for p in part.parameters()):
@@ -108,7 +115,8 @@ def plan_rank(config: TrainConfig, precision: Precision, batch: dict[str, torch.
                     host_optimizer_bytes=memory["optimizer_bytes"] - optimizer_bytes, held_bytes=held,
                     activation_bytes=activations, peak_bytes=peak,
                     checkpoint_bytes=memory["grad_bytes"] + memory["optimizer_bytes"] if writes else 0,
-                    model_bytes=model_bytes, export_bytes=export, export_peak_bytes=export_peak)
+                    model_bytes=model_bytes, export_bytes=export, export_peak_bytes=export_peak,
+                    select_peak_bytes=select_peak)
 
 
 @dataclasses.dataclass
@@ -172,6 +180,23 @@ def export_added(trace: MemoryTrace, strategy: Strategy, precision: Precision, a
             cast(unit)
     elif strategy.runtime.is_main and not adapter:
         cast(strategy.model.state_dict())
+    return trace.peak - before
+
+
+def select_added(trace: MemoryTrace, strategy: Strategy, selecting: Selecting) -> int:
+    """What answering the select rows at an evaluation point adds to what training holds (engine/select.py: the
+    training model in evaluation mode, its own forward), planned as evaluation's generate phase is: a prefill over
+    the widest select prompt and all its new tokens, the KV cache at its full length (engine/plan/evaluation.py
+    `answer`); for a pipeline, whose stages keep no cache, one forward of that whole sequence, stage by stage."""
+    gc.collect()  # the step's reference cycles go now, not at a moment inside the answers that the count would miss
+    before = trace.live
+    trace.at_peak_of(lambda: 0)
+    prompt = {key: value.clone() for key, value in selecting.prompt(selecting.rows(strategy)).items()}
+    with evaluating(strategy.parts), torch.no_grad():
+        if isinstance(strategy, PipelineParallel):
+            strategy.next_token(selecting.processor, prompt)
+        else:
+            answer(strategy.model, prompt)
     return trace.peak - before
 
 

@@ -3,9 +3,9 @@
 A strategy owns everything that differs between the ways of spreading a run over ranks, so the
 training loop (engine/trainer.py) asks none of it: which weights this rank materialises, how the
 model is prepared (wrapped, sharded, split), forward+backward of a step's micro-batches, the
-validation loss, clipping by the global gradient norm, which ranks split the data, what this
-rank's checkpoint files hold, the final export and its rows of summary.json. The other strategies
-(ddp.py, fsdp.py, pipeline.py) override only what they change.
+validation loss, greedy answers while training (--select-by), clipping by the global gradient norm,
+which ranks split the data, what this rank's checkpoint files hold, the final export and its rows of
+summary.json. The other strategies (ddp.py, fsdp.py, pipeline.py) override only what they change.
 """
 
 import contextlib
@@ -19,6 +19,7 @@ from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import apply_approach, load_whole, load_without_weights, quantizing
 from engine.config import TrainConfig
 from engine.data.collate import Collator
+from engine.greedy import answer_rows
 from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts, quantized_summary
 from engine.outputs import checkpoint
@@ -35,6 +36,7 @@ class Strategy:
     one_rank = True  # runs on one device: more ranks are refused
     alike_ranks = True  # every rank holds and allocates the same (replicas, shards): one stands for all in a plan
     whole_model_per_rank = True  # each rank holds every weight (more GPUs make no room for a larger model)
+    collective_forward = False  # a forward takes every rank (FSDP's gathers): all must run as many forwards
 
     @classmethod
     def batch_multiple(cls, config: TrainConfig) -> int:
@@ -141,6 +143,31 @@ class Strategy:
                 count += answer_token_count(batch["labels"])
         return self.data_ranks.sum_over_ranks(loss_sum) / max(1, self.data_ranks.sum_over_ranks(count))
 
+    def answer(self, processor: ProcessorMixin, rows: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy answers to `rows` (engine/greedy.py), in order, the same list on every rank: each data rank
+        answers rows r, r+N, ..., `answer_batch_size` at a time, and the answers are gathered. Where a forward is
+        a collective (`collective_forward`), every rank answers as many batches, each in as many forwards: a rank
+        whose rows have run out answers the first row again and drops the answer."""
+        ranks, size = self.data_ranks, self.answer_batch_size
+        mine = rows[ranks.rank::ranks.world_size]
+        most = -(-len(rows) // ranks.world_size) if self.collective_forward else len(mine)
+        answers = []
+        for start in range(0, most, size):
+            batch = mine[start:start + size]
+            answers += self.answer_batch(processor, batch or rows[:1], max_new_tokens)[:len(batch)]
+        shares = ranks.gather(answers)
+        return [shares[i % ranks.world_size][i // ranks.world_size] for i in range(len(rows))]
+
+    @property
+    def answer_batch_size(self) -> int:
+        return self.config.batch_size
+
+    def answer_batch(self, processor: ProcessorMixin, rows: list[dict], max_new_tokens: int) -> list[str]:
+        """One batch's answers by transformers' generate, through the model's forward and all that wraps it (in
+        step with the other ranks where that forward is a collective)."""
+        return answer_rows(self.model, processor, rows, max_new_tokens, self.runtime.device,
+                           synced=self.collective_forward)
+
     def eval_loss(self, batch: dict) -> float:
         """The summed loss of one whole validation batch, which every rank of `data` has."""
         return float(self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}))
@@ -171,7 +198,8 @@ class Strategy:
 
     def save_checkpoint(self, folder: Path, step: int, train_state: dict, meta: dict, keep_last: int) -> None:
         if self.writes_checkpoints:
-            checkpoint.save(folder, step, self.trainable_state(), train_state, meta, keep_last, self.shard)
+            checkpoint.save(folder, step, self.trainable_state(), train_state, meta, keep_last, self.shard,
+                            self.config.select_by)
 
     def load_checkpoint(self, path: Path, fingerprint: dict, with_train_state: bool = True) -> tuple[dict | None, dict]:
         """Copies this rank's trainable tensors from checkpoint `path`; returns (train state, or None without
@@ -189,14 +217,17 @@ class Strategy:
                 param.copy_(tensors[name])
         return state, meta
 
-    def export_final(self, processor: ProcessorMixin, fingerprint: dict) -> None:
-        """OUT/final: the best checkpoint's weights (lowest validation loss) or the last ones; for an
-        adapter, a PEFT folder whose base is OUT/base (tiny) or the model's id or folder."""
+    def export_final(self, processor: ProcessorMixin, fingerprint: dict) -> dict | None:
+        """OUT/final: the best checkpoint's weights (by --select-by) or the last ones; for an adapter, a PEFT
+        folder whose base is OUT/base (tiny) or the model's id or folder. Returns the best checkpoint's meta, or
+        None where the last weights went out."""
         config = self.config
-        best = checkpoint.best(config.out / "checkpoints") if config.final == "best" else None
+        best = checkpoint.best(config.out / "checkpoints", config.select_by) if config.final == "best" else None
+        meta = None
         if best is not None:
-            self.load_checkpoint(best, fingerprint, with_train_state=False)  # the live optimizer is still held
+            _, meta = self.load_checkpoint(best, fingerprint, with_train_state=False)  # the optimizer is still held
         self.export(config.out / "final", processor, recorded_base(config) if config.trains_adapter else None)
+        return meta
 
     def export(self, folder: Path, processor: ProcessorMixin, adapter_base: str | None) -> None:
         """OUT/final: a PEFT adapter folder on `adapter_base` when an adapter trained, else the

@@ -34,6 +34,7 @@ class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
     min_ranks = 2
     one_rank = False
     whole_model_per_rank = False
+    collective_forward = True
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)

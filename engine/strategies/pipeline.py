@@ -2,13 +2,17 @@
 and reads only that stage's weights; every rank has the whole batch, cut into micro-batches that
 flow through the stages (parallel/pipeline.py)."""
 
+import contextlib
+import functools
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from engine.config import TrainConfig
+from engine.greedy import answer_by_steps, greedy_token
 from engine.loss import answer_loss
 from engine.outputs import checkpoint
 from engine.outputs.export import export_adapter, persistent_buffers, piece_file, save_piece, write_index_and_config
@@ -68,6 +72,25 @@ class PipelineParallel(ReadsOwnPiece):
     def eval_loss(self, batch: dict) -> float:
         return self.pipeline.evaluate(self.micro_batches(batch))
 
+    @property
+    def answer_batch_size(self) -> int:
+        return 1  # a stage counts positions from the first column (models/stages.py): a left-padded row would shift
+
+    def answer_batch(self, processor: ProcessorMixin, rows: list[dict], max_new_tokens: int) -> list[str]:
+        """A row's answer stage by stage: no stage keeps a cache, so every new token passes the whole sequence
+        through the pipeline (`next_token`)."""
+        return [answer_by_steps(functools.partial(self.next_token, processor), processor, rows[0], max_new_tokens,
+                                self.runtime.device, synced=self.collective_forward)]
+
+    def next_token(self, processor: ProcessorMixin, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's greedy next token, which the last stage picks (`greedy_token`) where in training it computes
+        the loss, and every rank of the pipeline gets, so that all stop together."""
+        own = self.parts[0]
+        # labels: what the last stage hands its loss function, here the picker, which reads none.
+        batch = dict(batch, labels=None)
+        with picking_tokens(own, processor) if own.last else contextlib.nullcontext():
+            return self.pipeline.infer(batch, batch["input_ids"].shape[:1], torch.int64)
+
     def micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`batch` cut into --micro-batches pieces of rows (fewer if it has fewer rows)."""
         pieces = {key: value.to(self.runtime.device).chunk(self.config.micro_batches) for key, value in batch.items()}
@@ -126,3 +149,13 @@ class PipelineParallel(ReadsOwnPiece):
 
     def run_report(self) -> dict:
         return {"theoretical_bubble": bubble(self.stages, self.config.micro_batches * self.config.grad_accum)}
+
+
+@contextlib.contextmanager
+def picking_tokens(last: Stage, processor: ProcessorMixin) -> Iterator[None]:
+    """The last stage returns the greedy next token of each row's last position in place of the loss."""
+    loss, last.loss = last.loss, lambda hidden, head, labels: greedy_token(head(hidden[:, -1]), processor)
+    try:
+        yield
+    finally:
+        last.loss = loss

@@ -23,6 +23,8 @@ from parallel import fsdp
 
 
 class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
+    collective_forward = True  # a stage's forward gathers from the same stage of the other pipelines
+
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
         world, stages = runtime.world_size, config.stages
