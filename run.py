@@ -7,6 +7,7 @@
     python run.py ask --adapter runs/lora/final --image photo.jpg "Can you describe this exhibit?"
     python run.py score --csv results.csv --model ID --output rescored.csv
     python run.py report runs/lora runs/full              # a markdown table and an HTML page comparing runs
+    python run.py compare runs/lora runs/qlora            # each metric's gap, with its 95% interval: real or noise?
 """
 
 import argparse
@@ -65,7 +66,8 @@ def train_parser() -> argparse.ArgumentParser:
                "  merge      fold an adapter into its base\n"
                "  eval       answer and score the test split\n  ask        answer one question about one photo\n"
                "  score      re-score a results CSV\n"
-               "  report     compare runs: a markdown table and an HTML page",
+               "  report     compare runs: a markdown table and an HTML page\n"
+               "  compare    is run B better than run A? each metric's B - A with its 95% interval",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_training_flags(parser)
@@ -297,6 +299,26 @@ def report(args: argparse.Namespace) -> str:
     return f"written to {args.output / 'report.md'} and {args.output / 'index.html'} (open it in a browser)"
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py compare", description="Compare two runs over the test rows both "
+                                     "answered: each metric's mean with its 95% bootstrap interval, B - A with the "
+                                     "interval of the paired difference, and whether it shows a difference.")
+    parser.add_argument("a", type=Path, help="run A: a run folder (its eval/results.csv) or a results CSV")
+    parser.add_argument("b", type=Path, help="run B: a run folder or a results CSV")
+    parser.add_argument("--metric", nargs="+", help="the metrics to compare: score (1 - cosine) or per-row metrics "
+                                                    "of eval/metrics.py, such as token_f1 or item_named (default: "
+                                                    "every one both have; text metrics a file lacks are computed from "
+                                                    "its answers)")
+    add_number(parser, "--resamples", int, "bootstrap resamples (default: 10000)", 10_000, minimum=1000)
+    return parser
+
+
+def compare(args: argparse.Namespace) -> str:
+    from eval.compare import compare_results
+
+    return compare_results(args.a, args.b, args.metric, args.resamples)
+
+
 def plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py plan", description="Each rank's memory for a run (parameters, gradients, optimizer state, "
@@ -387,7 +409,8 @@ def data(args: argparse.Namespace) -> str:
 
 SUBCOMMANDS = {"plan": (plan_parser, plan), "data": (data_parser, data), "merge": (merge_parser, merge),
                "eval": (eval_parser, evaluate),
-               "ask": (ask_parser, ask), "score": (score_parser, score), "report": (report_parser, report)}
+               "ask": (ask_parser, ask), "score": (score_parser, score), "report": (report_parser, report),
+               "compare": (compare_parser, compare)}
 
 
 def subcommand(name: str, argv: list[str]) -> int:

@@ -42,7 +42,7 @@ def write_page(runs: list[Run], output: Path, scalars: Scalars) -> Path:
     drawn = {name: svg(figure) for name, figure in charts.items()}
     for name, figure in charts.items():
         scalars.figure(0, f"report/{name}", figure)
-    rows = matched_rows(runs)
+    rows = matched_rows([run.rows for run in runs])
     pictures, missing = thumbnails(rows, [data_of(run.config) for run in runs], output / PICTURES)
     page = output / "index.html"
     page.write_text(PAGE.substitute(

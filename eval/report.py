@@ -115,17 +115,17 @@ def distinct_names(folders: list[Path]) -> list[str]:
     raise UsageError(f"{folders[0]} is given twice; give each run once.")
 
 
-def matched_rows(runs: list[Run]) -> list[list[dict | None]]:
-    """The test rows of all runs, each with every run's record of it (None where a run has none): a row is the
-    same row in two runs when its id, picture, question and reference are (runs on different test sets share
-    none), and a row that repeats within a run is kept as often as it repeats."""
+def matched_rows(tables: list[list[dict]]) -> list[list[dict | None]]:
+    """The test rows of several runs' results (each run's records), each with every run's record of it (None where
+    a run has none): a row is the same row in two runs when its id, picture, question and reference are (runs on
+    different test sets share none), and a row that repeats within a run is kept as often as it repeats."""
     table: dict[tuple, list[dict | None]] = {}
-    for number, run in enumerate(runs):
+    for number, records in enumerate(tables):
         seen = collections.Counter()
-        for record in run.rows:
+        for record in records:
             key = tuple(record.get(column) for column in ROW_KEY)
             seen[key] += 1
-            table.setdefault((key, seen[key]), [None] * len(runs))[number] = record
+            table.setdefault((key, seen[key]), [None] * len(tables))[number] = record
     return list(table.values())
 
 

@@ -99,7 +99,7 @@ def test_cuda_without_a_gpu_is_an_error(monkeypatch):
 NEEDED = {"plan": [], "data": [], "eval": ["--model", "tiny"],
           "ask": ["--model", "tiny", "--image", "x.jpg", "What is it?"],
           "score": ["--csv", "x.csv", "--model", "tiny", "--output", "y.csv"], "merge": ["--adapter", "a", "--output",
-          "b"], "report": ["run"]}
+          "b"], "report": ["run"], "compare": ["a.csv", "b.csv"]}
 UNBOUNDED_ABOVE = {"max_grad_norm"}  # inf is a declared value: no clipping
 
 
@@ -137,7 +137,7 @@ def test_every_numeric_flag_of_every_command_has_a_range_that_refuses_in_one_sen
 
     monkeypatch.chdir(tmp_path)
     flags = numeric_flags()
-    assert {command for command, *_ in flags} == {"train", "plan", "data", "eval", "ask"}
+    assert {command for command, *_ in flags} == {"train", "plan", "data", "eval", "ask", "compare"}
     for command, flag, kind, bounds in flags:
         assert any(bounds[key] is not None for key in ("minimum", "above", "maximum", "below")), flag
         if kind is float and flag.removeprefix("--").replace("-", "_") not in UNBOUNDED_ABOVE:
