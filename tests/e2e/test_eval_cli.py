@@ -95,8 +95,9 @@ def test_evaluation_after_training_shows_every_row_scored_before_and_after(runs,
     config = from_approach("lora", model="tiny", limit_exhibits=2, batch_size=2, max_new_tokens=4,
                            output_dir=str(out), device="cpu")
     runtime = Runtime(torch.device("cpu"))
-    results = evaluation.evaluate_run(trained_run(config.resolved(gpu=False), runtime), runtime,
-                                      Scalars(out / "tensorboard"), 3)
+    scalars = Scalars(out / "tensorboard")
+    results = evaluation.evaluate_run(trained_run(config.resolved(gpu=False), runtime), runtime, scalars, 3)
+    scalars.close()  # as the run closes its writer: every event on disk
     shown = capsys.readouterr()
     rows = read_results(out / "eval" / "results.csv")
     lines = shown.out.splitlines()
