@@ -18,7 +18,8 @@ from engine.outputs.folder import run_config
 from engine.outputs.publish import temporary
 from errors import UsageError
 from eval.answers_table import NAMES
-from eval.metrics import set_metrics, text_metrics
+from eval.bootstrap import mean_interval
+from eval.metrics import ROW_METRICS, set_metrics, text_metrics
 from eval.results_csv import read_results
 
 MARK = "museft-report.json"  # written first into every report folder: what makes a folder a report of ours
@@ -37,7 +38,7 @@ ORIGINAL = [
     ("full_fsdp", "4x A6000 48G", 0.596, 0.030),
     ("GPT-4o (no fine-tuning)", "API", None, 0.323),
 ]
-ANSWERS = "Answers (1 is best; a mean rank 1):"  # the second table's title
+ANSWERS = "Answers (1 is best; a mean rank 1), with 95% intervals over the test rows:"  # the second table's title
 REPORTED = ("token_f1", "rouge_l", "chrf", "item_named", "retrieval_top1", "retrieval_mean_rank", "distinct_answers")
 ROW_KEY = ("data_id", "image_name", "user_question", "ground_truth_answer")  # what makes two runs' rows one row
 COLUMNS = ("run", "approach", "ranks", "score before → after (scorer)", "train time", "peak memory per rank",
@@ -163,14 +164,35 @@ def _markdown(row: list[str]) -> str:
 
 
 def answers_rows(runs: list[Run]) -> list[list[str]]:
-    """The header, then each evaluated run's answer metrics (eval/metrics.py): results.json's means, or, for a
-    results file written before the metrics, the text metrics computed from its answers."""
+    """The header, then each evaluated run's answer metrics (eval/metrics.py), each mean with its 95% bootstrap
+    interval over the test rows where it is a mean of rows: from results.csv's columns, or, for a results file
+    written before the metrics, the text metrics computed from its answers."""
     evaluated = [run for run in runs if run.scores is not None]
     rows = [["run", *(NAMES[name] for name in REPORTED)]] if evaluated else []
     for run in evaluated:
-        means = run.scores.get("metrics") or set_metrics(run.rows, text_metrics(run.rows))
-        rows.append([run.name, *(f"{means[name]:.3f}" if name in means else "—" for name in REPORTED)])
+        per_row = per_row_metrics(run.rows)
+        means = set_metrics(run.rows, per_row)
+        cells = []
+        for name in REPORTED:
+            values = per_row.get("retrieval_rank" if name == "retrieval_mean_rank" else name)
+            if name == "retrieval_top1" and "retrieval_rank" in per_row:
+                values = [float(rank == 1) for rank in per_row["retrieval_rank"]]
+            if name not in means:
+                cells.append("—")
+            elif values is None:
+                cells.append(f"{means[name]:.3f}")
+            else:
+                _, low, high = mean_interval(values)
+                cells.append(f"{means[name]:.3f} [{low:.3f}, {high:.3f}]")
+        rows.append([run.name, *cells])
     return rows
+
+
+def per_row_metrics(rows: list[dict]) -> dict[str, list[float]]:
+    """results.csv's per-row metric columns, the text ones computed from the answers where the file lacks them."""
+    computed = text_metrics(rows)
+    return {name: [float(row[name]) for row in rows] if name in rows[0] else computed[name]
+            for name in ROW_METRICS if name in rows[0] or name in computed}
 
 
 def _number(value: float | None) -> str:
