@@ -111,7 +111,11 @@ def setup(config: TrainConfig, score: Score | None) -> Run:
     from the last checkpoint on --resume."""
     runtime = setup_runtime(config)
     config = config.resolved(gpu=runtime.device.type == "cuda")
-    prepare_for_run(config.out, config.resume, config.overwrite, runtime)  # before anything loads
+    # The data first: a refusal of it leaves the output folder as it was, even under --overwrite.
+    splits = load_splits(**data_settings(config))
+    described = check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
+    selection = selection_for(config, splits["validation"], score)  # --select-rows checked before the model loads
+    prepare_for_run(config.out, config.resume, config.overwrite, runtime)  # before the model loads
     # Same seed on every rank and in every world size: adapters start identical, dropout matches.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -119,9 +123,6 @@ def setup(config: TrainConfig, score: Score | None) -> Run:
         refuse_finished(config.out)
     if config.tensorboard and runtime.is_main:
         check_port_free(config.tensorboard_port)  # before any work, not after loading 8B weights
-    splits = load_splits(**data_settings(config))
-    described = check_data(splits, config, config.model)  # every image decodes, every row fits: before the model loads
-    selection = selection_for(config, splits["validation"], score)  # --select-rows checked before the model loads
     if runtime.is_main:
         print(described)  # what --image-longest-edge and --image-splitting cost a row, before any weight loads
     strategy = strategy_for(config, runtime)

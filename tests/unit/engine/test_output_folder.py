@@ -245,3 +245,15 @@ def test_every_file_a_run_publishes_has_the_mode_the_umask_gives(tmp_path, monke
             assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
         for path in (final / "shards" / "model.safetensors", tmp_path / f"w-{umask:o}.safetensors"):
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_overwrite_with_data_the_run_refuses_leaves_the_old_run_as_it_was(tmp_path):
+    """The data is checked before --overwrite empties anything: a refused data set costs the old run nothing."""
+    out = _run_folder(tmp_path / "run")
+    data = tmp_path / "dialogs.jsonl"
+    data.write_text('{"question": "What is it?", "answer": "A vase."}\nnot json\n')
+    before = snapshot(tmp_path)
+    result = run_cli("--approach", "lora", "--model", "tiny", *CHEAP, "--dataset", str(data), "--split-by", "row",
+                     "--overwrite", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 2 and "line 2" in result.stderr, result.stderr[-2000:]
+    assert snapshot(tmp_path) == before
