@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.bootstrap import mean_interval
-from eval.compare import BETTER, SCORE_METRIC, compared, interval, metric_values, paired_positions
-from eval.results_csv import read_results
+from eval.compare import BETTER, compared, interval, paired_positions
+from eval.results_csv import SCORE_METRIC, metric_values, read_results
 
 SEED_RESULTS = Path(__file__).resolve().parent.parent / "eval" / "seed_results"
 GPT4O = "GPT-4o (no fine-tuning)"

@@ -8,19 +8,16 @@ original's layout. The metrics are the score and every per-row metric of eval/me
 a file written before the text metrics existed (the original's) gets them computed from its answers.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UsageError
 from eval.bootstrap import mean_interval, paired_difference, verdict
-from eval.metrics import ROW_METRICS, text_metrics
+from eval.metrics import ROW_METRICS
 from eval.report import ROW_KEY, matched_rows
-from eval.results_csv import SCORE, read_results
+from eval.results_csv import SCORE, SCORE_METRIC, metric_values, read_results
 
-SCORE_METRIC = "score"  # SCORE's name in --metric and in the table: 1 - cosine
 BETTER = {SCORE_METRIC: "lower", **ROW_METRICS}  # every metric compare knows, in the table's order
-COLUMNS = {SCORE_METRIC: SCORE, **{name: name for name in ROW_METRICS}}  # metric -> its results.csv column
 NEEDED = (*ROW_KEY, "model_generated_answer", SCORE)  # besides read_results' own: pairing, text metrics, score
 
 
@@ -94,30 +91,6 @@ def paired_positions(rows_a: list[dict], rows_b: list[dict]) -> list[tuple[int, 
     where_b = {id(row): index for index, row in enumerate(rows_b)}
     return [(where_a[id(row_a)], where_b[id(row_b)]) for row_a, row_b in matched_rows([rows_a, rows_b])
             if row_a is not None and row_b is not None]
-
-
-def metric_values(rows: list[dict[str, str]], file: Path) -> dict[str, list[float]]:
-    """Each metric the rows of `file` give, per row, in BETTER's order: the columns the file has, and the text
-    metrics computed from the answers where it lacks them."""
-    computed = text_metrics(rows) if any(column not in rows[0] for column in COLUMNS.values()) else {}
-    values = {}
-    for name, column in COLUMNS.items():
-        if column in rows[0]:
-            values[name] = [number(row, column, file) for row in rows]
-        elif name in computed:
-            values[name] = computed[name]
-    return values
-
-
-def number(row: dict[str, str], column: str, file: Path) -> float:
-    try:
-        value = float(row[column])
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise UsageError(f"{file}: the {column} of its row data_id={row['data_id']} is {row[column]!r}, not a "
-                         f"finite number.")
-    return value
 
 
 def paired_line(paired: int, rows_a: int, rows_b: int) -> str:

@@ -19,8 +19,8 @@ from engine.outputs.publish import temporary
 from errors import UsageError
 from eval.answers_table import NAMES
 from eval.bootstrap import mean_interval
-from eval.metrics import ROW_METRICS, set_metrics, text_metrics
-from eval.results_csv import read_results
+from eval.metrics import set_metrics
+from eval.results_csv import SCORE_METRIC, metric_values, read_results
 
 MARK = "museft-report.json"  # written first into every report folder: what makes a folder a report of ours
 
@@ -170,7 +170,8 @@ def answers_rows(runs: list[Run]) -> list[list[str]]:
     evaluated = [run for run in runs if run.scores is not None]
     rows = [["run", *(NAMES[name] for name in REPORTED)]] if evaluated else []
     for run in evaluated:
-        per_row = per_row_metrics(run.rows)
+        per_row = metric_values(run.rows, run.folder / "eval" / "results.csv")
+        per_row.pop(SCORE_METRIC, None)  # the first table's
         means = set_metrics(run.rows, per_row)
         cells = []
         for name in REPORTED:
@@ -186,13 +187,6 @@ def answers_rows(runs: list[Run]) -> list[list[str]]:
                 cells.append(f"{means[name]:.3f} [{low:.3f}, {high:.3f}]")
         rows.append([run.name, *cells])
     return rows
-
-
-def per_row_metrics(rows: list[dict]) -> dict[str, list[float]]:
-    """results.csv's per-row metric columns, the text ones computed from the answers where the file lacks them."""
-    computed = text_metrics(rows)
-    return {name: [float(row[name]) for row in rows] if name in rows[0] else computed[name]
-            for name in ROW_METRICS if name in rows[0] or name in computed}
 
 
 def _number(value: float | None) -> str:

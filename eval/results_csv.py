@@ -6,17 +6,24 @@ ground_truth_answer, semantic_similarity_score`), then a row whose `item_name` i
 `average_semantic_similarity_score`, whose score is the mean rounded to 3 places, and whose other
 cells are empty. pandas' `to_csv` is the csv module with "\\n" line ends and minimal quoting, which
 is what we write, so an original file read and written back comes out byte for byte the same.
+Our files add eval/metrics.py's per-row columns after the score; `metric_values` reads every metric a file
+gives, computing the text ones from the answers of a file that has none (the original's), for the report and
+`run.py compare` alike.
 """
 
 import csv
+import math
 from pathlib import Path
 
 from engine.outputs.publish import write_file
 from errors import UsageError
+from eval.metrics import ROW_METRICS, text_metrics
 
 SCORE = "semantic_similarity_score"
 AVERAGE = "average_semantic_similarity_score"
 REQUIRED = ("item_name", "model_generated_answer", "ground_truth_answer")
+SCORE_METRIC = "score"  # SCORE's name as a metric (run.py compare --metric, the tables): 1 - cosine
+COLUMNS = {SCORE_METRIC: SCORE, **{name: name for name in ROW_METRICS}}  # metric -> its column
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -74,3 +81,27 @@ def write_results(path: Path, rows: list[dict], scores: list[float],
 
 def _cell(value: float) -> str:
     return f"{value:.4g}"
+
+
+def metric_values(rows: list[dict[str, str]], file: Path) -> dict[str, list[float]]:
+    """Each metric the rows of `file` give, per row, in COLUMNS' order: the columns the file has, and the text
+    metrics computed from the answers where it lacks them."""
+    computed = text_metrics(rows) if any(column not in rows[0] for column in COLUMNS.values()) else {}
+    values = {}
+    for name, column in COLUMNS.items():
+        if column in rows[0]:
+            values[name] = [number(row, column, file) for row in rows]
+        elif name in computed:
+            values[name] = computed[name]
+    return values
+
+
+def number(row: dict[str, str], column: str, file: Path) -> float:
+    try:
+        value = float(row[column])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"{file}: the {column} of its row data_id={row['data_id']} is {row[column]!r}, not a "
+                         f"finite number.")
+    return value
