@@ -226,8 +226,9 @@ def ask(args: argparse.Namespace) -> str:
     if token:
         raise UsageError(f"the question holds {token!r}, which the tokenizer reads as one of the model's special "
                          f"tokens; remove or reword it.")
+    from engine.greedy import answer_rows
     from eval.evaluate import load_evaluated
-    from eval.generate import answer_rows, question_row
+    from eval.generate import question_row
 
     device = pick_device(args.device, 1)
     model, processor = load_evaluated(args.model, args.adapter, device)

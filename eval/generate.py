@@ -12,9 +12,7 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from engine.data.prompts import question_and_reference
-from engine.greedy import answer_rows, generate_ids
-
-__all__ = ["answer_rows", "generate_answers", "generate_ids", "question_row"]  # the decoding's, given on from here
+from engine.greedy import answer_rows
 
 
 def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, rows: Sequence[dict], *,

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import engine.plan.ranks
 import models
 from engine.config import from_approach
+from engine.greedy import generate_ids
 from engine.optim.optimizer import optimizer_for
 from engine.plan.cuda_rules import cuda_autocast
 from engine.plan.evaluation import evaluation_plan
@@ -27,7 +28,6 @@ from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from engine.strategies import STRATEGIES, strategy_for
 from errors import UsageError
-from eval.generate import generate_ids
 from eval.score import load_judge, similarity_scores
 from tests.harness import assert_one_sentence, run_cli, spawn
 

@@ -11,9 +11,10 @@ import torch
 
 from engine.data.prompts import prompt_batch
 from engine.data.standin_images import standin_image
+from engine.greedy import generate_ids
 from errors import UsageError
 from eval.answers_table import WIDTH, answers_table, score_line
-from eval.generate import generate_answers, generate_ids, question_row
+from eval.generate import generate_answers, question_row
 from eval.results_csv import AVERAGE, SCORE, average_score, read_results, write_results
 from eval.score import load_judge, similarity_scores
 from harness import SEED_RESULTS
