@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from results_page import replace_part
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WIDTH = 100  # the prose's line length, as the rest of RESULTS.md
@@ -84,15 +86,6 @@ def section(rows: list[str], date: str) -> str:
                       textwrap.fill(READING, WIDTH), ""])
 
 
-def write(text: str) -> None:
-    page = BENCH / "RESULTS.md"
-    before, found, rest = page.read_text().partition(SECTION)
-    if not found:
-        sys.exit(f"{page} has no {SECTION!r} part to replace.")
-    after = rest.partition("\n### ")
-    page.write_text(before + text + (f"\n### {after[2]}" if after[1] else ""))
-
-
 def main() -> None:
     rows = []
     for what, flags in DEMOS:
@@ -100,7 +93,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="museft-demo-") as folder:
             rows.append(row(what, flags, run(flags, Path(folder))))
         print(rows[-1], flush=True)
-    write(section(rows, datetime.date.today().isoformat()))
+    replace_part(SECTION, section(rows, datetime.date.today().isoformat()))
 
 
 if __name__ == "__main__":

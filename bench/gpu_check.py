@@ -1,14 +1,14 @@
 """One command that checks a GPU in minutes: `python bench/gpu_check.py [--out DIR]`.
 
-Random weights at Idefics2-8B's real widths with 2 text and 2 vision layers (models/idefics2_8b_config.json,
-cut), run as a user runs them (`run.py` in subprocesses): lora, qlora and full (`--precision bf16 --optimizer
-adamw8bit`), each for 1 step, stopped, resumed to step 2, exported, and answering and scoring 4 test rows;
-with 2 or more GPUs also lora_ddp, full_fsdp and a 1F1B pipeline on 2 ranks (NCCL). Beside them: the NF4 and
-8-bit block kernels against their CPU results; parallel/ddp.py and parallel/fsdp.py on a one-rank NCCL group
-against the bare model; each run's measured peak in each phase (training, export, generating, judging:
-torch.cuda.max_memory_allocated, reset as each starts, in summary.json) against `run.py plan`'s, within 10%;
-and the time a step waits for its batches against the step's. Prints a table, writes OUT/gpu_check.json, and
-exits 1 if any check failed.
+Random weights at Idefics2-8B's real widths with 2 text and 2 vision layers (models/idefics2_8b_config.json, cut),
+run as a user runs them (`run.py` in subprocesses): lora, qlora and full (`--precision bf16 --optimizer adamw8bit`),
+each for 1 step, stopped, resumed to step 2, exported, and answering and scoring 4 test rows; with 2 or more GPUs
+also lora_ddp, full_fsdp and a 1F1B pipeline on 2 ranks (NCCL). Beside them: the NF4 and 8-bit block kernels against
+their CPU results; parallel/ddp.py and parallel/fsdp.py on a one-rank NCCL group against the bare model; each run's
+measured peak in each phase (training, export, generating, judging: torch.cuda.max_memory_allocated, reset as each
+starts, in summary.json) against `run.py plan`'s, within 10%; the time a step waits for its batches against the
+step's; and the host syncs left in a step, by CUDA's count. Prints a table, writes OUT/gpu_check.json, and exits 1
+if any check failed.
 
 `--tiny` is the same on the CPU with the built-in tiny model (tests/e2e/test_gpu_check.py runs it), where the
 CUDA-only checks report `skip`: the script cannot rot where no GPU is.
@@ -161,12 +161,60 @@ def check_kernels(device: str) -> dict:
     return {"result": "pass" if ok else "fail", "nf4_max_diff": nf4_diff, "blockwise_8bit_max_diff": block_diff}
 
 
+def check_host_syncs(device: str, out: Path) -> dict:
+    """What a LoRA step of the tiny model (images, 2 micro-batches) still makes the host wait for, by CUDA's own
+    count (torch.cuda.set_sync_debug_mode): after a first step, the syncs of 3 steps, by the innermost code that
+    asked, ours or a library's. The engine's own is one a step (engine/step.py reads the loss, norm and tokens
+    together); tests/unit/engine/test_host_syncs.py holds the CPU to that."""
+    if device != "cuda":
+        return {"result": "skip", "why": "no GPU"}
+    import collections
+    import traceback
+    import warnings
+
+    from engine.config import from_approach
+    from engine.data.collate import Collator
+    from engine.data.sources import data_settings, load_splits
+    from engine.optim.optimizer import optimizer_for
+    from engine.runtime import Runtime
+    from engine.step import train_step
+    from engine.strategies import strategy_for
+
+    config = from_approach("lora", model="tiny", device="cuda", limit_exhibits=4, grad_accum=2,
+                           output_dir=str(out / "host_syncs")).resolved(gpu=True)
+    strategy = strategy_for(config, Runtime(torch.device("cuda")))
+    collate = Collator(strategy.build(config.base_copy))
+    optimizer = optimizer_for(config, strategy.runtime.precision, strategy.parameters(), 1e-4)
+    train = load_splits(**data_settings(config))["train"]
+    batches = [collate([train[0], train[1]]), collate([train[2], train[3]])]
+    train_step(strategy, optimizer, batches, config.max_grad_norm)  # the first: optimizer state, kernels chosen
+    sites = collections.Counter()
+
+    def asked(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+        sites[f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "?"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = asked
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                train_step(strategy, optimizer, batches, config.max_grad_norm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = sum(count for site, count in sites.items() if site.startswith(("step.py", "base.py", "loss.py", "ddp.py")))
+    return {"result": "pass" if ours <= 3 else "fail", "syncs per step": sum(sites.values()) / 3,
+            "ours per step": ours / 3, "sites": dict(sites.most_common(6))}
+
+
 def checks(tiny: bool, out: Path) -> dict[str, Callable[[], dict]]:
     device = "cpu" if tiny else "cuda"
     model = "tiny" if tiny else few_layer_8b(out)
     gpus = 0 if tiny else torch.cuda.device_count()
     table: dict[str, Callable[[], dict]] = {"kernels: NF4 and 8-bit, GPU vs CPU": lambda: check_kernels(device),
-                                            "ddp and fsdp on a one-rank group": lambda: check_one_rank_group(device)}
+                                            "ddp and fsdp on a one-rank group": lambda: check_one_rank_group(device),
+                                            "host syncs of a LoRA step": lambda: check_host_syncs(device, out)}
     for name, (flags, ranks) in RUNS.items():
         if ranks > 1 and (tiny or gpus < ranks):  # the CPU ranks' equivalence is the test suite's
             table[name] = lambda ranks=ranks: {"result": "skip", "why": f"needs {ranks} GPUs"}

@@ -98,7 +98,7 @@ def _ours(model_stage: Stage, schedule: str, batch: dict, micro_batches: int, di
     chunks = [{key: value.chunk(micro_batches)[i] for key, value in batch.items()} for i in range(micro_batches)]
 
     def step() -> tuple[float, float]:
-        loss = pipeline.train_step(chunks, divisor)
+        loss = float(pipeline.train_step(chunks, divisor))  # the step's one wait, as the engine's caller makes it
         return loss, pipeline.last_idle_fraction
 
     return step

@@ -44,12 +44,15 @@ def generate_ids(model: PreTrainedModel, processor: ProcessorMixin, rows: list[d
     have (transformers' synced_gpus, an all-reduce of "finished" per token)."""
     inputs = prompt_batch(processor, rows).to(device)
     tokenizer = processor.tokenizer
-    output = model.generate(
-        **inputs, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
-        eos_token_id=tokenizer.convert_tokens_to_ids(STOP_TOKENS),
-        bad_words_ids=[[token] for token in tokenizer.convert_tokens_to_ids(IMAGE_TOKENS)],
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
-    )
+    # Eager even under --compile (engine/compile.py): a block that reads and grows the cache would be compiled
+    # again for every layer and every length, past torch.compile's limit.
+    with torch.compiler.set_stance("force_eager"):
+        output = model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
+            eos_token_id=tokenizer.convert_tokens_to_ids(STOP_TOKENS),
+            bad_words_ids=[[token] for token in tokenizer.convert_tokens_to_ids(IMAGE_TOKENS)],
+            pad_token_id=tokenizer.pad_token_id, synced_gpus=synced,
+        )
     return inputs, output[:, inputs["input_ids"].shape[1] :]
 
 

@@ -51,9 +51,7 @@ def logits_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> 
 def answer_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """`summed_token_loss(head(hidden), labels)` without the full logits: the output layer `head` applied
     at answer positions only, chunk by chunk."""
-    targets = next_tokens(labels)
-    keep = targets != IGNORE
-    answers, targets = hidden[keep], targets[keep]
+    answers, targets = answer_positions(hidden, labels)
     chunks = zip(answers.split(CHUNK), targets.split(CHUNK), strict=True)
     if type(head) is not nn.Linear or head.bias is not None:
         return sum((F.cross_entropy(head(h).float(), t, reduction="sum") for h, t in chunks),
@@ -65,6 +63,16 @@ def answer_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> 
     with torch.no_grad():
         return sum((_picked(_log_probs(h, head.weight, dtype), t).sum() for h, t in chunks),
                    torch.zeros((), device=hidden.device))
+
+
+def answer_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states of the positions that carry loss, and their targets, on the hidden states' device. The
+    positions are found where the labels are: the strategies keep them on the host, where they were collated, so
+    that finding them waits for nothing (on the device, a boolean mask's count is data the host must wait for)."""
+    targets = next_tokens(labels).flatten()
+    positions = (targets != IGNORE).nonzero().squeeze(1)
+    answers = hidden.flatten(0, 1).index_select(0, positions.to(hidden.device, non_blocking=True))
+    return answers, targets.index_select(0, positions).to(hidden.device, non_blocking=True)
 
 
 def _log_probs(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

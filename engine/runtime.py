@@ -35,12 +35,17 @@ class Runtime:
         return self.rank == 0
 
     def sum_over_ranks(self, value: float) -> float:
-        """The sum of a per-rank number over all ranks (the number itself on one rank)."""
+        """The sum of a per-rank number (or a device tensor's one value) over all ranks, read on the host."""
         if self.world_size == 1:
-            return value
-        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.group)
-        return float(total)
+            return float(value)
+        return float(self.summed(torch.full((), float(value), dtype=torch.float64, device=self.device)))
+
+    def summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks, in place, without waiting for the sum: on NCCL the all-reduce is queued
+        on the device's stream, so only a later read of the value waits."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
 
     def gather(self, value: object) -> list[object]:
         """Every rank's `value`, in rank order."""

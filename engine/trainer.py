@@ -1,16 +1,18 @@
 """The training loop: one readable function from config to OUT/final and OUT/summary.json.
 
-Per optimizer step: collate this rank's micro-batches, count the answer tokens of the whole
-global batch, let the strategy run forward and backward with that divisor (so the gradient is the
-exact global mean), clip by the global norm, step. Every `eval_every` of the run: validation loss
-(with --select-by a text metric, also that metric of the answers to the select rows: engine/select.py),
-TensorBoard point, atomic checkpoint. A loss or gradient norm of inf or nan stops the run at that step,
-before anything of it is saved. Resume restores the trainable weights, optimizer, scheduler
-and RNG; the data position is the step number itself (see BatchOrder). Everything that depends on
-the parallelism is the strategy's (engine/strategies/); nothing here asks which one runs.
+Per optimizer step: take this rank's micro-batches (collated ahead by --data-workers processes:
+engine/data/loader.py), count the answer tokens of the whole global batch, let the strategy run forward
+and backward with that divisor (so the gradient is the exact global mean), clip by the global norm,
+step. Every `eval_every` of the run: validation loss (with --select-by a text metric, also that metric
+of the answers to the select rows: engine/select.py), TensorBoard point, atomic checkpoint. A loss or
+gradient norm of inf or nan stops the run at that step, before anything of it is saved. Resume restores
+the trainable weights, optimizer, scheduler and RNG; the data position is the step number itself (see
+BatchOrder). Everything that depends on the parallelism is the strategy's (engine/strategies/); nothing
+here asks which one runs.
 """
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -26,6 +28,7 @@ from engine.data.batches import BatchOrder
 from engine.data.checks import check_data
 from engine.data.collate import Collator
 from engine.data.fingerprint import data_fingerprint
+from engine.data.loader import Batches, RunBatches, batches_ahead
 from engine.data.sources import data_settings, load_splits
 from engine.device_memory import phase_peak
 from engine.optim.optimizer import cosine_with_warmup, optimizer_for, scaled_lr
@@ -72,10 +75,11 @@ def train(config: TrainConfig, score: Score | None = None) -> dict:
         else contextlib.nullcontext()
     started = time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=run.start, disable=not runtime.is_main, desc=config.approach)
-    with server as url, bar:  # closed on any error too, so an error message starts on a line of its own
+    # Closed on any error too, so an error message starts on a line of its own and no data worker outlives the loop.
+    with server as url, bar, batches_of(run) as batches:
         if url:
             print(f"TensorBoard: {url}")
-        step, history, stats = loop(run, scalars, bar)
+        step, history, stats = loop(run, scalars, bar, batches)
     wall = time.perf_counter() - started
     completed = step == run.total_steps
     phases = {"train": phase_peak(runtime.device)}  # each phase's own peak on a GPU, as the plan has them
@@ -92,6 +96,7 @@ def train(config: TrainConfig, score: Score | None = None) -> dict:
         "final_val_loss": history["val_loss"][-1][1] if history["val_loss"] else None,
         "wall_time_s": wall, "mean_step_time_s": sum(stats["step_times"]) / max(1, len(stats["step_times"])),
         "mean_data_wait_s": stats["data_wait"] / max(1, len(stats["step_times"])),
+        "mean_compute_s": stats["compute"] / max(1, len(stats["step_times"])),
         "samples_per_s": stats["rows"] / wall if wall else 0.0,
         "tokens_per_s": stats["tokens"] / wall if wall else 0.0,
         "select_time_s": stats["select_time"], "final": final,
@@ -155,21 +160,20 @@ def setup(config: TrainConfig, score: Score | None) -> Run:
                selection=selection)
 
 
-def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
-    """The steps from `run.start`; returns (the step reached, the loss history, timing and memory)."""
+def loop(run: Run, scalars: Scalars, bar: tqdm, prepared: Batches) -> tuple[int, dict, dict]:
+    """The steps from `run.start`, on the batches `prepared` for them; returns (the step reached, the loss history,
+    timing and memory)."""
     config, strategy, order = run.config, run.strategy, run.order
     selection = run.selection
     history = {"train_loss": [], "grad_norm": [], "val_loss": [], **({selection.metric: []} if selection else {})}
-    stats = {"step_times": [], "data_wait": 0.0, "tokens": 0, "rows": 0, "memory": {}, "select_time": 0.0}
-    # HF Trainer's rounding: the original's cadence.
-    eval_interval = max(1, math.ceil(run.total_steps * config.eval_every))
-    collator = Collator(run.processor, config.max_length)
+    stats = {"step_times": [], "data_wait": 0.0, "compute": 0.0, "tokens": 0, "rows": 0, "memory": {},
+             "select_time": 0.0}
     step = run.start
     while step < run.total_steps:
         tick = time.perf_counter()
-        batches = [collator([run.splits["train"][i] for i in rows])
-                   for rows in order.micro_batches(step, strategy.data_ranks.rank)]
-        stats["data_wait"] += time.perf_counter() - tick  # the step waits for its batches: collated here, in line
+        batches = prepared.step()
+        waited = time.perf_counter() - tick  # for the workers' batches, or (--data-workers 0) for collating them
+        stats["data_wait"] += waited
         rows = len(order.global_rows(step))  # a global batch, or fewer at an epoch's end
         loss, grad_norm, tokens = train_step(strategy, run.optimizer, batches, config.max_grad_norm)
         refuse_divergence(step + 1, config, training_loss=loss, gradient_norm=grad_norm)
@@ -179,6 +183,7 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
         step += 1
         seconds = time.perf_counter() - tick
         stats["step_times"].append(seconds)
+        stats["compute"] += seconds - waited
         stats["tokens"] += tokens
         stats["rows"] += rows
         history["train_loss"].append((step, loss))
@@ -187,11 +192,12 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
         scalars.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                            "throughput/samples_per_s": rows / seconds,
                            "throughput/tokens_per_s": tokens / seconds,
-                           "memory/peak_bytes": run.runtime.peak_memory_bytes()})
+                           "memory/peak_bytes": run.runtime.peak_memory_bytes(),
+                           "time/data_wait_s": waited, "time/compute_s": seconds - waited})
         stopping = config.stop_after_steps is not None and step - run.start >= config.stop_after_steps
         val_loss, selected = None, {}
-        if step % eval_interval == 0 or step == run.total_steps:
-            val_loss = strategy.validation_loss(run.splits["validation"], collator, config.batch_size)
+        if evaluates(run, step):
+            val_loss = strategy.validation_loss(prepared.validation())
             refuse_divergence(step, config, validation_loss=val_loss)
             history["val_loss"].append((step, val_loss))
             scalars.log(step, {"eval/loss": val_loss})
@@ -214,6 +220,20 @@ def loop(run: Run, scalars: Scalars, bar: tqdm) -> tuple[int, dict, dict]:
         if stopping:
             break
     return step, history, stats
+
+
+def batches_of(run: Run) -> contextlib.AbstractContextManager[Batches]:
+    """The run's batches in the loop's order, collated ahead by --data-workers processes (engine/data/loader.py)."""
+    dataset = RunBatches(run.splits, Collator(run.processor, run.config.max_length), run.order,
+                         run.strategy.data_ranks.rank)
+    return batches_ahead(dataset, range(run.start, run.total_steps), functools.partial(evaluates, run),
+                         run.config.data_workers, pin=run.runtime.device.type == "cuda")
+
+
+def evaluates(run: Run, step: int) -> bool:
+    """Whether the run measures the validation loss (and checkpoints) once `step` steps are done: every
+    `eval_every` of the run, by HF Trainer's rounding (the original's cadence), and after the last step."""
+    return step % max(1, math.ceil(run.total_steps * run.config.eval_every)) == 0 or step == run.total_steps
 
 
 def chosen(run: Run, best: dict | None, step: int) -> dict:

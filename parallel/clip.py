@@ -8,9 +8,11 @@ import torch.nn as nn
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, group: dist.ProcessGroup | None = None) -> float:
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scales the gradients so that the norm over every rank's `params` is at most `max_norm`;
-    returns the norm before. Same scale rule as torch.nn.utils.clip_grad_norm_.
+    returns the norm before, on the device (read it and the host waits for the device), as
+    torch.nn.utils.clip_grad_norm_ does, with the same scale rule.
 
     The ranks' parameters must be disjoint (FSDP padding has zero gradient), so the global squared
     norm is the sum of the local ones. A rank without gradients still joins the all-reduce.
@@ -27,4 +29,4 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, group: dist
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(scale.to(grad.dtype))
-    return float(norm)
+    return norm

@@ -36,20 +36,26 @@ class _Bucket:
         self.views = [chunk.view_as(p) for chunk, p in zip(chunks, params, strict=True)]
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
+        self.all_used = True  # every parameter had a gradient here, so has one after the sum
 
     def launch(self, group: dist.ProcessGroup | None) -> None:
         # A parameter without a gradient (unused in every local backward) contributes zeros.
-        for index, (param, view) in enumerate(zip(self.params, self.views, strict=True)):
+        for param, view in zip(self.params, self.views, strict=True):
             if param.grad is None:
                 view.zero_()
             else:
                 view.copy_(param.grad)
-            self.used[index] = param.grad is not None
+        used = [param.grad is not None for param in self.params]
+        self.all_used = all(used)
+        self.used.copy_(torch.tensor(used, dtype=self.used.dtype), non_blocking=True)
         self.work = dist.all_reduce(self.flat, group=group, async_op=True)
 
     def finish(self) -> None:
         self.work.wait()
-        for param, view, used in zip(self.params, self.views, self.used.tolist(), strict=True):
+        # Which parameters another rank used is read from the device, a wait for it, only where this rank left
+        # some without a gradient: with every one used here, every one is used.
+        flags = [True] * len(self.params) if self.all_used else self.used.tolist()
+        for param, view, used in zip(self.params, self.views, flags, strict=True):
             if not used:
                 continue
             if param.grad is None:

@@ -10,8 +10,9 @@ more than its shards.
 
 A unit's forward all-gathers its shards (in `compute_dtype`) and points the original parameter names
 at views of the full buffer; the gather's backward reduce-scatters the full gradient into the shard,
-in fp32, as a SUM: the engine divides every rank's loss by the global token count (see
-parallel/ddp.py), so the summed gradient is the global mean. Frozen shards are gathered without
+in `reduce_dtype` (fp32 unless told), as a SUM: the engine divides every rank's loss by the global
+token count (see parallel/ddp.py), so the summed gradient is the global mean. The reduced shard is
+added to the shard's gradient in the shard's own dtype. Frozen shards are gathered without
 autograd, so they cost no gradient communication. Gradient accumulation needs no `no_sync`: each
 micro-batch's backward reduce-scatters and the shard gradients accumulate.
 
@@ -25,8 +26,8 @@ blocks again.
 
 Prefetch (`_Schedule`): as a unit starts computing, the next unit's all-gather is issued, so that it
 runs during this unit's compute; a unit's reduce-scatter runs during the next unit's backward, its
-full fp32 gradient kept until then. Each collective is the same as without prefetch, only issued
-earlier or waited for later: the results are equal bit for bit.
+full gradient (in the reduce dtype) kept until then. Each collective is the same as without prefetch,
+only issued earlier or waited for later: the results are equal bit for bit.
 """
 
 import functools
@@ -67,7 +68,7 @@ class _AllGather:
 
 
 class _Gather(torch.autograd.Function):
-    """The all-gathered buffer in forward, the reduce-scatter of its gradient (a sum, in fp32) in backward.
+    """The all-gathered buffer in forward, the reduce-scatter of its gradient (a sum, in `reduce_dtype`) in backward.
 
     A frozen shard builds no autograd node (no input requires grad), so it never reduce-scatters.
     Without `overlap`, backward waits for the reduce-scatter and hands autograd the shard's gradient;
@@ -76,22 +77,22 @@ class _Gather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, shard: torch.Tensor, gather: _AllGather, overlap: Callable | None) -> torch.Tensor:
+    def forward(ctx, shard: torch.Tensor, gather: _AllGather, overlap: Callable | None,
+                reduce_dtype: torch.dtype) -> torch.Tensor:
         # `shard` is an input only so that autograd gives it the gradient (or, frozen, builds no node).
-        ctx.group, ctx.overlap = gather.group, overlap
+        ctx.group, ctx.overlap, ctx.reduce_dtype = gather.group, overlap, reduce_dtype
         return gather.wait()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # Reduce in the fp32 master dtype: bf16 sums over many ranks lose the small gradients.
-        grad = grad.to(torch.float32).contiguous()
+        grad = grad.to(ctx.reduce_dtype).contiguous()
         shard = grad.new_empty(grad.numel() // dist.get_world_size(ctx.group))
         work = _reduce_scatter(shard, grad, group=ctx.group, async_op=True)
         if ctx.overlap is None:
             work.wait()
-            return shard, None, None
+            return shard, None, None, None  # autograd casts it to the shard's dtype
         ctx.overlap(work, shard, grad)
-        return None, None, None
+        return None, None, None, None
 
 
 class _Flat:
@@ -143,9 +144,10 @@ class _Unit:
     """A module whose own tensors (those of no other unit) are gathered around its forward."""
 
     def __init__(self, module: nn.Module, entries: list[Entry], compute_dtype: torch.dtype | None,
-                 master_dtype: torch.dtype, group: dist.ProcessGroup | None, recompute: bool, read: Read | None,
-                 device: torch.device, schedule: "_Schedule"):
-        self.compute_dtype, self.group, self.recompute, self.schedule = compute_dtype, group, recompute, schedule
+                 master_dtype: torch.dtype, reduce_dtype: torch.dtype, group: dist.ProcessGroup | None,
+                 recompute: bool, read: Read | None, device: torch.device, schedule: "_Schedule"):
+        self.compute_dtype, self.reduce_dtype, self.group = compute_dtype, reduce_dtype, group
+        self.recompute, self.schedule = recompute, schedule
         params = [e for e in entries if e[2] == "_parameters"]
         trainable = [e for e in params if e[4].requires_grad]
         frozen = [e for e in params if not e[4].requires_grad]
@@ -239,7 +241,8 @@ class _Schedule:
             self._finish_with_this_backward()
         gathers = self._take(unit) or self._issue(unit)
         fulls = [_Gather.apply(flat.shard, gather, functools.partial(self._reducing, unit, flat.shard)
-                               if self.prefetch else None) for flat, gather in zip(unit.flats, gathers, strict=True)]
+                               if self.prefetch else None, unit.reduce_dtype)
+                 for flat, gather in zip(unit.flats, gathers, strict=True)]
         self._log("compute start", unit)
         following = _following(self.orders[backward], unit)
         if self.prefetch and following is not None:
@@ -325,7 +328,7 @@ def _first_rank(group: dist.ProcessGroup | None) -> int:
 def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.dtype | None = None,
                 process_group: dist.ProcessGroup | None = None, read: Read | None = None,
                 device: torch.device | str = "cpu", master_dtype: torch.dtype = torch.float32,
-                prefetch: bool = True) -> nn.Module:
+                prefetch: bool = True, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shards `model` in place across `process_group`, one unit per block plus the root; returns it.
 
     Call on every rank with the same model structure; rank 0's real weights and buffers win.
@@ -336,6 +339,13 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     build the optimizer on them, clip with `clip_grad_norm_`, export with `unit_state_dicts`. Tied
     parameters and nested blocks are refused. `prefetch` overlaps the collectives with compute (see
     `_Schedule`, which is `model.fsdp_schedule`); the results are the same without it, bit for bit.
+
+    `reduce_dtype` is the dtype gradients are summed across ranks in, as FSDP2's
+    `MixedPrecisionPolicy(reduce_dtype=...)`. fp32 by default, as torchtitan's `mixed_precision_reduce`:
+    a bf16 sum rounds each rank's gradient and every partial sum to 8 significant bits (NCCL's ring
+    rounds N-1 times over N ranks), so a rank's gradient under 2^-9 of the running sum is lost whole.
+    bf16 halves the bytes on the wire, at about 2^-8 of relative error per element (more with more
+    ranks). Either way the result is added to the shard's gradient in the shard's dtype.
     """
     named = list(model.named_parameters(remove_duplicate=False))
     if len({id(param) for _, param in named}) != len(named):
@@ -353,8 +363,8 @@ def fully_shard(model: nn.Module, blocks: list[nn.Module], compute_dtype: torch.
     units = [(block, _entries(block, prefixes[id(block)], set()), True) for block in blocks]
     units.append((model, _entries(model, "", set().union(*inside)), False))
     model.fsdp_schedule = schedule = _Schedule(prefetch)
-    model.fsdp_units = schedule.units = [_Unit(module, entries, compute_dtype, master_dtype, process_group,
-                                               recompute, read, torch.device(device), schedule)
+    model.fsdp_units = schedule.units = [_Unit(module, entries, compute_dtype, master_dtype, reduce_dtype,
+                                               process_group, recompute, read, torch.device(device), schedule)
                                          for module, entries, recompute in units if entries]
     return model
 
@@ -377,6 +387,7 @@ def unit_state_dicts(model: nn.Module, trainable_only: bool = False) -> Iterator
         yield tensors
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
-    """Scales the shards' gradients so that the global norm is at most `max_norm`; returns the norm before."""
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scales the shards' gradients so that the global norm is at most `max_norm`; returns the norm before, on the
+    device."""
     return clip.clip_grad_norm_(model.parameters(), max_norm, model.fsdp_units[0].group)

@@ -20,18 +20,34 @@ neighbours send to each other at the same moment (an activation forward, a gradi
 each posted its send before the receive that the other's send matches, both would wait forever.
 So each step's output goes out in one group with the next step's input (`batch_isend_irecv`, as
 Megatron-LM and torch.distributed.pipelining pair them): neighbours post matching groups, such as
-{send activation i, receive gradient j} against {send gradient j, receive activation i}, and a
-rank waits for a group only when the step about to run needs what it receives. Each direction
-between two neighbours carries one kind of tensor in the same micro-batch order on both ends, so
-messages match in FIFO order without tags. The tests hold gloo, which would let a deadlock pass,
-to NCCL's rules (MUSEFT_NCCL_RULES).
+{send activation i, receive gradient j} against {send gradient j, receive activation i}. Each
+direction between two neighbours carries one kind of tensor in the same micro-batch order on both
+ends, so messages match in FIFO order without tags. The tests hold gloo, which would let a
+deadlock pass, to NCCL's rules (MUSEFT_NCCL_RULES).
+
+Receives go out as early as that order allows, and a rank waits for one only when the step about
+to run needs its tensor. A step that sends nothing (the last stage's forwards, the first stage's
+backwards) leaves the next step's receive nothing to pair with, so that receive goes out before
+the step runs, and overlaps it: GPipe's last stage posts all its receives as the step starts.
+Every op keeps its place in the order, so this is as safe as posting after the step. A receive
+cannot go out before the send that precedes it, whether in a group of its own posted before the
+step, or in the group of the send before that one (two steps ahead): in 1F1B's steady state, and
+at GPipe's turn from forwards to backwards, two neighbours would each post first the receive that
+the other's next send matches, {receive gradient j} then {send activation i} against {receive
+activation i} then {send gradient j}, and wait for each other (under MUSEFT_NCCL_RULES both
+variants fail for 2 to 4 stages, M = 1, 4, 8, both schedules). Nor would it overlap anything on
+balanced stages: the tensor a receive waits for is made while this rank runs its own step.
+
+A wait makes this rank's compute wait and is timed as idle: on CUDA without stopping the host,
+so that the host queues the next steps while the GPU computes and NCCL transfers
+(parallel/idle.py).
 
 The loss is known on the last stage only; it reaches every rank through an all-reduce to which
 the other ranks add zero, rather than a broadcast, so that every rank leaves the step together
-and the pipeline's tail counts as idle on the ranks that finished early.
+and the pipeline's tail counts as idle on the ranks that finished early. `train_step` leaves it
+on the device: reading it is the host's one wait for the step, which is the caller's to make.
 """
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -39,6 +55,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from parallel import p2p
+from parallel.idle import IdleClock
 
 # Shape and dtype of the activation between any two stages for a micro-batch.
 ActivationShape = Callable[[dict], tuple[torch.Size, torch.dtype]]
@@ -68,9 +85,9 @@ def _order(schedule: str, stages: int, rank: int, micro_batches: int) -> list[tu
 class Pipeline:
     """This rank's stage of a pipeline over `group`; call `train_step`/`evaluate` on every rank together.
 
-    Attributes after each `train_step`: `last_idle_fraction`, the share of its wall time this rank
-    spent blocked (waiting on receives, on its sends' completion and on the final loss), and
-    `last_peak_in_flight`, the most micro-batches whose activations it held at once.
+    After each `train_step`: `idle_fractions`, each step's share of time this rank spent waiting (on
+    receives, on its sends' completion and on the final loss), the last one `last_idle_fraction`;
+    and `last_peak_in_flight`, the most micro-batches whose activations it held at once.
     """
 
     def __init__(self, stage: nn.Module, activation_shape: ActivationShape, schedule: str = "gpipe",
@@ -84,21 +101,31 @@ class Pipeline:
         self.previous = self._global(self.rank - 1) if self.rank > 0 else None
         self.next = self._global(self.rank + 1) if self.rank < self.stages - 1 else None
         self.posted: list[tuple[p2p.Handle, list[torch.Tensor]]] = []  # groups in flight, with their tensors
-        self.blocked = 0.0  # seconds spent waiting since the step began
-        self.last_idle_fraction = 0.0
+        self.clock = IdleClock(self.device)
         self.last_peak_in_flight = 0
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
-    def train_step(self, micro_batches: list[dict], divisor: float) -> float:
-        """Forward and backward of every micro-batch under the schedule; each micro-batch's summed loss
-        is divided by `divisor` before backward (so gradients are the mean over the whole batch).
+    @property
+    def idle_fractions(self) -> list[float]:
+        """Every `train_step`'s idle fraction so far; on CUDA reading it waits for the GPU to finish the last step."""
+        return self.clock.fractions
 
-        Returns the total loss / divisor, the same number on every rank. Gradients accumulate in the
-        stage's parameters; the caller clips (parallel.clip over the stage's parameters) and steps.
+    @property
+    def last_idle_fraction(self) -> float:
+        return self.idle_fractions[-1]
+
+    def train_step(self, micro_batches: list[dict], divisor: float | torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every micro-batch under the schedule; each micro-batch's summed loss
+        is divided by `divisor` (a number, or a 0-d tensor on the device) before backward, so that gradients
+        are the mean over the whole batch.
+
+        Returns the total loss / divisor, the same on every rank, as a 0-d float64 tensor on the
+        device. Gradients accumulate in the stage's parameters; the caller clips (parallel.clip over
+        the stage's parameters) and steps.
         """
-        started, self.blocked = time.perf_counter(), 0.0
+        self.clock.start()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         live: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # index -> (received input, output)
         peak = 0
@@ -124,8 +151,8 @@ class Pipeline:
             return None if hidden is None else hidden.grad
 
         self._run(_order(self.schedule, self.stages, self.rank, len(micro_batches)), micro_batches, step)
-        loss = self._finish(total / divisor)
-        self.last_idle_fraction = self.blocked / (time.perf_counter() - started)
+        loss = self._from_last(total / divisor)
+        self.clock.stop()
         self.last_peak_in_flight = peak
         return loss
 
@@ -143,7 +170,7 @@ class Pipeline:
             return output
 
         self._run([(True, index) for index in range(len(micro_batches))], micro_batches, step)
-        return self._finish(total)
+        return float(self._from_last(total))
 
     @torch.no_grad()
     def infer(self, micro_batch: dict, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -163,26 +190,36 @@ class Pipeline:
 
     def _run(self, steps: list[tuple[bool, int]], micro_batches: list[dict], step: Step) -> None:
         """Runs `step(forward, index, received)` for each of `steps`; what it returns travels on (to the
-        next stage after a forward, the previous after a backward) in one group with the next step's input."""
-        ahead = self._exchange(None, self._input(steps[0], micro_batches))
+        next stage after a forward, the previous after a backward) in one group with the next step's
+        input, which a step that sends nothing lets go out before it runs."""
+        inputs = [self._input(forward, micro_batches[index]) for forward, index in steps] + [None]
+        ahead: dict[int, tuple[p2p.Handle, torch.Tensor] | None] = {}  # by step: its input's group, once posted
+
+        def post(send: tuple[torch.Tensor, int] | None, position: int) -> None:
+            """Posts `send` with the input of steps[position], then each next input whose step before sends nothing."""
+            ahead[position] = self._exchange(send, inputs[position])
+            while position < len(steps) and self._destination(steps[position][0]) is None:
+                position += 1
+                ahead[position] = self._exchange(None, inputs[position])
+
+        post(None, 0)
         for position, (forward, index) in enumerate(steps):
-            outgoing = step(forward, index, self._arrived(ahead))
-            send = None
-            if outgoing is not None:
+            outgoing = step(forward, index, self._arrived(ahead.pop(position)))
+            destination = self._destination(forward)
+            if destination is not None:
                 self._check(outgoing, micro_batches[index])
-                send = (outgoing, self.next if forward else self.previous)
-            following = steps[position + 1] if position + 1 < len(steps) else None
-            ahead = self._exchange(send, self._input(following, micro_batches))
+                post((outgoing, destination), position + 1)
             self._reap()
 
-    def _input(self, step: tuple[bool, int] | None, micro_batches: list[dict]) -> tuple[int, dict] | None:
-        """The rank that step (forward?, index) receives its input from and its micro-batch; None if it receives
-        none."""
-        if step is None:
-            return None
-        forward, index = step
+    def _destination(self, forward: bool) -> int | None:
+        """The rank a forward (or a backward) sends its output to; None on the stage that sends it nowhere."""
+        return self.next if forward else self.previous
+
+    def _input(self, forward: bool, batch: dict) -> tuple[int, dict] | None:
+        """The rank that a forward (or a backward) of `batch` receives its input from, and `batch`; None if
+        it receives none."""
         source = self.previous if forward else self.next
-        return None if source is None else (source, micro_batches[index])
+        return None if source is None else (source, batch)
 
     def _exchange(self, send: tuple[torch.Tensor, int] | None, receive: tuple[int, dict] | None) \
             -> tuple[p2p.Handle, torch.Tensor] | None:
@@ -208,41 +245,25 @@ class Pipeline:
         if ahead is None:
             return None
         handle, buffer = ahead
-        self._wait([handle])
+        self.clock.wait([handle])
         return buffer
 
-    def _check(self, tensor: torch.Tensor, batch: dict) -> None:
+    def _check(self, tensor: torch.Tensor | None, batch: dict) -> None:
         shape, dtype = self.activation_shape(batch)
         # The receiver allocated exactly this; a mismatch would corrupt or hang it, so fail here instead.
-        if tensor.shape != shape or tensor.dtype != dtype:
-            raise ValueError(f"stage {self.rank} sends a {tuple(tensor.shape)} {tensor.dtype} tensor where "
-                             f"activation_shape says {tuple(shape)} {dtype}")
+        if tensor is None or tensor.shape != shape or tensor.dtype != dtype:
+            sent = "nothing" if tensor is None else f"a {tuple(tensor.shape)} {tensor.dtype} tensor"
+            raise ValueError(f"stage {self.rank} sends {sent} where activation_shape says {tuple(shape)} {dtype}")
 
     def _reap(self) -> None:
         """Drops the groups that have completed, so their tensors can be freed."""
         self.posted = [(handle, tensors) for handle, tensors in self.posted if not handle.is_completed()]
 
-    def _finish(self, loss: torch.Tensor) -> float:
-        """Waits for every group, then gives every rank the last stage's `loss`."""
-        return float(self._from_last(loss))
-
     def _from_last(self, output: torch.Tensor) -> torch.Tensor:
         """Waits for every group, then gives every rank the last stage's `output`, which is as large on every rank."""
-        self._wait([handle for handle, _ in self.posted])
+        self.clock.wait([handle for handle, _ in self.posted])
         self.posted = []
         if self.next is not None:
             output = torch.zeros_like(output)
-        self._wait([dist.all_reduce(output, group=self.group, async_op=True)])
+        self.clock.wait([dist.all_reduce(output, group=self.group, async_op=True)])
         return output
-
-    def _wait(self, works: list[dist.Work | p2p.Handle]) -> None:
-        """Waits on `works`, counting the time as idle."""
-        cuda = self.device.type == "cuda"
-        if cuda:  # compute still queued on the GPU is work, not waiting: let it finish before the clock starts
-            torch.cuda.current_stream(self.device).synchronize()
-        start = time.perf_counter()
-        for work in works:
-            work.wait()
-        if cuda:  # NCCL's wait only makes the stream wait; the data is here once the stream has caught up
-            torch.cuda.current_stream(self.device).synchronize()
-        self.blocked += time.perf_counter() - start

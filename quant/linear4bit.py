@@ -24,6 +24,10 @@ NESTED_BLOCK_SIZE = 256  # what bitsandbytes uses for compress_statistics=True
 _dynamic_maps: dict[torch.device, torch.Tensor] = {}
 
 
+# Run as it is, even inside a block that --compile compiles: the compiled graph keeps the table it returns as a
+# constant, where tracing would fail at its first call (building the table calls tolist() on a float tensor) and store
+# nothing after it.
+@torch.compiler.assume_constant_result
 def _dynamic_map(device: torch.device) -> torch.Tensor:
     """bitsandbytes' 8-bit code of the nested absmax, one copy per device."""
     if device not in _dynamic_maps:

@@ -12,8 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own.
-os.environ.setdefault("MUSEFT_CACHE", tempfile.mkdtemp(prefix="museft-cache-"))
+# Baseline scores are cached across runs; tests (and the runs they start) get a cache of their own, and so does each
+# pytest-xdist worker (a worker inherits the controlling process's environment), so a test that counts what is cached
+# sees only its own worker's runs.
+if "PYTEST_XDIST_WORKER" in os.environ or "MUSEFT_CACHE" not in os.environ:
+    os.environ["MUSEFT_CACHE"] = tempfile.mkdtemp(prefix="museft-cache-")
 # Point-to-point traffic obeys NCCL's rules on gloo (parallel/p2p.py), in every rank a test starts.
 os.environ.setdefault("MUSEFT_NCCL_RULES", "1")
 # Offline: the hub is unreachable here, and huggingface_hub reads this once, as it is first imported (below, and by the
@@ -23,6 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # whose threads would otherwise contend (21% longer, measured on the DDP, precision and parallel tests). Read by torch
 # as it is first imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# --compile's graphs run on aot_eager, not inductor: the same capture by dynamo and the same forward and backward
+# graphs from AOT autograd, run by eager kernels, so a compiled run equals an eager one exactly, without inductor
+# generating and building C++ for every graph (minutes a run on 2 cores; bench/compile_vs_eager.py runs inductor).
+# Read by torch as dynamo is first imported (below, and by the fork server).
+os.environ.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")
 
 from models.tiny import build_tiny, tiny_processor
 
@@ -31,7 +39,9 @@ def pytest_configure(config):
     """Ranks fork from one server process that has torch, transformers and the engine imported, started here:
     a rank starts in a fraction of a second instead of ~10 s of imports, whether tests/harness.py spawns it or
     the engine's launcher does (engine/launch.py, whose own server on a GPU machine preloads only torch and
-    transformers)."""
+    transformers). Under pytest-xdist each worker starts its own; the process that hands them tests runs none."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
     multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness"])
     multiprocessing.forkserver.ensure_running()
 

@@ -7,8 +7,8 @@
 - A toy model and its data for those ranks: `Toy`, `toy_data(step)` (a global batch of `ROWS` rows,
   some labels `IGNORE`d), and `assert_close` for dicts of tensors (or None: no gradient).
 - End-to-end runs of the engine: `run_engine` (3 steps of a tiny run, rank 0's summary), `FULL` (its
-  settings for full fine-tuning), `assert_same_curves` between two runs' summaries, and the exported
-  `saved_weights` and `saved_logits` of a run's folder.
+  settings for full fine-tuning), `SELECT` (a run choosing its checkpoint by its answers), `assert_same_curves`
+  between two runs' summaries, and the exported `saved_weights` and `saved_logits` of a run's folder.
 - The command line as a user runs it: `run_cli` (`python run.py ARGS`, forked from the tests' server),
   `assert_one_sentence`, and `snapshot` of a folder a failed command must leave as it was.
 - `hand_made_run`: a finished, evaluated run's folder, written by hand, for the report's tests.
@@ -187,6 +187,10 @@ def assert_one_sentence(result: subprocess.CompletedProcess, message: str, code:
 # ---- end-to-end runs of the engine ------------------------------------------------------------
 
 FULL = dict(train_modules=("all",), lr=1e-3)
+# --select-by: 4 steps, an evaluation point after each, the whole validation split (5 rows) answered 8 tokens long, the
+# checkpoint whose answers score best by chrF kept as OUT/final (tests/e2e/test_select_by.py says why each).
+SELECT = dict(max_steps=4, eval_every=0.25, max_new_tokens=8, select_rows=5, final="best", keep_last=4, lr=5e-3,
+              train_modules=("all",), select_by="chrf")
 
 
 def run_engine(out, approach: str, batch_size: int, gpus: int | None, **overrides) -> dict:

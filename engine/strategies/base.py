@@ -9,6 +9,7 @@ summary.json. The other strategies (ddp.py, fsdp.py, pipeline.py) override only 
 """
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from engine.activation_checkpoint import apply_activation_checkpointing
 from engine.build import apply_approach, load_whole, load_without_weights, quantizing
+from engine.compile import compile_blocks
 from engine.config import TrainConfig
-from engine.data.collate import Collator
+from engine.data.loader import ValidationBatch
 from engine.greedy import answer_rows
 from engine.loss import answer_token_count, loss_forward
 from engine.metrics import memory_breakdown, parameter_counts, quantized_summary
@@ -27,7 +29,7 @@ from engine.outputs.export import export_adapter, export_pretrained, recorded_ba
 from engine.runtime import Runtime
 from errors import UsageError
 from models.lazy import SliceReader, materialize
-from models.parts import checkpointed_blocks
+from models.parts import blocks, checkpointed_blocks
 from quant import QuantizingReader
 
 
@@ -37,6 +39,7 @@ class Strategy:
     alike_ranks = True  # every rank holds and allocates the same (replicas, shards): one stands for all in a plan
     whole_model_per_rank = True  # each rank holds every weight (more GPUs make no room for a larger model)
     collective_forward = False  # a forward takes every rank (FSDP's gathers): all must run as many forwards
+    first_step_differs = False  # its first step runs as the later ones but for the optimizer's state (plans trace one)
 
     @classmethod
     def batch_multiple(cls, config: TrainConfig) -> int:
@@ -61,9 +64,11 @@ class Strategy:
     # ---- the model ------------------------------------------------------------------------------
 
     def build(self, base_copy: Path | None) -> ProcessorMixin:
-        """Load this rank's weights, apply the approach, prepare; returns the processor."""
+        """Load this rank's weights, apply the approach, compile (--compile), prepare; returns the processor."""
         model, processor = self.materialize(base_copy)
         apply_approach(model, self.config, self.runtime)
+        if self.config.compile:  # here, not in `prepare`: a memory plan prepares fake tensors, which nothing compiles
+            compile_blocks(blocks(model))  # before `prepare` wraps them (engine/compile.py)
         self.prepare(model)
         return processor
 
@@ -103,17 +108,24 @@ class Strategy:
 
     # ---- a step ---------------------------------------------------------------------------------
 
-    def forward_backward(self, batches: list[dict], divisor: int) -> float:
-        """Forward and backward of this rank's micro-batches, each summed loss divided by the answer
-        tokens of the whole global batch, so the summed gradients are exactly the global mean.
-        Returns the global batch's loss."""
-        local = 0.0
+    def forward_backward(self, batches: list[dict], divisor: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches, each summed loss divided by `divisor`, the answer
+        tokens of the whole global batch (on the device), so the summed gradients are exactly the global mean.
+        Returns the global batch's loss, on the device: nothing here waits for it."""
+        local = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
         for index, batch in enumerate(batches):
             with self.accumulating(last=index == len(batches) - 1):
-                loss = self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}) / divisor
+                loss = self.forward(self.on_device(batch)) / divisor
                 loss.backward()
-            local += loss.item()
-        return self.data_ranks.sum_over_ranks(local)
+            local += loss.detach()
+        return self.data_ranks.summed(local)
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` on this rank's device, copied without waiting: from the memory the loader pins on CUDA
+        (engine/data/loader.py) the copy runs while the host goes on. The labels stay on the host, where the loss
+        finds its answer positions without waiting for the device (engine/loss.py answer_positions)."""
+        return {key: value if key == "labels" else value.to(self.runtime.device, non_blocking=True)
+                for key, value in batch.items()}
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The summed answer-token loss of one micro-batch, labels included (engine/loss.py's loss_forward)."""
@@ -124,19 +136,12 @@ class Strategy:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def validation_loss(self, split, collator: Collator, batch_size: int) -> float:
-        """Validation loss averaged over every answer token of the split (not over batches or ranks).
-
-        Every rank runs the same number of forwards, since an FSDP forward is a collective: a rank
-        whose rows have run out repeats the split's first batch and does not count it.
-        """
+    def validation_loss(self, batches: Iterable[ValidationBatch]) -> float:
+        """Validation loss averaged over every answer token of the split (not over batches or ranks), from this
+        rank's validation batches and whether each counts (engine/data/loader.py: every rank runs as many)."""
         self.set_training(False)
-        loss_sum, count = 0.0, 0
-        stride = batch_size * self.data_ranks.world_size
-        for start in range(self.data_ranks.rank * batch_size, -(-len(split) // stride) * stride, stride):
-            counted = start < len(split)
-            rows = range(start, min(start + batch_size, len(split))) if counted else range(min(batch_size, len(split)))
-            batch = collator([split[i] for i in rows])
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=self.runtime.device), 0  # read once, at the end
+        for batch, counted in batches:
             loss = self.eval_loss(batch)
             if counted:
                 loss_sum += loss
@@ -168,13 +173,13 @@ class Strategy:
         return answer_rows(self.model, processor, rows, max_new_tokens, self.runtime.device,
                            synced=self.collective_forward)
 
-    def eval_loss(self, batch: dict) -> float:
-        """The summed loss of one whole validation batch, which every rank of `data` has."""
-        return float(self.forward({k: v.to(self.runtime.device) for k, v in batch.items()}))
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        """The summed loss of one whole validation batch, which every rank of `data` has, on the device."""
+        return self.forward(self.on_device(batch))
 
-    def clip_(self, max_norm: float) -> float:
-        """Clip to the global gradient norm; returns the norm before."""
-        return float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Clip to the global gradient norm; returns the norm before, on the device."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
 
     # ---- state, checkpoints, export, report -------------------------------------------------------
 

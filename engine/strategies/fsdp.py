@@ -6,15 +6,25 @@ import collections
 import itertools
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 import models
+from engine.config import TrainConfig
 from engine.loss import loss_forward
 from engine.metrics import parameter_counts, quantized_summary
 from engine.outputs import checkpoint
 from engine.outputs.export import export_adapter, export_pieces, persistent_buffers
 from engine.strategies.base import ReadsOwnPiece
 from parallel import fsdp
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --fsdp-reduce-dtype
+
+
+def sharding_flags(config: TrainConfig) -> dict:
+    """fully_shard's keywords that the run's flags choose, the same for FSDP alone and a pipeline's stages (other
+    strategies accept these flags and ignore them)."""
+    return {"prefetch": config.fsdp_prefetch, "reduce_dtype": REDUCE_DTYPES[config.fsdp_reduce_dtype]}
 
 
 class MeasuredBeforeSharding:
@@ -35,6 +45,7 @@ class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
     one_rank = False
     whole_model_per_rank = False
     collective_forward = True
+    first_step_differs = True  # it records the order its units run in, which later steps prefetch by
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
@@ -47,12 +58,12 @@ class FSDP(MeasuredBeforeSharding, ReadsOwnPiece):
         # no checkpointing on top. Blocks are gathered in the frozen weights' dtype to compute.
         fsdp.fully_shard(model, models.blocks(model), self.precision.frozen_dtype, read=self.reader(model),
                          device=self.runtime.device, master_dtype=self.precision.trained_dtype,
-                         prefetch=self.config.fsdp_prefetch)
+                         **sharding_flags(self.config))
         del self.read  # the weight files' handles: every shard is filled now
         self.model, self.parts = model, [model]
         self.precision.autocast_forward(model, self.runtime.device)
 
-    def clip_(self, max_norm: float) -> float:
+    def clip_(self, max_norm: float) -> torch.Tensor:
         return fsdp.clip_grad_norm_(self.model, max_norm)
 
     @property

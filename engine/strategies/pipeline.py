@@ -46,7 +46,6 @@ class PipelineParallel(ReadsOwnPiece):
         self.data_ranks = Runtime(runtime.device, precision=runtime.precision)  # every stage sees the whole batch
         self.shard = checkpoint.Shard(runtime.rank, runtime.world_size)
         self.stage_index, self.stages, self.pipe = runtime.rank, runtime.world_size, None  # None: every rank
-        self.idle: list[float] = []
 
     def prepare(self, model: PreTrainedModel) -> None:
         own = self.own_stage(model)
@@ -63,11 +62,10 @@ class PipelineParallel(ReadsOwnPiece):
         self.precision.autocast_forward(own, self.runtime.device)
         self.pipeline = Pipeline(own, shape, self.config.schedule, group=self.pipe, device=self.runtime.device)
 
-    def forward_backward(self, batches: list[dict], divisor: int) -> float:
+    def forward_backward(self, batches: list[dict], divisor: torch.Tensor) -> torch.Tensor:
         micro = [piece for batch in batches for piece in self.micro_batches(batch)]
         loss = self.pipeline.train_step(micro, divisor)
-        self.idle.append(self.pipeline.last_idle_fraction)
-        return self.data_ranks.sum_over_ranks(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
+        return self.data_ranks.summed(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
 
     def eval_loss(self, batch: dict) -> float:
         return self.pipeline.evaluate(self.micro_batches(batch))
@@ -93,10 +91,10 @@ class PipelineParallel(ReadsOwnPiece):
 
     def micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """`batch` cut into --micro-batches pieces of rows (fewer if it has fewer rows)."""
-        pieces = {key: value.to(self.runtime.device).chunk(self.config.micro_batches) for key, value in batch.items()}
+        pieces = {key: value.chunk(self.config.micro_batches) for key, value in self.on_device(batch).items()}
         return [{key: chunks[i] for key, chunks in pieces.items()} for i in range(len(pieces["input_ids"]))]
 
-    def clip_(self, max_norm: float) -> float:
+    def clip_(self, max_norm: float) -> torch.Tensor:
         return clip.clip_grad_norm_(self.parameters(), max_norm)  # the stages' squares summed over ranks
 
     def fingerprint(self) -> dict:
@@ -145,7 +143,8 @@ class PipelineParallel(ReadsOwnPiece):
 
     def rank_report(self) -> dict:
         """This rank's stage (its decoder layers) and the measured fraction of its step time spent waiting."""
-        return {"decoder_layers": list(self.parts[0].bounds), "idle_fraction": sum(self.idle) / max(1, len(self.idle))}
+        idle = self.pipeline.idle_fractions  # read at the run's end: on CUDA, no wait for the GPU in a step
+        return {"decoder_layers": list(self.parts[0].bounds), "idle_fraction": sum(idle) / max(1, len(idle))}
 
     def run_report(self) -> dict:
         return {"theoretical_bubble": bubble(self.stages, self.config.micro_batches * self.config.grad_accum)}

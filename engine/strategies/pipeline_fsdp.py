@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 import models
 from engine.runtime import Runtime
-from engine.strategies.fsdp import MeasuredBeforeSharding
+from engine.strategies.fsdp import MeasuredBeforeSharding, sharding_flags
 from engine.strategies.pipeline import PipelineParallel
 from errors import UsageError
 from models.stages import activation_shape
@@ -24,6 +24,7 @@ from parallel import fsdp
 
 class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
     collective_forward = True  # a stage's forward gathers from the same stage of the other pipelines
+    first_step_differs = True  # FSDP's: it records the order its units run in, which later steps prefetch by
 
     def __init__(self, config, runtime):
         super().__init__(config, runtime)
@@ -53,7 +54,7 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
         fsdp.fully_shard(own, [block for block in models.blocks(model) if id(block) in inside],
                          self.precision.frozen_dtype, self.group,
                          lambda name, start, stop: read(self.names[name], start, stop), self.runtime.device,
-                         self.precision.trained_dtype, prefetch=self.config.fsdp_prefetch)
+                         self.precision.trained_dtype, **sharding_flags(self.config))
         del self.read
         self.model, self.parts = model, [own]  # FSDP recomputes every block: no activation checkpointing on top
         self.start_pipeline(own, shape)
@@ -61,7 +62,7 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
     def eval_loss(self, batch: dict) -> float:
         # One micro-batch per batch: a stage's ranks must run as many forwards (each one gathers), and the
         # last validation batches of two pipelines may have too few rows for as many micro-batches.
-        return self.pipeline.evaluate([{key: value.to(self.runtime.device) for key, value in batch.items()}])
+        return self.pipeline.evaluate([self.on_device(batch)])
 
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "trainable": self.trainable}  # the same on every stage

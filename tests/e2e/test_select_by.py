@@ -32,10 +32,8 @@ from errors import UsageError
 from eval.evaluate import load_evaluated
 from eval.generate import generate_answers
 from eval.metrics import ROW_METRICS, set_metrics, text_metrics
-from harness import assert_one_sentence, run_cli, run_engine, saved_weights
+from harness import SELECT, assert_one_sentence, run_cli, run_engine, saved_weights
 
-SELECT = dict(max_steps=4, eval_every=0.25, max_new_tokens=8, select_rows=5, final="best", keep_last=4, lr=5e-3,
-              train_modules=("all",), select_by="chrf")
 CPU = torch.device("cpu")
 
 
