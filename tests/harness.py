@@ -37,6 +37,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +196,8 @@ SELECT = dict(max_steps=4, eval_every=0.25, max_new_tokens=8, select_rows=5, fin
 
 
 def run_engine(out, approach: str, batch_size: int, gpus: int | None, **overrides) -> dict:
-    """3 steps on 2 exhibits, dropout off, one evaluation; rank 0's summary."""
+    """3 steps on 2 exhibits, dropout off, one evaluation; rank 0's summary. A bf16 run multiplies as a GPU does
+    (`Bf16MatmulsAsOnGpu`), on every rank."""
     # Imported here, not above: the trainer takes seconds to import, and every rank that `spawn`
     # starts imports this module.
     from engine.config import from_approach
@@ -204,7 +207,38 @@ def run_engine(out, approach: str, batch_size: int, gpus: int | None, **override
     settings = dict(model="tiny", limit_exhibits=2, batch_size=batch_size, max_steps=3, eval_every=1.0, lr=5e-3,
                     lora_dropout=0.0, lora_target=("projections", "lm_head"), output_dir=str(out), device="cpu",
                     gpus=gpus, final="last", skip_eval=True)
-    return launch(from_approach(approach, **dict(settings, **overrides)), finetune)
+    config = from_approach(approach, **dict(settings, **overrides))
+    return launch(config, finetune_bf16_as_on_gpu if config.precision.startswith("bf16") else finetune)
+
+
+class Bf16MatmulsAsOnGpu(TorchDispatchMode):
+    """bf16 matrix products on the CPU computed as a GPU's tensor cores (and oneDNN on a CPU with bf16
+    instructions) compute them: the bf16 inputs multiplied exactly and summed in fp32, the result rounded
+    once to bf16. Here that is an fp32 kernel on the widened inputs. Without bf16 instructions (AVX2 only,
+    as on this machine) torch falls back to its own bf16 GEMM, 6x slower than fp32 for the tiny model's
+    output layer forward and 30-50x for its input gradient: the precision tests spent 7 of the suite's
+    19 minutes in it. Every dtype a test sees is the same, and the values differ only by summation order."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+               torch.ops.aten.baddbmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.MATMULS and all(type(a) in (torch.Tensor, nn.Parameter) and a.dtype == torch.bfloat16
+                                        and a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
+            widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+            return func(*widened, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+@record
+def finetune_bf16_as_on_gpu(config) -> dict:
+    """The engine's worker (finetune.py, inside its own `record`) with `Bf16MatmulsAsOnGpu` on: a module-level
+    function, as launch asks."""
+    from finetune import finetune
+
+    with Bf16MatmulsAsOnGpu():
+        return finetune.__wrapped__(config)
 
 
 def saved_weights(folder) -> dict[str, torch.Tensor]:
