@@ -1,9 +1,12 @@
 """Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
 
 import copy
+import fcntl
+import hashlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -67,16 +70,29 @@ def tiny_model():
 def one_process(tmp_path_factory):
     """`one_process(approach, batch_size, **overrides)`: (rank 0's summary, the run's folder) of a one-process run
     of the engine (tests/harness.py `run_engine`): the reference that the parallel runs must reproduce, run once
-    per test session for each setting, however many test files compare against it. Read it, do not change it."""
+    per test session for each setting, however many test files (and pytest-xdist workers) compare against it: the
+    first worker to ask runs it under a file lock, in a folder all of them share, and the others read it. Read it,
+    do not change it."""
     from harness import run_engine
 
+    # A worker's base folder is popen-gwN inside the session's own; without xdist the session's own is the shared one.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
     done = {}
 
     def run(approach: str, batch_size: int, **overrides) -> tuple[dict, Path]:
-        key = (approach, batch_size, repr(sorted(overrides.items())))
+        key = repr((approach, batch_size, sorted(overrides.items())))
         if key not in done:
-            out = tmp_path_factory.mktemp(f"one-process-{approach}")
-            done[key] = run_engine(out, approach, batch_size=batch_size, gpus=None, **overrides), out
+            folder = shared / f"one-process-{approach}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+            with open(f"{folder}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+                summary_file, out = folder / "summary.pickle", folder / "run"
+                if not summary_file.exists():
+                    folder.mkdir(exist_ok=True)
+                    summary = run_engine(out, approach, batch_size=batch_size, gpus=None, **overrides)
+                    summary_file.with_suffix(".tmp").write_bytes(pickle.dumps(summary))
+                    summary_file.with_suffix(".tmp").rename(summary_file)
+                done[key] = pickle.loads(summary_file.read_bytes()), out
         return done[key]
 
     return run

@@ -161,7 +161,6 @@ def answered_prompt(processor: ProcessorMixin, widest: dict, rows: int, new_toke
 
 
 @functools.cache
-@functools.cache
 def judge_peak(spec: str, dtype: torch.dtype, gpu: bool, count: int, tokens: int) -> int:
     """The judge `spec` in `dtype` embedding `count` texts of `tokens` tokens: the same for many runs' plans, so
     planned once a process (bench/original_runs.py plans ten)."""

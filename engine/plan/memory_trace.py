@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 CUDA_BLOCK = 512  # bytes: the smallest block of PyTorch's CUDA caching allocator
+_DEVICE = torch.ops.prim.device.default  # over half the ops a plan's step dispatches
 
 
 class MemoryTrace(TorchDispatchMode):
@@ -43,6 +44,8 @@ class MemoryTrace(TorchDispatchMode):
             self._ignoring = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # a fake tensor's device, asked by C++ (autograd, argument parsing): no storage
+            return func(*args)
         out = func(*args, **(kwargs or {}))
         if self._ignoring:
             return out
@@ -71,6 +74,8 @@ class RealShapes(TorchDispatchMode):
     """Under a FakeTensorMode: real tensors drive the data-dependent shapes of fake ones (see above)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:
+            return func(*args)
         kwargs = kwargs or {}
         tensors = tensors_in((args, kwargs))
         if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
