@@ -351,6 +351,11 @@ def validate(config: TrainConfig) -> None:
     if config.select_by != "val_loss" and config.final == "last":
         raise UsageError(f"--select-by {config.select_by} chooses the best checkpoint for --final best; with --final "
                          "last it would answer rows at every evaluation point for nothing: drop one of them.")
+    changed = [flag(field) for field in dataclasses.fields(config)
+               if field.name.startswith("fsdp_") and getattr(config, field.name) != field.default]
+    if changed and "fsdp" not in config.parallel:
+        raise UsageError(f"{changed[0]} is for runs sharded by FSDP (--parallel fsdp or pipeline+fsdp); this run "
+                         f"has --parallel {config.parallel}, so it would change nothing: drop it.")
     if config.compile and config.attn_implementation == "flash_attention_2":
         # transformers unpads a padded batch for flash-attn by reading its lengths on the host (nonzero, .item()),
         # which no single graph holds: the first compiled decoder layer would fail the first step (engine/compile.py).

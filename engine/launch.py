@@ -151,7 +151,10 @@ def _reported_failure(failure) -> tuple[int, str, str]:
         for file in Path(failed.error_file).parent.parent.glob("*/error.json") if failed.error_file else []:
             other = int(file.parent.name)  # the local rank's folder: the rank, on one machine
             if other not in failures:
-                recorded = json.loads(file.read_text())["message"]
+                try:
+                    recorded = json.loads(file.read_text())["message"]
+                except (json.JSONDecodeError, KeyError):  # torch writes it in place: a rank stopped mid-write
+                    continue
                 when = int(recorded.get("extraInfo", {}).get("timestamp", 0))
                 failures[other] = (when, *_message_and_stack(recorded))
     ordered = [(rank, message, stack) for rank, (_, message, stack) in sorted(failures.items(), key=lambda i: i[1][0])]

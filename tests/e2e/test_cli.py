@@ -21,6 +21,8 @@ from harness import ROOT, run_cli
     (["--approach", "full", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--optimizer", "adamw8bit", "--optimizer-offload", "cpu"], "--optimizer-offload cpu keeps fp32 moments in host"),
     (["--precision", "bf8"], "--precision must be auto, fp32, bf16-mixed or bf16, not 'bf8'"),
+    (["--approach", "lora_ddp", "--gpus", "2", "--fsdp-reduce-dtype", "bf16"],
+     "--fsdp-reduce-dtype is for runs sharded by FSDP (--parallel fsdp or pipeline+fsdp); this run has --parallel ddp"),
     (["--approach", "full", "--dataset", "no/such-dataset-here"], "cannot load dataset"),
     (["--approach", "full", "--train-modules", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),
     (["--approach", "lora", "--lora-target", "nothing_matches_this", "--max-steps", "1"], "matches no linear layer"),

@@ -1,6 +1,8 @@
 """--data-workers end to end: batches collated ahead by worker processes train bit for bit the run that collated in
 line, in one process and on two DDP ranks (each forking workers of its own); summary.json and TensorBoard hold each
-step's wait for data and its compute time. tests/unit/engine/test_loader.py compares the batches themselves."""
+step's wait for data and its compute time. tests/unit/engine/test_loader.py compares the batches themselves. Under
+FSDP, the pipeline and pipeline+fsdp, runs resumed with workers equal one process (test_fsdp_runs.py and
+test_pipeline_runs.py's resume tests)."""
 
 import json
 

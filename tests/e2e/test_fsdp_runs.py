@@ -50,14 +50,16 @@ def test_full_fsdp_equals_one_process_full_and_holds_one_nth_per_rank(world, tmp
 
 @pytest.mark.slow
 def test_full_fsdp_resumes_from_per_rank_shards_on_the_same_world_size(tmp_path):
-    whole = run_engine(tmp_path / "whole", "full_fsdp", batch_size=2, gpus=2, **FULL)
+    """The whole run collates its batches ahead in 2 worker processes a rank, the resumed one in line and then in 1:
+    the same rows in the same batches on the same ranks, whichever (tests/unit/engine/test_loader.py)."""
+    whole = run_engine(tmp_path / "whole", "full_fsdp", batch_size=2, gpus=2, data_workers=2, **FULL)
     first = run_engine(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, stop_after_steps=2, **FULL)
     saved = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*/*"))
     assert {p.name for p in saved} >= {"model-rank00000-of-00002.safetensors", "train_state-rank00001-of-00002.pt"}
     meta = json.loads((checkpoint.complete(tmp_path / "resumed" / "checkpoints")[-1] / "meta.json").read_text())
     with pytest.raises(UsageError, match="its shards is 2, this run's is 4"):  # what a 4-rank resume is told
         checkpoint.load(checkpoint.complete(tmp_path / "resumed" / "checkpoints")[-1], dict(meta, shards=4))
-    second = run_engine(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, resume=True, **FULL)
+    second = run_engine(tmp_path / "resumed", "full_fsdp", batch_size=2, gpus=2, resume=True, data_workers=1, **FULL)
     assert [s for s, _ in first["history"]["train_loss"] + second["history"]["train_loss"]] == [1, 2, 3]
     resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in whole["history"]["train_loss"]], rel=1e-6)

@@ -60,11 +60,12 @@ def test_full_mp_equals_one_process_full_and_each_rank_holds_its_stage(world, sc
 
 @pytest.mark.slow
 def test_full_mp_resumes_from_per_stage_checkpoints(single, tmp_path):
+    """Resumed with its batches collated ahead by a worker process on each stage (--data-workers 1)."""
     reference, reference_final = single
     first = run_engine(tmp_path, "full_mp", batch_size=4, gpus=2, stop_after_steps=2, **FULL)
     saved = {p.name for p in (tmp_path / "checkpoints").glob("step-*/*")}
     assert {"model-rank00000-of-00002.safetensors", "model-rank00001-of-00002.safetensors"} <= saved
-    second = run_engine(tmp_path, "full_mp", batch_size=4, gpus=2, resume=True, **FULL)
+    second = run_engine(tmp_path, "full_mp", batch_size=4, gpus=2, resume=True, data_workers=1, **FULL)
     resumed = first["history"]["train_loss"] + second["history"]["train_loss"]
     assert [s for s, _ in resumed] == [1, 2, 3]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in reference["history"]["train_loss"]], rel=1e-5)
@@ -75,13 +76,14 @@ def test_full_mp_resumes_from_per_stage_checkpoints(single, tmp_path):
 def test_pipeline_of_fsdp_stages_equals_one_process_full_and_resumes(single, tmp_path):
     """4 ranks as 2 stages x 2 shards: two pipelines, each fed half of every batch of 4 (--batch-size is per
     pipeline), each stage sharded over its 2 ranks. Stopped after 2 steps and resumed from the 4 ranks' own
-    checkpoint files, it trains, validates and exports what one process does with the whole batch."""
+    checkpoint files (its batches now collated ahead by a worker process a rank), it trains, validates and exports
+    what one process does with the whole batch."""
     reference, reference_final = single
     hybrid = dict(parallel="pipeline+fsdp", stages=2, micro_batches=2, **FULL)
     first = run_engine(tmp_path, "full_mp", batch_size=2, gpus=4, stop_after_steps=2, **hybrid)
     saved = {p.name for p in (tmp_path / "checkpoints").glob("step-*/*")}
     assert {f"model-rank{rank:05d}-of-00004.safetensors" for rank in range(4)} <= saved
-    second = run_engine(tmp_path, "full_mp", batch_size=2, gpus=4, resume=True, **hybrid)
+    second = run_engine(tmp_path, "full_mp", batch_size=2, gpus=4, resume=True, data_workers=1, **hybrid)
     for key in ("train_loss", "val_loss", "grad_norm"):
         second["history"][key] = first["history"][key] + second["history"][key]
     assert_same_curves(second, reference)

@@ -1,6 +1,7 @@
 """What a CPU run cannot show by itself about CUDA and NCCL, made to show (issue 25): NCCL's failure texts read
 as sentences, collectives on the rank's own device, one GPU per task, flash-attention refused when absent."""
 
+import json
 import os
 
 import pytest
@@ -58,6 +59,19 @@ def test_the_parent_reports_the_rank_that_failed_not_the_one_that_lost_its_nccl_
     failure = _ChildFailed({1: _Failed(f"DistBackendError: {NCCL_PEER_GONE[0]}", 1),
                             0: _Failed("ValueError: a bug on rank 0", 2)})
     assert _reported_failure(failure)[:2] == (0, "ValueError: a bug on rank 0")
+
+
+def test_an_error_file_a_stopped_rank_left_half_written_is_passed_over(tmp_path):
+    """Rank 1 failed with its own sentence; the launcher stopped rank 0 while it wrote its error file (torch's
+    writes in place), which is left empty. The parent reports rank 1's sentence instead of failing on that file
+    (seen once in the suite: tests/e2e/test_failures.py's rank failure)."""
+    for rank in (0, 1):
+        (tmp_path / str(rank)).mkdir()
+    (tmp_path / "0" / "error.json").write_text("")
+    failed = _Failed("UsageError: rank one's own sentence.", 2)
+    failed.error_file = str(tmp_path / "1" / "error.json")
+    (tmp_path / "1" / "error.json").write_text(json.dumps({"message": failed.message}))
+    assert _reported_failure(_ChildFailed({1: failed}))[:2] == (1, "UsageError: rank one's own sentence.")
 
 
 def test_a_rank_without_gradients_clips_on_its_own_device(monkeypatch):

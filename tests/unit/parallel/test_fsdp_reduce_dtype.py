@@ -1,5 +1,5 @@
 """--fsdp-reduce-dtype: gradients summed across ranks in bf16 against fp32, on 2 gloo ranks (tests/harness.py's
-Toy), and the flag reaching every unit that the FSDP strategies build.
+Toy), the flag reaching every unit that the FSDP strategies build, and refused where nothing is sharded.
 
 The bound, worked out for 2 ranks: rank i sends its fp32 gradient g_i rounded to bf16, b_i, with
 |b_i - g_i| <= u|g_i| (u = 2^-8, bf16's 8 significant bits rounded to nearest); the sum b_1 + b_2 is
@@ -20,6 +20,7 @@ from engine.plan.ranks import fake_world
 from engine.precision import PRECISIONS
 from engine.runtime import Runtime
 from engine.strategies import strategy_for
+from errors import UsageError
 from harness import IGNORE, ROWS, Toy, spawn, toy_data
 from models.lazy import build_on_meta
 
@@ -79,3 +80,13 @@ def test_the_flag_reaches_every_unit(parallel, extra):
         apply_approach(model, config, runtime)
         strategy.prepare(model)
     assert {unit.reduce_dtype for part in strategy.parts for unit in part.fsdp_units} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("approach, extra", [("lora", {}), ("lora_ddp", {"gpus": 2}), ("full_mp", {"gpus": 2})])
+def test_the_fsdp_flags_are_refused_where_nothing_is_sharded(approach, extra):
+    """Without FSDP no gradient is reduce-scattered and no block gathered: a changed --fsdp-* flag would do nothing."""
+    for flags, spelled in (({"fsdp_reduce_dtype": "bf16"}, "--fsdp-reduce-dtype"),
+                           ({"fsdp_prefetch": False}, "--no-fsdp-prefetch")):
+        with pytest.raises(UsageError, match=f"^{spelled} is for runs sharded by FSDP .* so it would change nothing"):
+            from_approach(approach, **extra, **flags)
+        from_approach("full_fsdp", gpus=2, **flags)  # where it applies, taken
