@@ -295,15 +295,23 @@ def test_train_step_leaves_the_loss_on_the_device_for_the_caller_to_read(ranks):
             assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.device.type == "cpu"
 
 
-def test_equal_stages_wait_the_theoretical_bubble(ranks):
+def test_equal_stages_wait_the_theoretical_bubble(ranks, tmp_path):
     """Each rank's measured idle fraction within 10% of (N-1)/(M+N-1): the schedules wait for nothing
     but the pipeline's fill and drain, and the measure counts those waits, not the rank's own work or
-    the last stage's loss. The median of 3 steps, each of which other load on the cores can slow.
-    bench/pipeline_idle.py measures 4 stages too."""
-    for rank, result in enumerate(ranks(2)):
-        for (schedule, micro), idle in result["equal stages"].items():
-            theory = bubble(2, micro)
-            assert statistics.median(idle) == pytest.approx(theory, rel=0.1), (rank, schedule, micro, idle)
+    the last stage's loss. The median of 3 steps, each of which other load on the cores can slow; a
+    measure that is off (seen once in a full suite on 2 cores: 0.124 against 0.111 +- 0.011) is taken
+    again on ranks of its own, up to twice. A schedule that waits for more than the bubble is off every
+    time. bench/pipeline_idle.py measures 4 stages too."""
+    results = [result["equal stages"] for result in ranks(2)]
+    for attempt in range(3):
+        off = [(rank, schedule, micro, idle) for rank, result in enumerate(results)
+               for (schedule, micro), idle in result.items()
+               if statistics.median(idle) != pytest.approx(bubble(2, micro), rel=0.1)]
+        if not off:
+            return
+        if attempt < 2:
+            results = spawn(2, _equal_stages, tmp_path / str(attempt))
+    assert not off, off
 
 
 def test_theoretical_bubble():
