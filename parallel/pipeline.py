@@ -157,8 +157,9 @@ class Pipeline:
         return loss
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list[dict]) -> float:
-        """Forward only: the summed loss over the micro-batches, the same number on every rank."""
+    def evaluate(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Forward only: the summed loss over the micro-batches, the same on every rank, as a 0-d float64 tensor on
+        the device (as `train_step`'s: reading it is the caller's wait)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
 
         def step(forward: bool, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
@@ -170,7 +171,7 @@ class Pipeline:
             return output
 
         self._run([(True, index) for index in range(len(micro_batches))], micro_batches, step)
-        return float(self._from_last(total))
+        return self._from_last(total)
 
     @torch.no_grad()
     def infer(self, micro_batch: dict, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -22,8 +22,8 @@ REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --fsdp-reduce
 
 
 def sharding_flags(config: TrainConfig) -> dict:
-    """fully_shard's keywords that the run's flags choose, the same for FSDP alone and a pipeline's stages (other
-    strategies accept these flags and ignore them)."""
+    """fully_shard's keywords that the run's flags choose, the same for FSDP alone and a pipeline's stages (a run
+    that shards nothing refuses these flags changed: engine/config.py)."""
     return {"prefetch": config.fsdp_prefetch, "reduce_dtype": REDUCE_DTYPES[config.fsdp_reduce_dtype]}
 
 

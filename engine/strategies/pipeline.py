@@ -67,7 +67,7 @@ class PipelineParallel(ReadsOwnPiece):
         loss = self.pipeline.train_step(micro, divisor)
         return self.data_ranks.summed(loss)  # the other pipelines' shares of the batch (pipeline+fsdp)
 
-    def eval_loss(self, batch: dict) -> float:
+    def eval_loss(self, batch: dict) -> torch.Tensor:
         return self.pipeline.evaluate(self.micro_batches(batch))
 
     @property

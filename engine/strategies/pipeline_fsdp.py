@@ -59,7 +59,7 @@ class PipelineFSDP(MeasuredBeforeSharding, PipelineParallel):
         self.model, self.parts = model, [own]  # FSDP recomputes every block: no activation checkpointing on top
         self.start_pipeline(own, shape)
 
-    def eval_loss(self, batch: dict) -> float:
+    def eval_loss(self, batch: dict) -> torch.Tensor:
         # One micro-batch per batch: a stage's ranks must run as many forwards (each one gathers), and the
         # last validation batches of two pipelines may have too few rows for as many micro-batches.
         return self.pipeline.evaluate([self.on_device(batch)])

@@ -98,7 +98,7 @@ def _train(rank: int, stages: int, micro: int, schedule: str, group: dist.Proces
         result["peaks"].append(pipeline.last_peak_in_flight)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    result["evaluated"] = pipeline.evaluate(_micro_batches(STEPS, micro)[0])
+    result["evaluated"] = float(pipeline.evaluate(_micro_batches(STEPS, micro)[0]))
     mine = {id(p) for p in params}
     result["weights"] = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in mine}
     return result
