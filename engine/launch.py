@@ -72,9 +72,10 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
     # The ranks fork from a server process that has torch and transformers imported (started by the first launch):
     # a rank starts without seconds of imports of its own. Where there is a GPU, nothing that touches CUDA may be
     # imported there (the engine's modules import bitsandbytes, which asks the GPU's capability): a rank forked
-    # from a process that has initialized CUDA cannot use it. Without one, the worker's own module is too.
+    # from a process that has initialized CUDA cannot use it. Without one, the worker's own module is too. The
+    # server's objects are frozen last, so that no rank's garbage collection walks (and copies) them.
     no_gpu = [] if torch.cuda.is_available() else [worker.__module__]
-    multiprocessing.set_forkserver_preload(["torch", "transformers", *no_gpu])
+    multiprocessing.set_forkserver_preload(["torch", "transformers", *no_gpu, "engine.frozen_imports"])
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,

@@ -45,7 +45,8 @@ def pytest_configure(config):
     transformers). Under pytest-xdist each worker starts its own; the process that hands them tests runs none."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness"])
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness",
+                                            "engine.frozen_imports"])
     multiprocessing.forkserver.ensure_running()
 
 
