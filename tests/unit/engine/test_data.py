@@ -130,6 +130,15 @@ def test_standin_images_are_byte_identical_everywhere():
     assert digest == "358124647e338b52f0b1106c90c84076a275c8fa14eae70bec7466ae6afd1304"
 
 
+def test_a_standin_image_changed_by_its_reader_leaves_the_next_one_as_drawn():
+    """Pictures are drawn once and kept: each call must still hand out an image of its own."""
+    name = "kermit-frog-puppet-2-aug3.jpg"
+    drawn = standin_image(name, 32).tobytes()
+    changed = standin_image(name, 32)
+    changed.paste((255, 0, 0), (0, 0, 32, 32))
+    assert changed.tobytes() != drawn and standin_image(name, 32).tobytes() == drawn
+
+
 def test_standin_images_look_like_their_exhibit():
     exhibits = ["1903-wright-flyer", "abraham-lincolns-coffee-cup", "1-decadrachm-syracuse-about-400-bce",
                 "20-dollars-pattern-united-states-1879", "kermit-frog-puppet", "weathervane-teapot"]
