@@ -1,6 +1,5 @@
 """Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
 
-import copy
 import fcntl
 import hashlib
 import multiprocessing
@@ -52,13 +51,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def _processor():
+    """One for the session, to read only."""
     return tiny_processor()
 
 
 @pytest.fixture
-def processor(_processor):
-    """A fresh copy per test, so a test that changes padding side or sizes affects no other."""
-    return copy.deepcopy(_processor)
+def processor():
+    """A processor of the test's own, so a test that changes padding side or sizes affects no other (a copy of the
+    one read from the shipped files once a process: models/tiny.py)."""
+    return tiny_processor()
 
 
 @pytest.fixture

@@ -63,6 +63,29 @@ def test_non_idefics_models_and_unreachable_ids_are_refused(tmp_path):
         models.load(str(tmp_path / "missing"), torch.float32, CPU)
 
 
+def test_shipped_processors_are_read_once_and_each_is_its_own():
+    """The shipped files are read once a process and copied after, sharing the compiled tokenizer: each copy keeps
+    its own settings, pads with its own side and pad token, and tokenizes as a processor read afresh does; the
+    tokens an Idefics3 processor adds are its own."""
+    from transformers import AutoProcessor
+
+    from models.idefics3_processor import ADDED_TOKENS
+    from models.tiny import PROCESSOR_DIR, tiny_idefics3_processor, tiny_processor
+
+    fresh = AutoProcessor.from_pretrained(PROCESSOR_DIR).tokenizer
+    idefics3 = tiny_idefics3_processor()
+    first, second = tiny_processor(), tiny_processor()
+    second.tokenizer.padding_side = "right" if first.tokenizer.padding_side == "left" else "left"
+    second.tokenizer.pad_token = second.tokenizer.unk_token
+    second.image_processor.size = {"longest_edge": 28, "shortest_edge": 28}
+    assert first.image_processor.size != second.image_processor.size
+    assert len(idefics3.tokenizer) == len(first.tokenizer) + len(ADDED_TOKENS) == len(fresh) + len(ADDED_TOKENS)
+    texts = ["The 1903 Wright Flyer <global-img> <row_1_col_1>", "a"]
+    for copied in (second, first, second):  # each call after the other's: nothing of one stays for the next
+        fresh.padding_side, fresh.pad_token = copied.tokenizer.padding_side, copied.tokenizer.pad_token
+        assert copied.tokenizer(texts, padding=True)["input_ids"] == fresh(texts, padding=True)["input_ids"]
+
+
 def test_pad_token_without_an_embedding_row_falls_back_to_unk(processor):
     model = models.build_tiny(0)
     model.resize_token_embeddings(32003)  # a vocabulary without the shipped <pad> (id 32003)
