@@ -310,7 +310,9 @@ def test_equal_stages_wait_the_theoretical_bubble(ranks, tmp_path):
         if not off:
             return
         if attempt < 2:
-            results = spawn(2, _equal_stages, tmp_path / str(attempt))
+            folder = tmp_path / str(attempt)
+            folder.mkdir()  # (the ranks write their results there)
+            results = spawn(2, _equal_stages, folder)
     assert not off, off
 
 
