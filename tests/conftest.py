@@ -1,5 +1,6 @@
 """Shared fixtures: the real processor is slow to load (a 3.5 MB tokenizer), so load it once."""
 
+import ctypes
 import fcntl
 import hashlib
 import multiprocessing
@@ -33,6 +34,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # generating and building C++ for every graph (minutes a run on 2 cores; bench/compile_vs_eager.py runs inductor).
 # Read by torch as dynamo is first imported (below, and by the fork server).
 os.environ.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")
+# glibc's malloc keeps what a process frees for its next allocations, as CUDA's caching allocator does on a GPU. By
+# default a block over its mmap threshold (at most 32 MiB) is mapped afresh each time and every page of it zeroed by
+# the kernel as it is first touched: each 33 MB chunk of the loss's logits, a step's activations, FSDP's gathered
+# weights (engine/loss.py's chunked loss, forward and backward: 704 -> 566 ms a step, 372k page faults -> 26k).
+# Read by glibc as a process starts (the pytest-xdist workers, the fork server, torchrun's processes); this process
+# has started, so it is told by mallopt.
+MALLOC_KEEPS = 1 << 30  # bytes: blocks up to this size come from the heap, which keeps up to this much free
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_KEEPS))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_KEEPS))
+if sys.platform == "linux":
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEEPS)
+    libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEPS)
 
 from models.tiny import build_tiny, tiny_processor
 
