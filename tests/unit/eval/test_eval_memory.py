@@ -246,8 +246,10 @@ def test_qlora_scores_before_training_on_its_nf4_base(qlora_run, monkeypatch, tm
     so they add nothing), its answers scored by the base's judge, row by row as the cache holds them."""
     out, config = qlora_run
     out = shutil.copytree(out, tmp_path / "qlora")
+    # 8 new tokens, as the other evaluation tests: which base answers is the point, not how long (the random base
+    # would answer all 512 of the default, in bf16, three times).
     config = from_approach("qlora", model="tiny", limit_exhibits=2, output_dir=str(out), device="cpu",
-                           precision="bf16-mixed", lora_target=("projections", "lm_head"))
+                           precision="bf16-mixed", lora_target=("projections", "lm_head"), max_new_tokens=8)
     monkeypatch.setenv("MUSEFT_CACHE", str(tmp_path / "cache"))
     evaluate(config)
     [cache] = (tmp_path / "cache" / "baselines").glob("*.json")
