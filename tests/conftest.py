@@ -43,11 +43,11 @@ os.environ.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", ">=0:aot_eager")
 MALLOC_KEEPS = 1 << 30  # bytes: blocks up to this size come from the heap, which keeps up to this much free
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_KEEPS))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_KEEPS))
-if sys.platform == "linux":
+if sys.platform == "linux":  # the values the children get, whether set here or given
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEEPS)
-    libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEPS)
+    libc.mallopt(M_MMAP_THRESHOLD, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))
+    libc.mallopt(M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
 
 from models.tiny import build_tiny, tiny_processor
 
