@@ -14,7 +14,6 @@ same sentence and exit status, a bug as the rank's traceback.
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import threading
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from engine.config import TrainConfig
+from engine.fork_server import start_fork_server
 from engine.runtime import pick_device, torchrun_world_size
 from engine.strategies import STRATEGIES
 from errors import PEER_GONE, DiskError, RankFailed, UsageError, debug, explain, lost_peer
@@ -75,7 +75,7 @@ def _spawn(config: TrainConfig, worker: Callable[[TrainConfig], Any], ranks: int
     # from a process that has initialized CUDA cannot use it. Without one, the worker's own module is too. The
     # server's objects are frozen last, so that no rank's garbage collection walks (and copies) them.
     no_gpu = [] if torch.cuda.is_available() else [worker.__module__]
-    multiprocessing.set_forkserver_preload(["torch", "transformers", *no_gpu, "engine.frozen_imports"])
+    start_fork_server(["torch", "transformers", *no_gpu, "engine.frozen_imports"])
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,

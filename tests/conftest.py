@@ -3,8 +3,6 @@
 import ctypes
 import fcntl
 import hashlib
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
 import sys
@@ -49,6 +47,7 @@ if sys.platform == "linux":  # the values the children get, whether set here or 
     libc.mallopt(M_MMAP_THRESHOLD, int(os.environ["MALLOC_MMAP_THRESHOLD_"]))
     libc.mallopt(M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
 
+from engine.fork_server import start_fork_server
 from models.tiny import build_tiny, tiny_processor
 
 
@@ -59,9 +58,10 @@ def pytest_configure(config):
     transformers). Under pytest-xdist each worker starts its own; the process that hands them tests runs none."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "engine.trainer", "finetune", "harness",
-                                            "engine.frozen_imports"])
-    multiprocessing.forkserver.ensure_running()
+    # Besides the engine: what its runs import only once they start (TensorBoard's writer, the charts' matplotlib),
+    # and tests/harness.py, which the ranks' and commands' entry points are in (it reads the shipped processor).
+    start_fork_server(["torch", "transformers", "engine.trainer", "finetune", "torch.utils.tensorboard",
+                       "matplotlib.figure", "harness", "engine.frozen_imports"])
 
 
 @pytest.fixture(scope="session")

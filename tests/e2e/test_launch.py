@@ -103,3 +103,34 @@ def test_python_torchrun_and_a_torchrun_worker_asking_for_two_agree(tmp_path):
         assert summary["world_size"] == 2 and len(summary["ranks"]) == 2, name
     assert _losses(tmp_path / "torchrun") == pytest.approx(_losses(tmp_path / "python"), rel=1e-6)
     assert _losses(tmp_path / "torchrun_asks") == pytest.approx(_losses(tmp_path / "python"), rel=1e-6)
+
+
+FORK_SERVER_PROBE = """
+import multiprocessing, os, sys
+sys.path.insert(0, sys.argv[1])  # where the probe module is: on this process's path alone, as tests/ is for the suite
+sys.path.insert(0, sys.argv[2])  # the repository, for engine.fork_server
+from engine.fork_server import start_fork_server
+if __name__ == "__main__":
+    os.chdir(sys.argv[1] + "/elsewhere")  # a user's own folder: neither the probe's nor the repository's
+    start_fork_server(["probe"])
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        print(pool.apply(os.getpid), pool.apply(__import__("probe").imported_in), os.environ.get("PYTHONPATH"))
+"""
+
+
+def test_the_fork_server_imports_what_it_is_told_from_the_launching_process_path(tmp_path):
+    """Python 3.11 starts the fork server on `python -c`'s path, not the launcher's (CPython issue 117378), and
+    skips a module it cannot find without a word: each rank then imported the engine (and the tests' harness) itself.
+    The probe module, on the launcher's path alone, is imported by the server: the rank did not import it again.
+    The launcher's own environment is as it was."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "probe.py").write_text("import os\nPID = os.getpid()\ndef imported_in():\n    return PID\n")
+    script = tmp_path / "launcher.py"
+    script.write_text(FORK_SERVER_PROBE)
+    environ = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                            timeout=120, env=environ, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rank, imported_in, launcher_path = result.stdout.split()
+    assert imported_in != rank  # by the server, before it forked the rank
+    assert launcher_path == "None"
