@@ -21,7 +21,7 @@ from transformers import Idefics2Processor, ProcessorMixin
 
 from engine.build import configure_processor
 from engine.config import TrainConfig
-from engine.data.sources import dialog_messages, image_column, image_entries, row_images
+from engine.data.sources import column, dialog_messages, image_column, image_entries, row_images
 from errors import UsageError
 from models.load import config_and_processor
 
@@ -63,19 +63,19 @@ def summary(splits: datasets.DatasetDict, processor: ProcessorMixin) -> str:
 
 def check_images(split: datasets.Dataset, name: str) -> None:
     """Every image of the split present and decodable, each decoded once; the first bad one is named."""
-    column = image_column(split.column_names)
-    if column is None:
+    images = image_column(split.column_names)
+    if images is None:
         return  # text-only rows: their dialogs were checked to hold no image part at load
-    feature = split.features[column]
+    feature = split.features[images]
     if not isinstance(feature.feature if isinstance(feature, datasets.List) else feature, datasets.Image):
-        raise UsageError(f"the {name!r} split's {column} column holds {feature}, not images.")
+        raise UsageError(f"the {name!r} split's {images} column holds {feature}, not images.")
     table = split.with_format("arrow")
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         for start in range(0, len(split), IMAGE_CHUNK):
             chunk = table[start : start + IMAGE_CHUNK]
-            stored, data_ids = chunk.column(column).to_pylist(), chunk.column("data_id").to_pylist()
+            stored, data_ids = chunk.column(images).to_pylist(), chunk.column("data_id").to_pylist()
             entries = [(offset, entry) for offset, row in enumerate(stored)
-                       for entry in (row or [] if column == "images" else [row])]
+                       for entry in (row or [] if images == "images" else [row])]
             for (offset, _), problem in zip(entries, pool.map(image_problem, [e for _, e in entries]), strict=True):
                 if problem:
                     raise UsageError(f"row {start + offset} (data_id={data_ids[offset]}) of the {name!r} split: "
@@ -247,13 +247,9 @@ def _token_counts(processor: ProcessorMixin, texts: list[str], split: datasets.D
 
 
 def _dialogs(split: datasets.Dataset, indices) -> list[list[dict]]:
-    return [dialog_messages(dialog) for dialog in _column(split, "dialog", indices)]
+    return [dialog_messages(dialog) for dialog in column(split, "dialog", list(indices))]
 
 
 def _where(splits: datasets.DatasetDict, name: str, index: int) -> str:
-    return f"row {index} (data_id={_column(splits[name], 'data_id', [index])[0]}) of the {name!r} split"
+    return f"row {index} (data_id={column(splits[name], 'data_id', [index])[0]}) of the {name!r} split"
 
-
-def _column(split: datasets.Dataset, column: str, indices) -> list:
-    # Read from Arrow: no transform runs, so no picture is drawn or decoded.
-    return split.select_columns([column]).with_format("arrow")[list(indices)].column(column).to_pylist()

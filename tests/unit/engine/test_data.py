@@ -19,7 +19,7 @@ from PIL import Image
 from engine.config import from_approach
 from engine.data.collate import Collator
 from engine.data.fingerprint import changed_split, data_fingerprint
-from engine.data.sources import MUSEQUEST_DIR, load_splits
+from engine.data.sources import MUSEQUEST_DIR, column, load_splits
 from engine.data.standin_images import standin_image
 from engine.runtime import Runtime
 from errors import UsageError
@@ -313,3 +313,16 @@ def test_an_unknown_folder_is_refused(tmp_path):
 def test_bad_data_sets_are_refused_at_load(tmp_path, problem, message):
     with pytest.raises(UsageError, match=message):
         load_splits(saved(tmp_path / "set", **problem))
+
+
+def test_a_column_read_from_arrow_is_the_selected_rows_values_and_draws_no_picture():
+    """engine/data/sources.py `column`: the values datasets' own row formatting gives, of the rows a selection kept
+    (not the table under it) and in its order, with the split's transform (musequest's drawn pictures) never run."""
+    whole = load_splits("musequest")["train"].with_format(None)  # (a new object: the cached split stays as it is)
+    rows = [400, 2, 7, 100, 3, 9]
+    split = whole.select(rows)
+    drawn = []
+    split.set_transform(lambda batch: drawn.append(1) or batch)
+    assert column(split, "data_id") == [whole[row]["data_id"] for row in rows] != whole["data_id"][:len(rows)]
+    assert column(split, "item_name", [5, 0, 3]) == [whole[rows[i]]["item_name"] for i in (5, 0, 3)]
+    assert not drawn
