@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 
 from errors import UsageError
 from models.load import BUILT_IN, SUPPORTED_TYPES, config_and_processor, load, use_real_pad_token
+from models.processors import read_processor
 
 INDEX = "model.safetensors.index.json"
 
@@ -80,7 +81,7 @@ def load_on_meta(folder: Path, dtype: torch.dtype, attn_implementation: str = "s
     config._attn_implementation = attn_implementation
     with parameters_on_meta():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = read_processor(folder)
     use_real_pad_token(processor, model)
     return model, processor, SliceReader(folder)
 

@@ -8,13 +8,13 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    AutoProcessor,
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
 )
 
 from errors import UsageError
+from models.processors import read_processor
 from models.tiny import (
     IDEFICS3_VOCAB_SIZE,
     IMAGE_TOKEN_ID,
@@ -67,7 +67,7 @@ def config_and_processor(spec: str) -> tuple[PretrainedConfig, ProcessorMixin]:
     if spec.endswith(".json"):
         config = _json_config(Path(spec))
         return config, shipped_processor(config)
-    return _pretrained_config(spec), AutoProcessor.from_pretrained(spec)
+    return _pretrained_config(spec), read_processor(spec)
 
 
 def _pretrained_config(spec: str) -> PretrainedConfig:
@@ -135,7 +135,7 @@ def check_shapes(config: PretrainedConfig, where: str) -> None:
 def _load_pretrained(spec: str, dtype: torch.dtype, device: torch.device,
                      attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     _pretrained_config(spec)
-    processor = AutoProcessor.from_pretrained(spec)
+    processor = read_processor(spec)
     # Straight onto the device: loaded on the CPU first, every rank would hold the whole model in host memory.
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, device_map=device,
                                                         attn_implementation=attn_implementation)

@@ -10,12 +10,10 @@ text widths, a pixel-shuffle connector, and the real Idefics3 processor on the s
 """
 
 import copy
-import functools
 from pathlib import Path
 
 import torch
 from transformers import (
-    AutoProcessor,
     Idefics2Config,
     Idefics2ForConditionalGeneration,
     Idefics3Config,
@@ -26,6 +24,7 @@ from transformers import (
 )
 
 from models.idefics3_processor import ADDED_TOKENS, idefics3_processor
+from models.processors import read_processor
 
 PROCESSOR_DIR = Path(__file__).parent / "idefics2_processor"
 IMAGE_SIZE = 56  # pixels; 4x4 patches of 14
@@ -82,29 +81,13 @@ def shipped_processor(config: PreTrainedConfig) -> ProcessorMixin:
     Idefics2: as many <image> tokens as the perceiver has latents, and images no larger than the vision
     encoder's (unchanged for the 8B). Idefics3: models/idefics3_processor.py."""
     if config.model_type == "idefics3":  # adds its tokens to the compiled tokenizer: a whole copy of its own
-        return idefics3_processor(copy.deepcopy(_read_shipped()), config)
-    processor = _settings_copy(_read_shipped())
+        return idefics3_processor(copy.deepcopy(read_processor(PROCESSOR_DIR)), config)
+    processor = read_processor(PROCESSOR_DIR)
     size = config.vision_config.image_size
     sizes = dict(processor.image_processor.size)
     processor.image_processor.size = {edge: min(pixels, size) for edge, pixels in sizes.items()}
     processor.image_seq_len = config.perceiver_config.resampler_n_latents
     return processor
-
-
-@functools.cache
-def _read_shipped() -> ProcessorMixin:
-    """The shipped files, read once a process: each read took 0.2-0.7 s here (3.4 MB of tokenizer JSON, compiled),
-    and a run's rank reads them 2 to 5 times (its data check, its model, evaluation, the judge; a plan 5)."""
-    return AutoProcessor.from_pretrained(PROCESSOR_DIR)
-
-
-def _settings_copy(processor: ProcessorMixin) -> ProcessorMixin:
-    """A copy whose settings (sizes, padding side, pad token) are its own, sharing what nothing changes once it is
-    loaded: the compiled tokenizer, whose padding and truncation the Python tokenizer sets before every call, and
-    the vocabulary and merges it was compiled from. 0.3 ms, where a whole copy takes as long as a read."""
-    tokenizer = processor.tokenizer
-    shared = [tokenizer._tokenizer, getattr(tokenizer, "_vocab", None), getattr(tokenizer, "_merges", None)]
-    return copy.deepcopy(processor, {id(part): part for part in shared if part is not None})
 
 
 def tiny_idefics3_config() -> Idefics3Config:

@@ -41,6 +41,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+from models.processors import read_processor
 from models.tiny import tiny_processor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +52,11 @@ ROWS = 24  # global batch: splits into 2 or 4 ranks times 2 micro-batches
 DEADLINE_S = 120
 
 # Read now, once in the tests' fork server, which imports this module (tests/conftest.py): no process forked from it
-# reads the shipped files again (0.3-0.8 s each; models/tiny.py keeps what a process read).
-tiny_processor()
+# reads the shipped files again, nor the same files as a tiny run writes them to OUT/base and OUT/final (0.3-0.8 s a
+# read; models/processors.py keeps what a process read, by content).
+with tempfile.TemporaryDirectory() as _written:
+    tiny_processor().save_pretrained(_written)
+    read_processor(_written)
 
 
 # ---- the toy model and its data ---------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 
 import lora
 import models
@@ -25,6 +25,7 @@ from engine.outputs.folder import check_new
 from engine.precision import precision_for
 from engine.runtime import pick_device
 from errors import UsageError
+from models.processors import read_processor
 from models.targets import QUANT_SKIP, VISION_ENCODER
 from quant import dequantize, quantize
 
@@ -95,5 +96,5 @@ def load_nf4_base(base: str, keep_vision: bool, device: torch.device, dtype: tor
 def _run_processor(adapter: Path, base_processor: ProcessorMixin) -> ProcessorMixin:
     """The processor the run saved beside its adapter, else the base's."""
     if (adapter / "processor_config.json").is_file():
-        return AutoProcessor.from_pretrained(adapter)
+        return read_processor(adapter)
     return base_processor
