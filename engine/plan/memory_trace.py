@@ -45,7 +45,7 @@ class MemoryTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:  # a fake tensor's device, asked by C++ (autograd, argument parsing): no storage
-            return func(*args)
+            return args[0].device  # what the modes below would answer, without a trip through each (51 -> 2 us)
         out = func(*args, **(kwargs or {}))
         if self._ignoring:
             return out
@@ -75,7 +75,7 @@ class RealShapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:
-            return func(*args)
+            return args[0].device
         kwargs = kwargs or {}
         tensors = tensors_in((args, kwargs))
         if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
