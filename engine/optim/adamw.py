@@ -43,6 +43,11 @@ def stochastic_round(value: torch.Tensor, generator: torch.Generator) -> torch.T
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
+def _kind(param: torch.Tensor) -> tuple:
+    """What an update's allocations depend on: the weight's and gradient's dtypes and the size."""
+    return param.dtype, param.grad.dtype, param.numel()
+
+
 def _block_scales(state: dict, name: str, part: slice, stored: torch.Tensor) -> torch.Tensor:
     """The fp32 scales of the 8-bit blocks that slice `part` of moment `name` (its codes: `stored`) spans;
     slices start on a block boundary (SLICE is a multiple of BLOCK)."""
@@ -70,6 +75,22 @@ class AdamW(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is not None:
                     self._update(param, group)
+
+    @torch.no_grad()
+    def plan_step(self) -> None:
+        """A step as the planner needs it (engine/plan/ranks.py): every parameter's state as `step` leaves it, and
+        the update's arithmetic for the last parameter of each kind (dtypes and size) alone. An update frees what it
+        allocates before the next begins, so a step holds the most at the last update of some kind, with the state
+        of every parameter before it made: the same most as `step`'s. Idefics2-8B's 566 updates on fake bf16
+        weights were 10 s of a 40 s plan, and they are of at most 16 kinds."""
+        updated = [(param, group) for group in self.param_groups for param in group["params"]
+                   if param.grad is not None]
+        last = {_kind(param): index for index, (param, _) in enumerate(updated)}
+        for index, (param, group) in enumerate(updated):
+            if last[_kind(param)] == index:
+                self._update(param, group)
+            else:
+                self._state(param)["step"] += 1
 
     def start_state(self) -> None:
         """Every parameter's state as a first step leaves it, without the step's arithmetic: for the planner

@@ -145,8 +145,8 @@ def traced_step(trace: MemoryTrace, strategy, optimizer: torch.optim.Optimizer, 
     trace.at_peak_of(lambda: sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
     before = trace.live
     step = optimizer.step
-    if on_host:
-        optimizer.step = lambda: trace.ignoring(step)
+    planned = optimizer.plan_step if isinstance(optimizer, AdamW) else step  # the engine's: the same most, sooner
+    optimizer.step = (lambda: trace.ignoring(planned)) if on_host else planned
     batch = {key: value.clone() for key, value in batch.items()}
     train_step(strategy, optimizer, [batch] * min(config.grad_accum, 2), config.max_grad_norm)
     memory = memory_breakdown(strategy.parts, optimizer)

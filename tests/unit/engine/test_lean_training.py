@@ -12,6 +12,7 @@ import engine.loss
 from engine.loss import IGNORE, answer_loss, logits_loss
 from engine.optim.adamw import AdamW, stochastic_round
 from engine.optim.offload import HostAdamW
+from engine.plan.memory_trace import MemoryTrace
 from lora.lora_linear import LoRALinear
 
 
@@ -116,6 +117,29 @@ def test_a_saved_and_reloaded_optimizer_continues_bit_identically(kind):
         param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
         resumed.step()
     assert torch.equal(param.detach().float(), straight)
+
+
+@pytest.mark.parametrize("moments, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                             ("8bit", torch.bfloat16)])
+def test_the_planners_step_holds_what_a_step_holds(moments, dtype):
+    """`plan_step` updates one parameter of each kind: over a first and a second step of parameters of repeated
+    kinds, the most held and what stays held are a real `step`'s, byte for byte, as MemoryTrace counts them. Updating
+    each kind's first parameter instead of its last would miss the first step's peak, with all the state made."""
+    def held(planned: bool) -> list[tuple[int, int]]:
+        shapes = [(1000, 3), (50,), (300, 7), (1000, 3), (50,), (300, 7)]
+        with MemoryTrace() as trace:
+            params = [torch.nn.Parameter(torch.ones(shape, dtype=dtype)) for shape in shapes]
+            optimizer = AdamW(params, lr=1e-3, moments=moments)
+            counts = []
+            for _ in range(2):
+                for param in params:
+                    param.grad = torch.ones_like(param)
+                trace.at_peak_of(lambda: 0)
+                optimizer.plan_step() if planned else optimizer.step()
+                counts.append((trace.peak, trace.live))
+        return counts
+
+    assert held(planned=True) == held(planned=False)
 
 
 def test_8bit_state_keeps_its_dtypes_through_a_reload():
