@@ -25,8 +25,12 @@ INDEX = "model.safetensors.index.json"
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside goes to the meta device as it is registered; buffers do not."""
-    register = nn.Module.register_parameter
+    """Every parameter registered inside goes to the meta device as it is registered; buffers do not. And no model
+    initializes its weights: they come from a checkpoint or are fake (engine/plan/ranks.py), and initializing
+    meta tensors is not free (torch draws each through its Python reference: 1.7 of 2.4 s building Idefics2-8B).
+    transformers skips it itself only under a meta device context, which would take the buffers there too (the
+    rotary tables, which a model computes as it is built); it still ties the weights it ties."""
+    register, initialize = nn.Module.register_parameter, PreTrainedModel.initialize_weights
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and not param.is_meta:
@@ -34,10 +38,12 @@ def parameters_on_meta() -> Iterator[None]:
         register(module, name, param)
 
     nn.Module.register_parameter = register_on_meta
+    PreTrainedModel.initialize_weights = lambda self: None
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        PreTrainedModel.initialize_weights = initialize
 
 
 class SliceReader:
