@@ -4,7 +4,7 @@ Every rank's training step runs as the engine runs it -- the strategy's own buil
 stage, the approach, the optimizer, `train_step` -- on fake tensors (shapes and dtypes, no data:
 engine/plan/memory_trace.py), with the real batch that will be the widest of the data set. Ranks of a
 parallel run are played one at a time in one process, each in a fake process group of the run's
-size, so every collective has its real shapes. An 8B model costs no memory and takes seconds.
+size, so every collective has its real shapes. An 8B model costs no memory; a step of it takes seconds to trace.
 
 A GPU plan runs on CPU fakes (fake CUDA tensors cannot run backward without a GPU), corrected for
 what differs on CUDA: the caching allocator's 512-byte blocks, the fused AdamW kernel (the engine's
